@@ -1,0 +1,73 @@
+"""The package rules of docs/architecture.md: pure cores import no trio, and packages meet
+only through wire protocols and client libraries."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Modules that must stay sans-IO: importing them must not import trio.
+PURE_MODULES = [
+    "xenstored_sim.wire",
+    "xenstored_sim.core",
+    "hypervisor_sim.vma",
+]
+
+# package -> the only modules of other packages it may import
+ALLOWED: dict[str, set[str]] = {
+    "xenstored_sim": set(),
+    "hypervisor_sim": {"xenstored_sim.wire", "xenstored_sim.client"},
+    "qemu_model": {
+        "xenstored_sim.wire",
+        "xenstored_sim.client",
+        "hypervisor_sim.client",
+        "hypervisor_sim.privcmd",
+        "hypervisor_sim.vma",
+        "hypervisor_sim.protocol",
+    },
+    "toolstack": {
+        "xenstored_sim.wire",
+        "xenstored_sim.client",
+        "hypervisor_sim.client",
+        "hypervisor_sim.protocol",
+        "hypervisor_sim.guest_drivers",
+    },
+}
+OURS = {"xenstored_sim", "hypervisor_sim", "qemu_model", "toolstack", "physmap_lab"}
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_core_imports_no_trio(module: str) -> None:
+    code = f"import sys, {module}; sys.exit('trio' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{module} imports trio\n{proc.stderr}"
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_meet_only_through_contracts(package: str) -> None:
+    bad: list[str] = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top not in OURS or top == package:
+                continue
+            if not any(name == ok or name.startswith(ok + ".") for ok in ALLOWED[package]):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "\n".join(bad)

@@ -1,0 +1,1 @@
+"""xenstored-sim: a xenstore daemon that speaks the real wire protocol."""
