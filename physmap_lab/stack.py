@@ -1,0 +1,173 @@
+"""Start and stop the daemons of a simulated Xen host, each a real process.
+
+The commands here are the single source of truth for how each service is started: the local
+launcher runs them, and ``compose.yaml`` runs the same ones (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .ready import accepts
+
+
+def executable(name: str) -> str:
+    """The console script ``name``: beside the running interpreter first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed (run `make setup`)")
+    return found
+
+
+def xenstored_command(rundir: str, *, audit: bool = False, extra: Sequence[str] = ()) -> list[str]:
+    cmd = ["xenstored-sim", "--rundir", rundir]
+    if audit:
+        cmd += ["--audit-log", f"{rundir}/audit/xenstored.jsonl"]
+    return [*cmd, *extra]
+
+
+def hypervisor_command(rundir: str, *, audit: bool = False, extra: Sequence[str] = ()) -> list[str]:
+    cmd = ["hypervisor-sim", "--rundir", rundir]
+    if audit:
+        cmd += ["--audit-log", f"{rundir}/audit/hypervisor.jsonl"]
+    return [*cmd, *extra]
+
+
+def demo_command(rundir: str) -> list[str]:
+    """The toolstack service: the demo, attached to daemons that already run on ``rundir``."""
+    return ["physmap-lab", "demo", "--rundir", rundir, "--attach"]
+
+
+def service_commands(rundir: str) -> dict[str, list[str]]:
+    """Every service of the stack by name, as both the launcher and ``compose.yaml`` run it."""
+    return {
+        "xenstored": xenstored_command(rundir, audit=True),
+        "hypervisor": hypervisor_command(rundir, audit=True),
+        "toolstack": demo_command(rundir),
+    }
+
+
+@dataclass
+class Daemon:
+    """A running daemon process and the socket that says it is ready."""
+
+    name: str
+    argv: list[str]
+    socket_path: Path
+    log_path: Path
+    process: trio.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+@dataclass
+class Stack:
+    rundir: Path
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+
+    @property
+    def xenstored_socket(self) -> Path:
+        return self.rundir / "socket"
+
+    @property
+    def hypervisor_socket(self) -> Path:
+        return self.rundir / "hypervisor.sock"
+
+    def env(self) -> dict[str, str]:
+        """The environment for clients of this stack (libxenstore honours XENSTORED_PATH)."""
+        env = dict(os.environ)
+        env["XENSTORED_PATH"] = str(self.xenstored_socket)
+        env["XENSTORED_RUNDIR"] = str(self.rundir)
+        env["PHYSMAP_LAB_RUNDIR"] = str(self.rundir)
+        return env
+
+
+async def start_daemon(daemon: Daemon, env: Mapping[str, str] | None = None) -> None:
+    """Spawn ``daemon`` and return once its socket accepts connections.
+
+    Raises :class:`RuntimeError` with the tail of its log if it exits first.
+    """
+    argv = [executable(daemon.argv[0]), *daemon.argv[1:]]
+    daemon.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(daemon.log_path, "ab") as log:
+        daemon.process = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=dict(env) if env is not None else None,
+        )
+    while not accepts(str(daemon.socket_path)):
+        if daemon.process.poll() is not None:
+            tail = daemon.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{daemon.name} exited with {daemon.process.returncode}:\n{tail}")
+        await trio.sleep(0.01)
+
+
+async def stop_daemon(daemon: Daemon) -> int | None:
+    """SIGTERM, a bounded wait, then SIGKILL.  Returns the exit status."""
+    proc = daemon.process
+    if proc is None:
+        return None
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    return proc.returncode
+
+
+@asynccontextmanager
+async def open_stack(
+    rundir: str | os.PathLike[str],
+    *,
+    audit: bool = False,
+    xenstored_args: Sequence[str] = (),
+    hypervisor_args: Sequence[str] = (),
+) -> AsyncIterator[Stack]:
+    """Run ``xenstored-sim`` and ``hypervisor-sim`` on ``rundir`` for the duration of the block."""
+    root = Path(rundir)
+    root.mkdir(parents=True, exist_ok=True)
+    if audit:
+        (root / "audit").mkdir(exist_ok=True)
+    stack = Stack(root)
+    run = str(root)
+    stack.daemons["xenstored"] = Daemon(
+        "xenstored",
+        xenstored_command(run, audit=audit, extra=xenstored_args),
+        stack.xenstored_socket,
+        root / "logs" / "xenstored.log",
+    )
+    stack.daemons["hypervisor"] = Daemon(
+        "hypervisor",
+        hypervisor_command(run, audit=audit, extra=hypervisor_args),
+        stack.hypervisor_socket,
+        root / "logs" / "hypervisor.log",
+    )
+    try:
+        await start_daemon(stack.daemons["xenstored"])
+        # The hypervisor's guest actors reach xenstore through the guest sockets.
+        await start_daemon(stack.daemons["hypervisor"], env=stack.env())
+        yield stack
+    finally:
+        for name in ("hypervisor", "xenstored"):
+            await stop_daemon(stack.daemons[name])
