@@ -17,6 +17,10 @@ PURE_MODULES = [
     "xenstored_sim.wire",
     "xenstored_sim.core",
     "hypervisor_sim.vma",
+    "hypervisor_sim.protocol",
+    "hypervisor_sim.core",
+    "hypervisor_sim.privcmd",
+    "hypervisor_sim.xenforeignmemory",
 ]
 
 # package -> the only modules of other packages it may import
@@ -29,7 +33,12 @@ ALLOWED: dict[str, set[str]] = {
         "hypervisor_sim.client",
         "hypervisor_sim.privcmd",
         "hypervisor_sim.vma",
+    "hypervisor_sim.protocol",
+    "hypervisor_sim.core",
+    "hypervisor_sim.privcmd",
+    "hypervisor_sim.xenforeignmemory",
         "hypervisor_sim.protocol",
+        "hypervisor_sim.xenforeignmemory",
     },
     "toolstack": {
         "xenstored_sim.wire",
@@ -56,7 +65,8 @@ def _imports(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+            # `from pkg import mod` names the module pkg.mod
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
 
 

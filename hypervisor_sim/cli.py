@@ -1,0 +1,59 @@
+"""``hypervisor-sim --rundir DIR [--xen-libs 4.17] [--audit-log FILE]``.
+
+Ready when ``RUNDIR/hypervisor.sock`` accepts.  SIGTERM or SIGINT stops it cleanly: the socket
+and every ``RUNDIR/mem/dom*.mem`` file are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+
+import trio
+
+from .server import AuditLog, HypervisorServer
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hypervisor-sim", description=__doc__.splitlines()[0])
+    p.add_argument("--rundir", required=True, help="the run directory (hypervisor.sock, mem/)")
+    p.add_argument(
+        "--xen-libs",
+        default="4.17",
+        help="Xen library version to report; xenforeignmemory_map2 exists from 4.10 on",
+    )
+    p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per hypercall")
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"\d+\.\d+(\.\d+)?", args.xen_libs):
+        p.error(f"--xen-libs {args.xen_libs!r}: expected a version such as 4.17")
+    return args
+
+
+async def _run(server: HypervisorServer) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    audit = AuditLog(args.audit_log) if args.audit_log else None
+    try:
+        trio.run(_run, HypervisorServer(args.rundir, args.xen_libs, audit))
+    finally:
+        if audit is not None:
+            audit.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

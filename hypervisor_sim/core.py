@@ -1,0 +1,432 @@
+"""The hypervisor's pure core: domains, the p2m, frames, privcmd restriction and ioreq bookkeeping.
+
+Synchronous and free of trio.  The trio shell (:mod:`hypervisor_sim.server`) feeds it hypercalls
+with :meth:`Hypervisor.call` and drains :attr:`Hypervisor.effects`, the things that must happen
+elsewhere as a consequence (wake an ioreq waiter, start or stop a guest actor), in the way h11
+returns bytes instead of writing them.
+
+Memory model (docs/architecture.md, "Run directory"): each domain's machine frames live in one
+sparse file; the p2m maps gfn -> mfn (the page index in that file).  ``add_to_physmap`` with
+``XENMAPSPACE_gmfn`` and ``relocate_memory`` move the p2m entry and never copy data, as
+``xenmem_add_to_physmap_one`` does in Xen (xen/common/memory.c); a frame already at the
+destination gfn is removed and freed first, as Xen does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .frames import PAGE_SHIFT, PAGE_SIZE, FrameFile
+from .protocol import (
+    DomainInfo,
+    ForeignMap,
+    HypercallError,
+    IoreqDir,
+    IoreqType,
+    VersionInfo,
+    check_args,
+    ioreq_event,
+)
+
+XEN_VERSION: Final = "4.17"
+#: Pages a domain may hold beyond ``max_pages``: the device model populates VRAM and ROMs on
+#: top of guest RAM (qemu-physmap.md §4.1, ``xen_ram_alloc``); libxl adds video memory to the
+#: domain's allowance in the same way.
+EXTRA_PAGES: Final = 65536
+#: gfns are below 2**40 (52-bit guest-physical addresses on x86).
+GFN_LIMIT: Final = 1 << 40
+#: One batch may name at most this many gfns (a frame of 16 MiB holds about 1.7 million).
+MAX_BATCH: Final = 1 << 20
+
+
+def all_ones(size: int) -> int:
+    """What a read returns with nothing behind the address."""
+    return (1 << (8 * size)) - 1
+
+
+def map2_available(libs: str) -> bool:
+    """``xenforeignmemory_map2`` exists from Xen 4.10 libraries on (qemu-physmap.md §0, §6.2)."""
+    try:
+        major, minor = (int(p) for p in libs.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (4, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Effects for the shell
+
+
+@dataclass(frozen=True, slots=True)
+class IoreqDone:
+    """Wake the guest access waiting on ``seq`` with ``value`` (all ones when abandoned)."""
+
+    seq: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class DomainCreated:
+    domid: int
+
+
+@dataclass(frozen=True, slots=True)
+class DomainDestroyed:
+    domid: int
+
+
+Effect = IoreqDone | DomainCreated | DomainDestroyed
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass
+class Domain:
+    domid: int
+    name: str
+    max_pages: int
+    hvm: bool
+    frames: FrameFile
+    # XEN_DOMCTL_createdomain leaves a domain paused; the toolstack unpauses it when it is built.
+    paused: bool = True
+    p2m: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def tot_pages(self) -> int:
+        return len(self.p2m)
+
+    def info(self) -> DomainInfo:
+        return {
+            "domid": self.domid,
+            "name": self.name,
+            "paused": self.paused,
+            "tot_pages": self.tot_pages,
+            "max_pages": self.max_pages,
+            "hvm": self.hvm,
+        }
+
+    def runs(self) -> list[list[int]]:
+        """Populated gfns as ``[first_gfn, count]`` runs."""
+        out: list[list[int]] = []
+        for gfn in sorted(self.p2m):
+            if out and out[-1][0] + out[-1][1] == gfn:
+                out[-1][1] += 1
+            else:
+                out.append([gfn, 1])
+        return out
+
+
+@dataclass
+class IoreqServer:
+    id: int
+    domid: int
+    conn: int
+
+
+@dataclass
+class PendingIoreq:
+    seq: int
+    domid: int
+    conn: int
+    dir: IoreqDir
+    size: int
+
+
+@dataclass
+class ConnState:
+    # IOCTL_PRIVCMD_RESTRICT: once set, only this domain may be named (drivers/xen/privcmd.c).
+    restricted_to: int | None = None
+
+
+# Calls that name no domain and stay allowed on a restricted connection.
+_UNTARGETED_OK: Final = frozenset({"version", "ioreq_complete", "restrict"})
+
+
+class Hypervisor:
+    """All domains and all connections' hypervisor-side state."""
+
+    def __init__(
+        self,
+        mem_dir: str,
+        xen_libs: str = XEN_VERSION,
+        frame_file: Callable[[str], FrameFile] = FrameFile,
+    ) -> None:
+        self.mem_dir = mem_dir
+        self.xen_libs = xen_libs
+        self._frame_file = frame_file
+        self.domains: dict[int, Domain] = {}
+        self.conns: dict[int, ConnState] = {}
+        self.ioreq_servers: dict[int, IoreqServer] = {}  # by domid
+        self.pending: dict[int, PendingIoreq] = {}  # by seq
+        self.effects: list[Effect] = []
+        self._next_domid = 1
+        self._next_server_id = 1
+        self._next_seq = 1
+
+    # ---------------------------------------------------------------- connections
+
+    def connect(self, conn: int) -> None:
+        self.conns[conn] = ConnState()
+
+    def disconnect(self, conn: int) -> None:
+        """Forget a connection: its ioreq servers go, and their pending ioreqs complete as
+        all ones so that no guest access waits for a device model that is gone."""
+        self.conns.pop(conn, None)
+        for domid in [d for d, s in self.ioreq_servers.items() if s.conn == conn]:
+            del self.ioreq_servers[domid]
+        self._abandon(lambda p: p.conn == conn)
+
+    def take_effects(self) -> list[Effect]:
+        out, self.effects = self.effects, []
+        return out
+
+    def _abandon(self, match: Callable[[PendingIoreq], bool]) -> None:
+        for seq in [s for s, p in self.pending.items() if match(p)]:
+            p = self.pending.pop(seq)
+            self.effects.append(IoreqDone(seq, all_ones(p.size) if p.dir == "read" else 0))
+
+    # ---------------------------------------------------------------- dispatch
+
+    def call(self, conn: int, call: str, args: Mapping[str, Any]) -> Any:
+        """Run one hypercall for ``conn``; raises :class:`HypercallError`."""
+        check_args(call, args)
+        self.check_target(conn, call, args.get("domid"))
+        handler = getattr(self, f"_call_{call}", None)
+        if handler is None:
+            # guest and guest_driver run in the shell's guest actor.
+            raise HypercallError("ENOSYS", f"{call} is not a synchronous call", call)
+        try:
+            return handler(conn, **args)
+        except HypercallError as exc:
+            if exc.call is not None:
+                raise
+            raise HypercallError(exc.errno_name, exc.message, call) from None
+
+    def check_target(self, conn: int, call: str, domid: object) -> None:
+        """EPERM when a restricted connection names another domain (or none)."""
+        state = self.conns.get(conn)
+        if state is None or state.restricted_to is None or call in _UNTARGETED_OK:
+            return
+        if domid != state.restricted_to:
+            what = f"domain {domid}" if isinstance(domid, int) else "no single domain"
+            raise HypercallError(
+                "EPERM",
+                f"connection is restricted to domain {state.restricted_to}; {call} names {what}",
+                call,
+            )
+
+    def domain(self, domid: int) -> Domain:
+        d = self.domains.get(domid)
+        if d is None:
+            raise HypercallError("ESRCH", f"no domain {domid}")
+        return d
+
+    # ---------------------------------------------------------------- domains
+
+    def _call_version(self, conn: int) -> VersionInfo:
+        return {
+            "xen": XEN_VERSION,
+            "libs": self.xen_libs,
+            "has_map2": map2_available(self.xen_libs),
+        }
+
+    def _call_domain_create(
+        self, conn: int, name: str, max_pages: int, hvm: bool = True
+    ) -> dict[str, int]:
+        if max_pages <= 0 or max_pages > GFN_LIMIT:
+            raise HypercallError("EINVAL", f"max_pages {max_pages} out of range")
+        domid = self._next_domid
+        path = os.path.join(self.mem_dir, f"dom{domid}.mem")
+        frames = self._frame_file(path)
+        self._next_domid += 1
+        self.domains[domid] = Domain(domid, name, max_pages, hvm, frames)
+        self.effects.append(DomainCreated(domid))
+        return {"domid": domid}
+
+    def _call_domain_destroy(self, conn: int, domid: int) -> None:
+        d = self.domain(domid)
+        del self.domains[domid]
+        self.ioreq_servers.pop(domid, None)
+        self._abandon(lambda p: p.domid == domid)
+        d.frames.close()
+        self.effects.append(DomainDestroyed(domid))
+
+    def _call_domain_pause(self, conn: int, domid: int) -> None:
+        self.domain(domid).paused = True
+
+    def _call_domain_unpause(self, conn: int, domid: int) -> None:
+        self.domain(domid).paused = False
+
+    def _call_domain_getinfo(self, conn: int, domid: int) -> DomainInfo:
+        return self.domain(domid).info()
+
+    def _call_domain_list(self, conn: int) -> list[DomainInfo]:
+        return [d.info() for _, d in sorted(self.domains.items())]
+
+    def destroy_all(self) -> None:
+        """Shut down: every domain goes and its frame file is removed."""
+        for domid in list(self.domains):
+            self._call_domain_destroy(0, domid)
+
+    # ---------------------------------------------------------------- memory
+
+    @staticmethod
+    def _check_gfns(gfns: list[int]) -> None:
+        if len(gfns) > MAX_BATCH:
+            raise HypercallError("E2BIG", f"{len(gfns)} gfns in one call (at most {MAX_BATCH})")
+        for gfn in gfns:
+            if not 0 <= gfn < GFN_LIMIT:
+                raise HypercallError("EINVAL", f"gfn {gfn:#x} out of range")
+
+    def _call_populate_physmap(self, conn: int, domid: int, gfns: list[int]) -> int:
+        d = self.domain(domid)
+        self._check_gfns(gfns)
+        seen: set[int] = set()
+        for gfn in gfns:
+            if gfn in d.p2m or gfn in seen:
+                raise HypercallError("EEXIST", f"gfn {gfn:#x} is already populated")
+            seen.add(gfn)
+        limit = d.max_pages + EXTRA_PAGES
+        if d.tot_pages + len(gfns) > limit:
+            raise HypercallError(
+                "ENOMEM",
+                f"domain {domid} would hold {d.tot_pages + len(gfns)} pages (limit {limit})",
+            )
+        for gfn in gfns:
+            d.p2m[gfn] = d.frames.alloc()
+        return len(gfns)
+
+    def _call_decrease_reservation(self, conn: int, domid: int, gfns: list[int]) -> int:
+        d = self.domain(domid)
+        self._check_gfns(gfns)
+        removed = 0
+        for gfn in gfns:
+            mfn = d.p2m.pop(gfn, None)
+            if mfn is not None:
+                d.frames.free(mfn)
+                removed += 1
+        return removed
+
+    def _move(self, d: Domain, idx: int, gpfn: int) -> None:
+        # xenmem_add_to_physmap_one, XENMAPSPACE_gmfn: the frame keeps its contents.
+        for gfn in (idx, gpfn):
+            if not 0 <= gfn < GFN_LIMIT:
+                raise HypercallError("EINVAL", f"gfn {gfn:#x} out of range")
+        if idx not in d.p2m:
+            raise HypercallError("EINVAL", f"gfn {idx:#x} is not populated")
+        if idx == gpfn:
+            return
+        old = d.p2m.pop(gpfn, None)
+        if old is not None:
+            d.frames.free(old)
+        d.p2m[gpfn] = d.p2m.pop(idx)
+
+    def _call_add_to_physmap(self, conn: int, domid: int, space: str, idx: int, gpfn: int) -> None:
+        d = self.domain(domid)
+        if space != "gmfn":
+            raise HypercallError("EOPNOTSUPP", f"space {space!r} (only 'gmfn' is modelled)")
+        self._move(d, idx, gpfn)
+
+    def _call_relocate_memory(
+        self, conn: int, domid: int, src_gfn: int, dst_gfn: int, nr: int
+    ) -> None:
+        # xendevicemodel_relocate_memory: XENMAPSPACE_gmfn_range, ascending gfn order.
+        d = self.domain(domid)
+        if not 0 <= nr <= MAX_BATCH:
+            raise HypercallError("EINVAL", f"nr {nr} out of range")
+        for i in range(nr):
+            try:
+                self._move(d, src_gfn + i, dst_gfn + i)
+            except HypercallError as exc:
+                raise HypercallError(exc.errno_name, f"{exc.message} ({i} of {nr} moved)") from None
+
+    def _call_p2m(self, conn: int, domid: int) -> list[list[int]]:
+        return self.domain(domid).runs()
+
+    def _call_map_foreign(self, conn: int, domid: int, gfns: list[int]) -> ForeignMap:
+        d = self.domain(domid)
+        self._check_gfns(gfns)
+        offsets: list[int] = []
+        errors: list[str] = []
+        for gfn in gfns:
+            mfn = d.p2m.get(gfn)
+            offsets.append(-1 if mfn is None else mfn * PAGE_SIZE)
+            errors.append("ENOENT" if mfn is None else "")
+        return {"mem_path": d.frames.path, "offsets": offsets, "errors": errors}
+
+    def _call_restrict(self, conn: int, domid: int) -> None:
+        state = self.conns.setdefault(conn, ConnState())
+        if state.restricted_to is not None and state.restricted_to != domid:
+            # privcmd_ioctl_restrict: a second, different domid is -EINVAL.
+            raise HypercallError(
+                "EINVAL", f"connection is already restricted to domain {state.restricted_to}"
+            )
+        state.restricted_to = domid
+
+    # ---------------------------------------------------------------- ioreq servers
+
+    def _call_ioreq_server_create(self, conn: int, domid: int) -> dict[str, int]:
+        self.domain(domid)
+        cur = self.ioreq_servers.get(domid)
+        if cur is not None:
+            raise HypercallError(
+                "EEXIST", f"domain {domid} already has ioreq server {cur.id} (one per domain)"
+            )
+        sid = self._next_server_id
+        self._next_server_id += 1
+        self.ioreq_servers[domid] = IoreqServer(sid, domid, conn)
+        return {"id": sid}
+
+    def _call_ioreq_server_destroy(self, conn: int, domid: int, id: int) -> None:
+        self.domain(domid)
+        cur = self.ioreq_servers.get(domid)
+        if cur is None or cur.id != id:
+            raise HypercallError("ENOENT", f"domain {domid} has no ioreq server {id}")
+        if cur.conn != conn:
+            raise HypercallError("EPERM", f"ioreq server {id} belongs to another connection")
+        del self.ioreq_servers[domid]
+        self._abandon(lambda p: p.domid == domid)
+
+    def _call_ioreq_complete(self, conn: int, seq: int, data: int = 0) -> None:
+        p = self.pending.get(seq)
+        if p is None or p.conn != conn:
+            raise HypercallError("ENOENT", f"no pending ioreq {seq} on this connection")
+        del self.pending[seq]
+        value = data & all_ones(p.size) if p.dir == "read" else 0
+        self.effects.append(IoreqDone(seq, value))
+
+    def ioreq_send(
+        self, domid: int, type: IoreqType, dir: IoreqDir, addr: int, size: int, data: int
+    ) -> tuple[int, dict[str, Any]] | None:
+        """Start an ioreq for a guest access: ``(conn, event)`` to deliver, or ``None`` when
+        the domain has no ioreq server (reads then see all ones, writes are dropped)."""
+        server = self.ioreq_servers.get(domid)
+        if server is None:
+            return None
+        seq = self._next_seq
+        self._next_seq += 1
+        self.pending[seq] = PendingIoreq(seq, domid, server.conn, dir, size)
+        data = data & all_ones(size) if dir == "write" else 0
+        return server.conn, ioreq_event(seq, domid, type, dir, addr, size, data)
+
+    def has_ioreq_server(self, domid: int) -> bool:
+        return domid in self.ioreq_servers
+
+    # ---------------------------------------------------------------- guest memory
+
+    def segments(self, domid: int, gpa: int, length: int) -> Iterator[tuple[int, int, int | None]]:
+        """Split ``[gpa, gpa+length)`` at page boundaries: ``(gpa, length, mfn or None)``, with
+        adjacent pieces of the same kind (RAM or not) kept apart per page."""
+        d = self.domain(domid)
+        if gpa < 0 or length < 0 or (gpa + length) >> PAGE_SHIFT > GFN_LIMIT:
+            raise HypercallError("EINVAL", f"range {gpa:#x}+{length:#x} out of range")
+        end = gpa + length
+        while gpa < end:
+            n = min(end, ((gpa >> PAGE_SHIFT) + 1) << PAGE_SHIFT) - gpa
+            yield gpa, n, d.p2m.get(gpa >> PAGE_SHIFT)
+            gpa += n

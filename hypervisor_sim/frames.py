@@ -1,0 +1,79 @@
+"""A domain's machine frames: one sparse file, one 4 KiB page per frame.
+
+The frame number (mfn) is the page index in ``RUNDIR/mem/dom<domid>.mem``; a foreign mapper
+mmaps the file at ``mfn * PAGE_SIZE`` and so sees the very bytes the guest sees.  The file only
+ever grows, so a mapping handed out earlier never points past its end.  Freed frames are zeroed
+by punching a hole (``fallocate(FALLOC_FL_PUNCH_HOLE)``), which also returns the disk blocks, the
+way Xen scrubs a page before it goes back to the heap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+from typing import Final
+
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 1 << PAGE_SHIFT
+
+_FALLOC_FL_KEEP_SIZE: Final = 0x01
+_FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.restype = ctypes.c_int
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+class FrameFile:
+    """The backing file of one domain's frames, with a free list of frame numbers."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._nframes = 0  # frames the file holds (its size in pages)
+        self._free: list[int] = []
+
+    @property
+    def nframes(self) -> int:
+        return self._nframes
+
+    def alloc(self) -> int:
+        """A zeroed frame: a freed one if any (lowest first), else the file grows by one page."""
+        if self._free:
+            return self._free.pop()
+        mfn = self._nframes
+        self._nframes += 1
+        os.ftruncate(self._fd, self._nframes * PAGE_SIZE)
+        return mfn
+
+    def free(self, mfn: int) -> None:
+        """Zero the frame and put it on the free list."""
+        self._zero(mfn)
+        self._free.append(mfn)
+        # Reuse low frames first so that the file stays compact.
+        self._free.sort(reverse=True)
+
+    def _zero(self, mfn: int) -> None:
+        off = mfn * PAGE_SIZE
+        if _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, off, PAGE_SIZE):
+            os.pwrite(self._fd, bytes(PAGE_SIZE), off)
+
+    def read(self, mfn: int, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, mfn * PAGE_SIZE + offset)
+        # A hole past a short read cannot happen (the file covers every frame), but be exact.
+        return data.ljust(length, b"\0")
+
+    def write(self, mfn: int, offset: int, data: bytes) -> None:
+        os.pwrite(self._fd, data, mfn * PAGE_SIZE + offset)
+
+    def close(self, *, unlink: bool = True) -> None:
+        """Close the file and (by default) remove it; existing mappings keep their pages."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)

@@ -1,0 +1,105 @@
+"""``xenforeignmemory``: map another domain's frames into this process.
+
+The library layer over :class:`~hypervisor_sim.privcmd.Privcmd` and :mod:`hypervisor_sim.vma`,
+with the semantics of Xen's ``xenforeignmemory_map2`` (tools/include/xenforeignmemory.h, Xen
+4.10, qemu-physmap.md §0 and §3.5):
+
+* ``addr`` is a placement hint, as for mmap(2); with ``MAP_FIXED`` in ``flags`` the mapping
+  replaces whatever is at ``addr`` (the mapcache's in-place replacement of a dummy entry).
+* With per-page errors the call still returns a valid address: ``errs[i]`` is 0 or a negative
+  errno (``-ENOENT`` for an unpopulated gfn).  A failed page is backed by zero-filled anonymous
+  memory here, so a stray access reads zeros rather than faulting.
+* A total failure (no such domain, a restricted privcmd naming another domain) raises
+  :class:`OSError` with the errno, where the C function returns NULL.
+
+Each run of frames that are consecutive in the domain's memory file is one ``mmap`` of that
+file, so this process and the guest (and any other mapper) share the very same pages.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+from . import vma
+from .privcmd import Privcmd
+from .protocol import HypercallError
+
+PAGE_SIZE = vma.PAGE_SIZE
+
+
+def _errno(name: str) -> int:
+    value = getattr(errno, name, None)
+    return value if isinstance(value, int) else errno.EINVAL
+
+
+class ForeignMemory:
+    """A ``xenforeignmemory_handle`` over a privcmd connection."""
+
+    def __init__(self, privcmd: Privcmd) -> None:
+        self.privcmd = privcmd
+
+    def map2(
+        self, domid: int, addr: int | None, prot: int, flags: int, pfns: Sequence[int]
+    ) -> tuple[int, list[int]]:
+        """Map ``pfns`` of ``domid`` contiguously; returns ``(vaddr, errs)``."""
+        n = len(pfns)
+        if n == 0:
+            raise OSError(errno.EINVAL, "xenforeignmemory_map2: no pages")
+        fixed = bool(flags & vma.MAP_FIXED)
+        if fixed and addr is None:
+            raise OSError(errno.EINVAL, "xenforeignmemory_map2: MAP_FIXED without an address")
+        try:
+            where = self.privcmd.map_foreign(domid, list(pfns))
+        except HypercallError as exc:
+            raise OSError(_errno(exc.errno_name), str(exc)) from None
+        length = n * PAGE_SIZE
+        base_flags = vma.MAP_SHARED | vma.MAP_ANONYMOUS | (flags & ~vma.MAP_PRIVATE)
+        base = vma.mmap_raw(addr, length, prot, base_flags, -1, 0)
+        try:
+            errs = self._map_runs(base, prot, where["mem_path"], where["offsets"], where["errors"])
+        except OSError:
+            vma.munmap(base, length)
+            raise
+        return base, errs
+
+    def map(self, domid: int, prot: int, pfns: Sequence[int]) -> tuple[int, list[int]]:
+        """``xenforeignmemory_map``: :meth:`map2` with no placement."""
+        return self.map2(domid, None, prot, 0, pfns)
+
+    @staticmethod
+    def _map_runs(
+        base: int, prot: int, path: str, offsets: list[int], errors: list[str]
+    ) -> list[int]:
+        errs = [
+            0 if off >= 0 else -_errno(err or "ENOENT")
+            for off, err in zip(offsets, errors, strict=True)
+        ]
+        mode = os.O_RDWR if prot & vma.PROT_WRITE else os.O_RDONLY
+        fd = os.open(path, mode | os.O_CLOEXEC)
+        try:
+            i = 0
+            while i < len(offsets):
+                if offsets[i] < 0:
+                    i += 1
+                    continue
+                j = i + 1
+                while j < len(offsets) and offsets[j] == offsets[j - 1] + PAGE_SIZE:
+                    j += 1
+                vma.mmap_raw(
+                    base + i * PAGE_SIZE,
+                    (j - i) * PAGE_SIZE,
+                    prot,
+                    vma.MAP_SHARED | vma.MAP_FIXED,
+                    fd,
+                    offsets[i],
+                )
+                i = j
+        finally:
+            os.close(fd)
+        return errs
+
+    def unmap(self, vaddr: int, npages: int) -> None:
+        """``xenforeignmemory_unmap``."""
+        vma.munmap(vaddr, npages * PAGE_SIZE)
