@@ -92,7 +92,7 @@ class PacketDecoder:
         self._eof = False
         self.max_payload = max_payload
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes; ``b""`` means the peer closed its side."""
         if not data:
             self._eof = True

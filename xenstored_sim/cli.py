@@ -1,0 +1,109 @@
+"""``xenstored-sim``: the command line of the daemon.
+
+Flags follow C xenstored where it has them: ``-E`` nodes, ``-S`` node size, ``-W`` watches,
+``-t`` transactions, ``-A`` permissions per node, ``-M`` path length, ``-Q name=value`` any
+quota (xenstore-facts.md §7.1).  Like C (``xs_lib.c``), the run directory comes from
+``XENSTORED_RUNDIR`` and the socket path from ``XENSTORED_PATH`` unless given as flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .core import Quotas
+from .core.errors import XsErrno
+from .server import DaemonConfig, serve_xenstored
+
+DEFAULT_RUNDIR = "/var/run/xenstored"
+
+
+def _quota_arg(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xenstored-sim", description="A xenstore daemon speaking the real wire protocol."
+    )
+    p.add_argument("--rundir", help="run directory (default: $XENSTORED_RUNDIR or %(default)s)")
+    p.add_argument("--socket", help="privileged socket (default: $XENSTORED_PATH or RUNDIR/socket)")
+    p.add_argument("--state-dir", help="directory of the durable store")
+    p.add_argument("--audit-log", help="write one JSON record per request to this file")
+    p.add_argument("-E", "--entry-nb", type=int, dest="nodes", help="nodes per domain")
+    p.add_argument("-S", "--entry-size", type=int, dest="node_size", help="max. node size")
+    p.add_argument("-W", "--watch-nb", type=int, dest="watches", help="watches per domain")
+    p.add_argument(
+        "-t", "--transaction", type=int, dest="transactions", help="transactions per domain"
+    )
+    p.add_argument("-A", "--perm-nb", type=int, dest="permissions", help="permissions per node")
+    p.add_argument("-M", "--path-max", type=int, dest="path_max", help="max. path length")
+    p.add_argument(
+        "-Q",
+        "--quota",
+        type=_quota_arg,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a quota by its C name (nodes, watches, outstanding, memory, transactions, "
+        "transaction-nodes, permissions, path-max, node-size)",
+    )
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rundir = args.rundir or os.environ.get("XENSTORED_RUNDIR") or DEFAULT_RUNDIR
+    socket_path = args.socket or os.environ.get("XENSTORED_PATH") or os.path.join(rundir, "socket")
+    quotas = Quotas()
+    try:
+        for name in ("nodes", "node_size", "watches", "transactions", "permissions", "path_max"):
+            value = getattr(args, name)
+            if value is not None:
+                quotas.set(name.replace("_", "-"), value)
+        for name, value in args.quota:
+            quotas.set(name, value)
+    except XsErrno:
+        parser.error("invalid quota name or value")
+    if args.state_dir:
+        os.makedirs(args.state_dir, exist_ok=True)
+    return DaemonConfig(
+        rundir=rundir,
+        socket_path=socket_path,
+        quotas=quotas,
+        audit_log=args.audit_log,
+        state_dir=args.state_dir,
+    )
+
+
+async def _main(config: DaemonConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_xenstored, config)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(argv)
+    os.makedirs(config.rundir, exist_ok=True)
+    try:
+        trio.run(_main, config)
+    except OSError as exc:
+        print(f"xenstored-sim: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The one failure a request can have: an errno name sent back as an ERROR reply."""
+
+from __future__ import annotations
+
+
+class XsErrno(Exception):
+    """A request failed with ``errno`` (a name from ``xsd_errors[]``, e.g. ``"ENOENT"``).
+
+    Raised inside the engine and turned into an ERROR reply; it never leaves the engine.
+    """
+
+    __slots__ = ("errno",)
+
+    def __init__(self, errno: str) -> None:
+        super().__init__(errno)
+        self.errno = errno

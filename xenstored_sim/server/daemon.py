@@ -1,0 +1,199 @@
+"""The trio shell of xenstored-sim: sockets in, engine, outbox out.
+
+Theory of operation.  One nursery owns everything: the privileged listener, one listener per
+introduced domain (``RUNDIR/domains/<domid>.sock``, standing in for the domain's ring), and
+one task per client connection.  Requests are handled synchronously by the pure
+:class:`~xenstored_sim.core.XenstoreEngine`; the shell routes the resulting messages to the
+connections' queues and opens or closes guest sockets as domains come and go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..core import ConnKind, Quotas, XenstoreEngine
+from ..wire import Packet, encode
+from .audit import AuditLog
+from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
+from .peer import peer_of
+
+
+@dataclass
+class DaemonConfig:
+    """Where and how to serve."""
+
+    rundir: str
+    socket_path: str
+    quotas: Quotas = field(default_factory=Quotas)
+    audit_log: str | None = None
+    #: Accepted for the durable store; the daemon keeps its state in memory.
+    state_dir: str | None = None
+
+
+def _listen_unix(path: str) -> trio.SocketListener:
+    """Bind a Unix stream socket with mode 0600 (no window where it is wider)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+class XenstoredServer:
+    """Routes bytes between client sockets and the engine."""
+
+    def __init__(self, config: DaemonConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.engine = XenstoreEngine(config.quotas, audit=config.audit_log is not None)
+        self._audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._nursery = nursery
+        self._clients: dict[int, ClientConnection] = {}
+        self._guest_scopes: dict[int, trio.CancelScope] = {}
+        self._paths: list[str] = []
+
+    # ------------------------------------------------------------------ sockets
+
+    def guest_socket_path(self, domid: int) -> str:
+        return os.path.join(self.config.rundir, "domains", f"{domid}.sock")
+
+    def start(self) -> None:
+        """Bind the privileged socket and start accepting."""
+        os.makedirs(os.path.join(self.config.rundir, "domains"), exist_ok=True)
+        listener = _listen_unix(self.config.socket_path)
+        self._paths.append(self.config.socket_path)
+        self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0)
+
+    def _open_guest(self, domid: int) -> None:
+        path = self.guest_socket_path(domid)
+        try:
+            listener = _listen_unix(path)
+        except OSError as exc:
+            print(f"xenstored-sim: cannot serve {path}: {exc}", file=sys.stderr)
+            return
+        self._paths.append(path)
+        scope = trio.CancelScope()
+        self._guest_scopes[domid] = scope
+        self._nursery.start_soon(self._guest_loop, scope, listener, domid)
+
+    async def _guest_loop(
+        self, scope: trio.CancelScope, listener: trio.SocketListener, domid: int
+    ) -> None:
+        with scope:
+            await self._accept_loop(listener, ConnKind.GUEST, domid)
+
+    def _close_guest(self, domid: int) -> None:
+        scope = self._guest_scopes.pop(domid, None)
+        if scope is not None:
+            scope.cancel()
+        path = self.guest_socket_path(domid)
+        if path in self._paths:
+            self._paths.remove(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def _accept_loop(self, listener: trio.SocketListener, kind: ConnKind, domid: int) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                self._nursery.start_soon(self._serve_client, stream, kind, domid)
+
+    def remove_sockets(self) -> None:
+        for path in self._paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._paths.clear()
+        if self._audit is not None:
+            self._audit.write(self.engine.take_audit())
+            self._audit.close()
+
+    # -------------------------------------------------------------- connections
+
+    async def _serve_client(self, stream: trio.SocketStream, kind: ConnKind, domid: int) -> None:
+        peer: dict[str, Any] = {}
+        if self._audit is not None:
+            peer = peer_of(stream.socket)  # type: ignore[arg-type]
+            peer["guest"] = kind is ConnKind.GUEST
+        try:
+            conn_id = self.engine.connect(kind, domid, peer)
+        except LookupError:
+            await trio.aclose_forcefully(stream)
+            return
+        engine = self.engine
+
+        def limit() -> int:
+            return engine.outstanding_limit(conn_id) or PRIVILEGED_OUTSTANDING
+
+        client = ClientConnection(conn_id, stream, self.dispatch, limit)
+        self._clients[conn_id] = client
+        self._flush_audit()
+        try:
+            await client.run()
+        finally:
+            del self._clients[conn_id]
+            engine.disconnect(conn_id)
+            self._flush_audit()
+
+    def dispatch(self, conn_id: int, packet: Packet) -> None:
+        """Run one request and deliver everything it causes."""
+        if not self.engine.is_connected(conn_id):
+            return
+        try:
+            out = self.engine.handle(conn_id, packet)
+        except Exception:
+            # A bug must not take the daemon down: this client alone is dropped.
+            traceback.print_exc()
+            client = self._clients.get(conn_id)
+            if client is not None:
+                client.close()
+            return
+        clients = self._clients
+        for target, message in out:
+            client = clients.get(target)
+            if client is not None:
+                client.push(encode(message))
+        for cid in out.closed:
+            client = clients.get(cid)
+            if client is not None:
+                client.close()
+        for domid in out.introduced:
+            self._open_guest(domid)
+        for domid in out.released:
+            self._close_guest(domid)
+        if self._audit is not None:
+            self._audit.write(self.engine.take_audit())
+
+    def _flush_audit(self) -> None:
+        if self._audit is not None:
+            self._audit.write(self.engine.take_audit())
+
+
+async def serve_xenstored(
+    config: DaemonConfig,
+    *,
+    task_status: trio.TaskStatus[XenstoredServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; the sockets are bound when ``task_status.started`` fires."""
+    async with trio.open_nursery() as nursery:
+        server = XenstoredServer(config, nursery)
+        try:
+            server.start()
+            task_status.started(server)
+            await trio.sleep_forever()
+        finally:
+            server.remove_sockets()
