@@ -21,6 +21,13 @@ PURE_MODULES = [
     "hypervisor_sim.core",
     "hypervisor_sim.privcmd",
     "hypervisor_sim.xenforeignmemory",
+    "toolstack.config",
+    "toolstack.emulator_xenstore",
+    "toolstack.image",
+    "toolstack.memory_stream",
+    "toolstack.savefile",
+    "toolstack.stream",
+    "toolstack.streamio",
 ]
 
 # package -> the only modules of other packages it may import

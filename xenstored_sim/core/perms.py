@@ -46,10 +46,11 @@ def parse_perms(args: list[bytes]) -> Perms:
         m = _ENTRY.fullmatch(arg)
         if m is None:
             raise XsErrno("EINVAL")
+        # C strtol(s, NULL, 0): 0x is hex, a leading 0 octal, else decimal (§3.1).
         digits = m.group(2)
         if digits[:2] in (b"0x", b"0X"):
             domid = int(digits[2:], 16)
-        elif len(digits) > 1:
+        elif digits[:1] == b"0" and len(digits) > 1:
             domid = int(digits[1:], 8)
         else:
             domid = int(digits)

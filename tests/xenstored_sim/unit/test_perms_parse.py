@@ -1,0 +1,43 @@
+"""Permission strings are parsed as C's strtol(s, NULL, 0) does (xenstore-facts.md §3.1)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xenstored_sim.core.errors import XsErrno
+from xenstored_sim.core.perms import PERM_READ, format_perms, parse_perms
+
+
+@pytest.mark.parametrize(
+    ("entry", "domid"),
+    [
+        (b"r0", 0),
+        (b"r8", 8),
+        (b"r9", 9),
+        (b"r10", 10),
+        (b"r12", 12),
+        (b"r18", 18),
+        (b"r32752", 32752),
+        (b"r010", 8),  # a leading 0 is octal
+        (b"r0x10", 16),
+    ],
+)
+def test_domid_bases(entry: bytes, domid: int) -> None:
+    assert parse_perms([entry]) == ((PERM_READ, domid),)
+
+
+@pytest.mark.parametrize("entry", [b"r", b"r08", b"r0x", b"x1", b"r1a", b"r-1", b"R1"])
+def test_bad_entries_are_einval(entry: bytes) -> None:
+    with pytest.raises(XsErrno) as e:
+        parse_perms([entry])
+    assert e.value.errno == "EINVAL"
+
+
+@given(st.lists(st.tuples(st.sampled_from(b"nrwb"), st.integers(0, 65535)), min_size=1))
+def test_decimal_entries_round_trip(entries: list[tuple[int, int]]) -> None:
+    raw = [bytes([letter]) + str(domid).encode() for letter, domid in entries]
+    parsed = parse_perms(raw)
+    assert [domid for _, domid in parsed] == [domid for _, domid in entries]
+    assert format_perms(parsed) == b"".join(r + b"\0" for r in raw)

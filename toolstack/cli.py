@@ -1,0 +1,307 @@
+"""``xl-sim``: the command line of the toolstack, shaped like ``xl``.
+
+::
+
+    xl-sim --rundir DIR [--json] create [CONFIG] [--name N] [--memory MiB] [--vga V]
+                                      [--videoram MiB] [--dm-mode M] [--dm-restrict]
+                                      [--toolstack libxl|unaware]
+    xl-sim --rundir DIR [--json] list
+    xl-sim --rundir DIR [--json] pause|unpause|destroy DOMID
+    xl-sim --rundir DIR [--json] save [--checkpoint] [--toolstack F] DOMID FILE
+    xl-sim --rundir DIR [--json] restore FILE [--name N] [--dm-mode M] [--dm-restrict |
+                                      --no-dm-restrict] [--toolstack F]
+    xl-sim --rundir DIR [--json] guest DOMID map-bar|set-mode|draw|fb-hash|xs-read|xs-write ...
+
+``--rundir`` defaults to ``$PHYSMAP_LAB_RUNDIR``.  With ``--json`` every command prints one
+JSON object on stdout, an error included (``{"error": ...}``); the exit status is 0 on
+success, 1 on failure and 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from hypervisor_sim import guest_drivers
+from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenstored_sim.client import XsDisconnected
+from xenstored_sim.wire import XsError
+
+from .config import DM_MODES, FLAVOURS, VGA_CHOICES, ConfigError, DomainConfig, parse_config
+from .libxl import Libxl, ToolstackError, open_libxl
+from .streamio import StreamError
+
+PROG = "xl-sim"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _domid(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a guest domid is 1 or more")
+    return value
+
+
+def _mode_args(p: argparse.ArgumentParser, *, seed: bool = False) -> None:
+    p.add_argument("--width", type=_int, default=1024)
+    p.add_argument("--height", type=_int, default=768)
+    p.add_argument("--bpp", type=_int, default=32)
+    p.add_argument(
+        "--addr",
+        type=_int,
+        default=guest_drivers.DEFAULT_BAR_ADDR,
+        help="the framebuffer BAR address (default 0xf0000000)",
+    )
+    if seed:
+        p.add_argument("--seed", type=_int, required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--rundir",
+        default=argparse.SUPPRESS,
+        help="the run directory (default $PHYSMAP_LAB_RUNDIR)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common], description="A toolstack for the simulated Xen host."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("create", parents=[common], help="create a domain")
+    p.add_argument("config", nargs="?", help="an xl.cfg-style configuration file")
+    p.add_argument("--name")
+    p.add_argument("--memory", type=_int, help="guest RAM in MiB")
+    p.add_argument("--vga", choices=VGA_CHOICES)
+    p.add_argument("--videoram", type=_int, help="video memory in MiB")
+    p.add_argument("--dm-mode", choices=DM_MODES)
+    p.add_argument("--dm-restrict", action="store_true", default=None)
+    p.add_argument("--toolstack", choices=FLAVOURS)
+
+    sub.add_parser("list", parents=[common], help="list domains")
+    for name, text in (
+        ("pause", "pause a domain"),
+        ("unpause", "unpause a domain"),
+        ("destroy", "destroy a domain"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("domid", type=_domid)
+
+    p = sub.add_parser("save", parents=[common], help="save a domain to a file")
+    p.add_argument("--checkpoint", action="store_true", help="leave the domain running")
+    p.add_argument(
+        "--toolstack", choices=FLAVOURS, help="flavour to save with (default: the domain's)"
+    )
+    p.add_argument("domid", type=_domid)
+    p.add_argument("file")
+
+    p = sub.add_parser("restore", parents=[common], help="restore a domain from a file")
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.add_argument("--dm-mode", choices=DM_MODES)
+    p.add_argument("--dm-restrict", dest="dm_restrict", action="store_true", default=None)
+    p.add_argument("--no-dm-restrict", dest="dm_restrict", action="store_false")
+    p.add_argument("--toolstack", choices=FLAVOURS)
+
+    p = sub.add_parser("guest", parents=[common], help="drive the guest's vCPU")
+    p.add_argument("domid", type=_domid)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("map-bar", help="program and enable the VGA BAR")
+    a.add_argument("--addr", type=_int, default=guest_drivers.DEFAULT_BAR_ADDR)
+    a = actions.add_parser("set-mode", help="set a linear graphics mode")
+    _mode_args(a)
+    a.add_argument(
+        "--vram-mib",
+        type=_int,
+        help="QXL: the size of BAR 0, where the RAM header sits at its end (default: the domain's)",
+    )
+    a = actions.add_parser("draw", help="fill the framebuffer with pattern_bytes(seed)")
+    _mode_args(a, seed=True)
+    a = actions.add_parser("fb-hash", help="sha256 of the framebuffer as the guest reads it")
+    _mode_args(a)
+    a = actions.add_parser("xs-read", help="read a xenstore node as the guest")
+    a.add_argument("path")
+    a = actions.add_parser("xs-write", help="write a xenstore node as the guest")
+    a.add_argument("path")
+    a.add_argument("value")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _create_config(args: argparse.Namespace) -> DomainConfig:
+    if args.config:
+        try:
+            text = Path(args.config).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.config}: {exc.strerror or exc}") from None
+        base = parse_config(text, args.config)
+    else:
+        base = DomainConfig()
+    return base.with_overrides(
+        name=args.name,
+        memory_mib=args.memory,
+        vga=args.vga,
+        videoram_mib=args.videoram,
+        dm_mode=args.dm_mode,
+        dm_restrict=args.dm_restrict,
+        toolstack=args.toolstack,
+    )
+
+
+def _mode_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"width": args.width, "height": args.height, "bpp": args.bpp, "addr": args.addr}
+
+
+async def _guest(lx: Libxl, args: argparse.Namespace) -> dict[str, Any]:
+    domid: int = args.domid
+    out: dict[str, Any] = {"domid": domid, "action": args.action}
+    if args.action == "map-bar":
+        await lx.guest_driver(domid, "map_bar", {"addr": args.addr})
+        out["addr"] = args.addr
+    elif args.action == "set-mode":
+        vram = args.vram_mib if args.vram_mib is not None else lx.domain_config(domid).vram_mib
+        params = _mode_params(args) | {"vram_mib": vram}
+        await lx.guest_driver(domid, "set_mode", params)
+        out.update(params)
+    elif args.action == "draw":
+        await lx.guest_driver(domid, "draw", _mode_params(args) | {"seed": args.seed})
+        out["seed"] = args.seed
+    elif args.action == "fb-hash":
+        result = await lx.guest_driver(domid, "sha256", _mode_params(args))
+        out["sha256"] = result[-1] if isinstance(result, list) and result else result
+    elif args.action == "xs-read":
+        (value,) = await lx.guest_ops(domid, [{"op": "xs_read", "path": args.path}])
+        out.update(path=args.path, value=value.decode() if isinstance(value, bytes) else value)
+    elif args.action == "xs-write":
+        await lx.guest_ops(domid, [{"op": "xs_write", "path": args.path, "value": args.value}])
+        out.update(path=args.path, value=args.value)
+    return out
+
+
+async def run_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one parsed command; returns what ``--json`` prints."""
+    config = _create_config(args) if args.command == "create" else None
+    async with open_libxl(args.rundir, command=args.command) as lx:
+        if args.command == "create":
+            assert config is not None
+            return (await lx.create(config)).as_dict()
+        if args.command == "list":
+            return {"domains": [d.as_dict() for d in await lx.list_domains()]}
+        if args.command == "pause":
+            await lx.pause(args.domid)
+            return {"domid": args.domid, "paused": True}
+        if args.command == "unpause":
+            await lx.unpause(args.domid)
+            return {"domid": args.domid, "paused": False}
+        if args.command == "destroy":
+            await lx.destroy(args.domid)
+            return {"domid": args.domid, "destroyed": True}
+        if args.command == "save":
+            result = await lx.save(
+                args.domid, args.file, checkpoint=args.checkpoint, toolstack=args.toolstack
+            )
+            return result.as_dict()
+        if args.command == "restore":
+            overrides = {
+                "name": args.name,
+                "dm_mode": args.dm_mode,
+                "dm_restrict": args.dm_restrict,
+                "toolstack": args.toolstack,
+            }
+            return (await lx.restore(args.file, overrides=overrides)).as_dict()
+        if args.command == "guest":
+            return await _guest(lx, args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _human(command: str, out: dict[str, Any]) -> str:
+    if command == "create":
+        return f"Domain {out['domid']} ({out['name']}) created; device model pid {out['dm_pid']}"
+    if command == "list":
+        lines = [
+            f"{'Name':<24} {'ID':>4} {'Mem':>6} {'State':<7} {'VGA':<7} {'DM mode':<14} DM pid"
+        ]
+        for d in out["domains"]:
+            mem = d["memory_mib"] if d["memory_mib"] is not None else d["tot_pages"] // 256
+            lines.append(
+                f"{d['name']:<24} {d['domid']:>4} {mem:>6} {'paused' if d['paused'] else 'running':<7}"
+                f" {d['vga'] or '-':<7} {d['dm_mode'] or '-':<14} {d['dm_pid'] or '-'}"
+            )
+        return "\n".join(lines)
+    if command == "save":
+        return (
+            f"Saved domain {out['domid']} to {out['file']}: {out['bytes']} bytes, "
+            f"records {' '.join(out['records'])} ({out['seconds']:.2f} s)"
+        )
+    if command == "restore":
+        return (
+            f"Restored domain {out['domid']} ({out['name']}): records {' '.join(out['records'])}"
+            f" ({out['seconds']:.2f} s)"
+        )
+    if command == "guest":
+        if "sha256" in out:
+            return str(out["sha256"])
+        if out["action"] == "xs-read":
+            return str(out["value"])
+        return ""
+    return ""
+
+
+def _fail(args: argparse.Namespace, message: str) -> NoReturn:
+    if getattr(args, "json", False):
+        print(json.dumps({"command": getattr(args, "command", None), "error": message}))
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.json = getattr(args, "json", False)
+    if not hasattr(args, "rundir"):
+        args.rundir = os.environ.get("PHYSMAP_LAB_RUNDIR")
+    if not args.rundir:
+        parser.error("no run directory: give --rundir or set PHYSMAP_LAB_RUNDIR")
+    try:
+        out = trio.run(run_command, args)
+    except (ToolstackError, ConfigError, StreamError) as exc:
+        _fail(args, str(exc))
+    except XsError as exc:
+        _fail(args, f"xenstore: {exc}")
+    except HypercallError as exc:
+        _fail(args, f"hypervisor: {exc}")
+    except (XsDisconnected, HypervisorDisconnected) as exc:
+        _fail(args, f"lost a daemon connection: {exc}")
+    except OSError as exc:
+        _fail(args, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+    except KeyboardInterrupt:
+        _fail(args, "interrupted")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        text = _human(args.command, out)
+        if text:
+            print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Domain configuration: an ``xl.cfg``-style parser and the JSON form kept in save images.
+
+The syntax is the subset of xl.cfg(5) a simulated HVM guest needs: ``KEY = VALUE`` settings, one
+per line or separated by ``;``, ``#`` comments, quoted strings and integers.  ``dm_mode`` and
+``toolstack`` are this project's own keys; the others are named as in xl.cfg(5).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Final, Literal, cast, get_args
+
+Vga = Literal["stdvga", "cirrus", "qxl"]
+DmMode = Literal["new", "compat", "pointer-fixup", "auto"]
+Flavour = Literal["libxl", "unaware"]
+
+VGA_CHOICES: Final[tuple[str, ...]] = get_args(Vga)
+DM_MODES: Final[tuple[str, ...]] = get_args(DmMode)
+FLAVOURS: Final[tuple[str, ...]] = get_args(Flavour)
+
+#: Default video memory in MiB per card, as libxl's build-info defaults for qemu-xen
+#: (libxl_create.c, libxl__domain_build_info_setdefault): stdvga 16, cirrus 8, QXL 128.
+VIDEORAM_DEFAULT_MIB: Final[dict[str, int]] = {"stdvga": 16, "cirrus": 8, "qxl": 128}
+
+DEFAULT_MEMORY_MIB: Final = 128
+#: Guest RAM stays below the 4 GiB boundary in this model, under the PCI hole at 0xf0000000.
+MAX_MEMORY_MIB: Final = 0xF0000000 >> 20
+
+# xenstore node names are alphanumeric plus "-/_@" (xenstore.txt); a name is one component.
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+_SETTING_RE: Final = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+
+
+class ConfigError(ValueError):
+    """The configuration is not usable; the message names the file, line and key."""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """What ``xl-sim create`` builds and what a save image carries to ``restore``."""
+
+    name: str | None = None
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    vga: Vga = "stdvga"
+    videoram_mib: int | None = None
+    dm_mode: DmMode = "new"
+    dm_restrict: bool = False
+    toolstack: Flavour = "libxl"
+    uuid: str | None = None
+
+    @property
+    def video_mib(self) -> int:
+        """The video memory the domain is given, the card's default unless set."""
+        if self.videoram_mib is not None:
+            return self.videoram_mib
+        return VIDEORAM_DEFAULT_MIB[self.vga]
+
+    @property
+    def vram_mib(self) -> int:
+        """The size of ``vga.vram``: all the video memory, except that QXL splits it evenly
+        between its RAM and VRAM BARs (``libxl_dm.c``: ``ram_size_mb``/``vram_size_mb``)."""
+        return self.video_mib // 2 if self.vga == "qxl" else self.video_mib
+
+    def with_overrides(self, **changes: Any) -> DomainConfig:
+        """A copy with the non-``None`` ``changes`` applied and checked."""
+        picked = {k: v for k, v in changes.items() if v is not None}
+        return check(replace(self, **picked))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DomainConfig:
+        """The config a save image carries; :class:`ConfigError` if it is not one."""
+        try:
+            obj = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"domain config is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ConfigError("domain config JSON is not an object")
+        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"domain config JSON has unknown keys: {', '.join(unknown)}")
+        try:
+            return check(cls(**obj))
+        except TypeError as exc:
+            raise ConfigError(f"domain config JSON: {exc}") from None
+
+
+def check(config: DomainConfig) -> DomainConfig:
+    """Validate every field; returns ``config`` or raises :class:`ConfigError`."""
+    if config.name is not None and (
+        not isinstance(config.name, str) or not _NAME_RE.match(config.name)
+    ):
+        raise ConfigError(
+            f"name {config.name!r} must be 1-64 characters of letters, digits and ._@-"
+        )
+    if not _is_int(config.memory_mib) or not 1 <= config.memory_mib <= MAX_MEMORY_MIB:
+        raise ConfigError(f"memory must be an integer from 1 to {MAX_MEMORY_MIB} (MiB)")
+    if config.vga not in VGA_CHOICES:
+        raise ConfigError(f"vga must be one of {', '.join(VGA_CHOICES)}, not {config.vga!r}")
+    if config.videoram_mib is not None:
+        floor = VIDEORAM_DEFAULT_MIB[config.vga]
+        # libxl refuses less video memory than the card needs (libxl_create.c).
+        top = 512 if config.vga == "qxl" else 256
+        if (
+            not _is_int(config.videoram_mib)
+            or not floor <= config.videoram_mib <= top
+            or config.videoram_mib & (config.videoram_mib - 1)
+        ):
+            raise ConfigError(
+                f"videoram for {config.vga} must be a power of two from {floor} to {top} (MiB)"
+            )
+    if config.dm_mode not in DM_MODES:
+        raise ConfigError(f"dm_mode must be one of {', '.join(DM_MODES)}, not {config.dm_mode!r}")
+    if not isinstance(config.dm_restrict, bool):
+        raise ConfigError("dm_restrict must be 0 or 1")
+    if config.toolstack not in FLAVOURS:
+        raise ConfigError(
+            f"toolstack must be one of {', '.join(FLAVOURS)}, not {config.toolstack!r}"
+        )
+    if config.uuid is not None:
+        try:
+            uuidlib.UUID(config.uuid)
+        except (ValueError, TypeError, AttributeError):
+            raise ConfigError(f"uuid {config.uuid!r} is not a UUID") from None
+    return config
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# xl.cfg syntax
+
+# key -> (field, kind)
+_KEYS: Final[dict[str, tuple[str, str]]] = {
+    "name": ("name", "str"),
+    "memory": ("memory_mib", "int"),
+    "vga": ("vga", "str"),
+    "videoram": ("videoram_mib", "int"),
+    "dm_mode": ("dm_mode", "str"),
+    "dm_restrict": ("dm_restrict", "bool"),
+    "toolstack": ("toolstack", "str"),
+    "uuid": ("uuid", "str"),
+    "type": ("", "hvm"),
+    "builder": ("", "hvm"),
+}
+
+
+def _split_statements(line: str) -> list[str]:
+    """Split at ``;`` and cut a ``#`` comment, both outside quotes."""
+    parts: list[str] = []
+    current: list[str] = []
+    quote: str | None = None
+    for ch in line:
+        if quote is not None:
+            current.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+            current.append(ch)
+        elif ch == "#":
+            break
+        elif ch == ";":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p for p in parts if p.strip()]
+
+
+def _value(raw: str, where: str) -> str | int:
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+        return raw[1:-1]
+    if raw[:1] in ("'", '"'):
+        raise ConfigError(f"{where}: unterminated string {raw}")
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise ConfigError(f"{where}: {raw!r} is neither a quoted string nor an integer") from None
+
+
+def parse_config(text: str, source: str = "<config>") -> DomainConfig:
+    """Parse xl.cfg-style ``text``; :class:`ConfigError` names ``source`` and the line."""
+    fields: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        for stmt in _split_statements(line):
+            where = f"{source}:{lineno}"
+            m = _SETTING_RE.match(stmt)
+            if m is None:
+                raise ConfigError(f"{where}: expected KEY = VALUE, got {stmt.strip()!r}")
+            key, raw = m.group(1), m.group(2)
+            if key not in _KEYS:
+                known = ", ".join(sorted(_KEYS))
+                raise ConfigError(f"{where}: unknown option {key!r} (known: {known})")
+            if key in seen:
+                raise ConfigError(f"{where}: {key} is already set on line {seen[key]}")
+            seen[key] = lineno
+            value = _value(raw, f"{where}: {key}")
+            field, kind = _KEYS[key]
+            if kind == "hvm":
+                if value != "hvm":
+                    raise ConfigError(f"{where}: only HVM guests are simulated ({key} = 'hvm')")
+                continue
+            if kind == "int" and not isinstance(value, int):
+                raise ConfigError(f"{where}: {key} must be an integer, not {value!r}")
+            if kind == "str" and not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a quoted string, not {value!r}")
+            if kind == "bool":
+                if value not in (0, 1):
+                    raise ConfigError(f"{where}: {key} must be 0 or 1, not {value!r}")
+                value = bool(value)
+            fields[field] = value
+    try:
+        return check(DomainConfig(**fields))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def cast_vga(value: str) -> Vga:
+    """``value`` as a :data:`Vga`, or :class:`ConfigError`."""
+    if value not in VGA_CHOICES:
+        raise ConfigError(f"vga must be one of {', '.join(VGA_CHOICES)}, not {value!r}")
+    return cast(Vga, value)

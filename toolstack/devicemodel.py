@@ -1,0 +1,157 @@
+"""The device-model process: its command line, spawning it detached, and stopping it.
+
+libxl spawns QEMU in a new session with its output in a log file, records the pid in
+``/local/domain/<domid>/image/device-model-pid`` and, on destroy, finds it again by that pid
+(``libxl_dm.c``, ``libxl_exec.c``).  The process is not a child the toolstack waits for: the
+``xl`` command that created it exits long before it does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import DomainConfig
+
+#: The console script of the device model (qemu_model's ``qemu-model``).
+DM_PROGRAM = "qemu-model"
+
+
+def dm_program() -> str:
+    """``qemu-model`` beside the running interpreter first (a virtualenv), then on PATH."""
+    beside = Path(sys.executable).parent / DM_PROGRAM
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(DM_PROGRAM)
+    if found is None:
+        raise FileNotFoundError(f"{DM_PROGRAM} is not installed")
+    return found
+
+
+def dm_argv(
+    config: DomainConfig,
+    domid: int,
+    rundir: str,
+    xenstore_path: str,
+    *,
+    incoming: str | None = None,
+) -> list[str]:
+    """The device model's arguments (without the program).
+
+    With ``dm_restrict`` libxl passes ``-S`` and learns readiness over QMP, since a restricted
+    QEMU cannot write its state node (qemu-physmap.md §2.4, ``libxl_dm.c``).
+    """
+    argv = [
+        "--domid",
+        str(domid),
+        "--xen-mode",
+        config.dm_mode,
+        "--vga",
+        config.vga,
+        "--rundir",
+        rundir,
+        "--xenstore",
+        xenstore_path,
+        "--memory-mib",
+        str(config.memory_mib),
+        "--vram-mib",
+        str(config.vram_mib),
+    ]
+    if config.dm_restrict:
+        argv += ["--restrict", "-S"]
+    if incoming is not None:
+        argv += ["--incoming", incoming]
+    return argv
+
+
+def spawn_detached(program: str, argv: Sequence[str], log_path: Path) -> int:
+    """Start ``program`` in a new session, stdin from /dev/null and output to ``log_path``;
+    returns its pid.  No process object is kept: the pid is all the toolstack records."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        return os.posix_spawn(
+            program,
+            [program, *argv],
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(log_fd)
+
+
+def _reap(pid: int) -> bool:
+    """Reap ``pid`` if it is an exited child of ours; True if it was reaped."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == pid
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited child of this process is reaped on the way)."""
+    if _reap(pid):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def is_device_model(pid: int, domid: int) -> bool:
+    """Whether ``pid`` is the device model of ``domid`` (guards against a reused pid)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    args = raw.split(b"\0")
+    if not any(a.endswith(DM_PROGRAM.encode()) for a in args[:2]):
+        return False
+    try:
+        i = args.index(b"--domid")
+    except ValueError:
+        return False
+    return i + 1 < len(args) and args[i + 1] == str(domid).encode()
+
+
+def send_signal(pid: int, sig: signal.Signals) -> bool:
+    """Signal ``pid``; False if it is already gone."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return False
+        raise
+    return True
+
+
+def log_tail(log_path: Path, limit: int = 2000) -> str:
+    try:
+        return log_path.read_text(errors="replace")[-limit:].strip()
+    except OSError:
+        return ""
