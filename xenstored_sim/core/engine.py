@@ -202,6 +202,7 @@ class XenstoreEngine:
             conn.target = dom.target
         self.conns[conn_id] = conn
         if self.audit is not None:
+            self._clear_audit_scratch()
             self.audit.append(self._record(conn, "connect", 0, "OK"))
         return conn_id
 
@@ -216,6 +217,7 @@ class XenstoreEngine:
         if dom is not None:
             dom.conn_ids.discard(conn_id)
         if self.audit is not None:
+            self._clear_audit_scratch()
             self.audit.append(self._record(conn, "disconnect", 0, "OK"))
 
     def is_connected(self, conn_id: int) -> bool:
@@ -278,6 +280,10 @@ class XenstoreEngine:
         if audit is not None:
             audit.append(self._record(conn, packet.op_name, packet.tx_id, result))
         return out
+
+    def _clear_audit_scratch(self) -> None:
+        self._rule = self._apath = None
+        self._apaths = self._aargs = None
 
     def _record(self, conn: Connection, op: str, tx: int, result: str) -> dict[str, Any]:
         rec: dict[str, Any] = {

@@ -1,0 +1,234 @@
+"""``physmap-lab``: run the simulated Xen host's demo.
+
+::
+
+    physmap-lab demo [--json] [--mode M ...] [--device D ...] [--toolstack T ...]
+                     [--rundir DIR] [--attach] [--keep]
+
+Progress goes to stderr as the demo runs; then a table (or, with ``--json``, only
+``{"runs": [...]}``) goes to stdout.  The exit status is 1 if a case that should work did not,
+or if the run left anything behind, and 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolstack.config import DM_MODES, FLAVOURS, VGA_CHOICES
+
+from .demo import (
+    DEFAULT_DEVICES,
+    DEFAULT_MODES,
+    DEFAULT_TOOLSTACKS,
+    CaseResult,
+    DemoOutcome,
+    StepError,
+    failed_unexpectedly,
+    plan,
+    run_demo,
+)
+
+PROG: Final = "physmap-lab"
+
+#: Short names of the libxl stream records for the table (image_records keeps the full ones).
+RECORD_ABBREV: Final = {
+    "LIBXC_CONTEXT": "LIBXC",
+    "EMULATOR_XENSTORE_DATA": "XS_DATA",
+    "EMULATOR_CONTEXT": "EMU",
+    "END": "END",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A simulated Xen host that saves and restores QEMU's VRAM."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "demo",
+        help="save and restore a guest's framebuffer in each device-model mode",
+        description="For each mode and device: create, the guest maps the VGA BAR and draws, "
+        "save, destroy, restore, and the framebuffer is read back.",
+    )
+    p.add_argument("--json", action="store_true", help='print only {"runs": [...]} on stdout')
+    p.add_argument(
+        "--mode",
+        dest="modes",
+        action="extend",
+        nargs="+",
+        choices=DM_MODES,
+        metavar="M",
+        help=f"device-model modes: {', '.join(DM_MODES)} (default: {' '.join(DEFAULT_MODES)})",
+    )
+    p.add_argument(
+        "--device",
+        dest="devices",
+        action="extend",
+        nargs="+",
+        choices=VGA_CHOICES,
+        metavar="D",
+        help=f"VGA devices: {', '.join(VGA_CHOICES)} (default: all)",
+    )
+    p.add_argument(
+        "--toolstack",
+        dest="toolstacks",
+        action="extend",
+        nargs="+",
+        choices=FLAVOURS,
+        metavar="T",
+        help=f"toolstack flavours: {', '.join(FLAVOURS)} (default: libxl)",
+    )
+    p.add_argument(
+        "--rundir",
+        metavar="DIR",
+        help="the run directory (default: a new temporary directory, removed after)",
+    )
+    p.add_argument(
+        "--attach",
+        action="store_true",
+        help="use the xenstored-sim and hypervisor-sim already running on --rundir",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
+    return parser
+
+
+def _hex(value: int | None) -> str:
+    return "-" if value is None else f"{value:#x}"
+
+
+def _ops(ops: dict[str, int] | None, ok: dict[str, int] | None) -> str:
+    """``7 · 8 · 0`` for the toolstack, the device model and the guest; a count that includes
+    failed requests says how many succeeded."""
+    if ops is None:
+        return "-"
+    parts = []
+    for who, n in ops.items():
+        good = n if ok is None else ok.get(who, 0)
+        text = f"{n} ({good} ok)" if good != n else str(n)
+        parts.append(text if who in ("toolstack", "device-model", "guest") else f"{who} {text}")
+    return " · ".join(parts)
+
+
+def _ptrs(at_init: int | None, after_load: int | None) -> str:
+    if at_init is not None and at_init == after_load:
+        return f"{at_init:#x} (same)"
+    return f"{_hex(at_init)} → {_hex(after_load)}"
+
+
+def _mark(ok: bool | None) -> str:
+    return "-" if ok is None else "[green]yes[/green]" if ok else "[red]no[/red]"
+
+
+def results_table(results: Sequence[CaseResult]) -> Table:
+    table = Table(
+        title="physmap-lab demo: save → destroy → restore",
+        caption="fb saved: sha256 of the framebuffer the guest drew, before save. "
+        "fb restored: what the device model displays after restore (the guest's own read-back "
+        "must agree). vram_ptr: the device model's VRAM pointer at init and after the device "
+        "state loaded. Records: LIBXC = LIBXC_CONTEXT, XS_DATA = EMULATOR_XENSTORE_DATA, "
+        "EMU = EMULATOR_CONTEXT. Physmap ops: xenstore requests on "
+        "/local/domain/0/device-model/<domid>/physmap by principal.",
+        caption_justify="left",
+    )
+    for header in ("mode", "device", "toolstack", "dm", "ok"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("fb saved", no_wrap=True)
+    table.add_column("fb restored", no_wrap=True)
+    table.add_column("vram_ptr\nat init → after load", no_wrap=True)
+    table.add_column("derived\nptrs ok", min_width=7)
+    table.add_column("image records", no_wrap=True)
+    table.add_column("physmap ops\ntool · dm · guest", no_wrap=True)
+    for r in results:
+        if r.ok:
+            ok = "[green]ok[/green]"
+        elif r.expected_ok:
+            ok = "[bold red]FAIL[/bold red]"
+        else:
+            ok = "[yellow]fails (expected)[/yellow]"
+        table.add_row(
+            r.mode,
+            r.device,
+            r.toolstack,
+            r.dm or "-",
+            ok,
+            (r.fb_sha256_saved or "-")[:12],
+            (r.fb_sha256_restored or "-")[:12],
+            _ptrs(r.vram_ptr_at_init, r.vram_ptr_after_load),
+            _mark(r.derived_ptrs_valid),
+            " ".join(RECORD_ABBREV.get(x, x) for x in r.image_records) or "-",
+            _ops(r.physmap_xenstore_ops, r.physmap_xenstore_ops_ok),
+        )
+    return table
+
+
+def _run(args: argparse.Namespace, err: Console) -> int:
+    cases = plan(
+        args.modes or DEFAULT_MODES,
+        args.devices or DEFAULT_DEVICES,
+        args.toolstacks or DEFAULT_TOOLSTACKS,
+    )
+
+    def report(message: str) -> None:
+        err.print(message, highlight=False)
+
+    err.print(f"[bold]physmap-lab demo[/bold]: {len(cases)} cases", highlight=False)
+    try:
+        outcome: DemoOutcome = trio.run(
+            lambda: run_demo(
+                cases, rundir=args.rundir, attach=args.attach, keep=args.keep, report=report
+            )
+        )
+    except StepError as exc:
+        err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print(f"[red]{PROG}: interrupted[/red]")
+        return 1
+
+    if args.json:
+        print(json.dumps({"runs": [r.as_json() for r in outcome.results]}, indent=2))
+    else:
+        out = Console()
+        if not out.is_terminal:
+            # A file or a pipe: the table at its natural width, never cut.
+            out = Console(width=400)
+        out.print(results_table(outcome.results))
+    for r in outcome.results:
+        if r.error:
+            label = f"{r.mode}/{r.device}/{r.toolstack}"
+            err.print(f"{label}: {escape(r.error)}", highlight=False, style="red")
+    for problem in outcome.problems:
+        err.print(f"[red]{escape(problem)}[/red]", highlight=False)
+    bad = failed_unexpectedly(outcome.results)
+    ok = sum(r.ok for r in outcome.results)
+    err.print(
+        f"{len(outcome.results)} cases, {ok} ok, {len(bad)} failed unexpectedly, "
+        f"in {outcome.seconds:.1f} s",
+        highlight=False,
+    )
+    if args.keep or args.rundir:
+        err.print(f"run directory: {outcome.rundir}", highlight=False)
+    return outcome.exit_status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.attach and not args.rundir:
+        parser.error("--attach needs --rundir: the directory the daemons run on")
+    if args.command == "demo":
+        return _run(args, Console(stderr=True, soft_wrap=True))
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
