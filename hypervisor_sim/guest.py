@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from .core import Hypervisor, all_ones
+from .guest_drivers import pattern_bytes
 from .protocol import HypercallError, IoreqDir, IoreqType, pci_config_addr
 
 #: Largest ``mem_read``: the reply must fit a frame.
@@ -221,9 +222,7 @@ class Guest:
             gpa = _nonneg(op, "gpa", 1 << 52)
             n = _nonneg(op, "len", MAX_RANGE + 1)
             seed = _field(op, "seed", int)
-            from . import guest_drivers  # the shared pattern (docs/architecture.md)
-
-            await self.write_mem(gpa, guest_drivers.pattern_bytes(seed, n))
+            await self.write_mem(gpa, pattern_bytes(seed, n))
             return None
         if name == "mem_sha256":
             gpa = _nonneg(op, "gpa", 1 << 52)

@@ -22,6 +22,7 @@ from typing import IO, Any, Final
 
 import trio
 
+from . import guest_drivers
 from .core import DomainCreated, DomainDestroyed, Hypervisor, IoreqDone, all_ones
 from .guest import Guest
 from .protocol import (
@@ -185,8 +186,8 @@ class HypervisorServer:
         try:
             req = parse_request(unpack(payload))
         except MalformedMessage as exc:
-            await conn.send(error_reply(exc.id, "EINVAL", str(exc)))
             self._audit(conn, "<malformed>", None, "EINVAL")
+            await conn.send(error_reply(exc.id, "EINVAL", str(exc)))
             return
         if req.call in _ASYNC_CALLS:
             nursery.start_soon(self._async_call, conn, req.id, req.call, req.args)
@@ -194,11 +195,11 @@ class HypervisorServer:
         try:
             result = self.core.call(conn.id, req.call, req.args)
         except HypercallError as exc:
-            await conn.send(error_reply(req.id, exc.errno_name, exc.message))
             self._audit(conn, req.call, req.args.get("domid"), exc.errno_name)
+            await conn.send(error_reply(req.id, exc.errno_name, exc.message))
         else:
-            await conn.send(ok_reply(req.id, result))
             self._audit(conn, req.call, req.args.get("domid"), "ok")
+            await conn.send(ok_reply(req.id, result))
         self._apply_effects()
 
     async def _async_call(
@@ -216,17 +217,15 @@ class HypervisorServer:
             else:
                 result = await self._guest_driver(guest, args)
         except HypercallError as exc:
-            await conn.send(error_reply(rid, exc.errno_name, exc.message))
             self._audit(conn, call, domid, exc.errno_name)
+            await conn.send(error_reply(rid, exc.errno_name, exc.message))
         else:
-            await conn.send(ok_reply(rid, result))
             self._audit(conn, call, domid, "ok")
+            await conn.send(ok_reply(rid, result))
 
     async def _guest_driver(self, guest: Guest, args: Mapping[str, Any]) -> Any:
         """Run a video-driver action: ``guest_drivers.driver_ops`` turns it into generic ops
         (docs/architecture.md, "The scriptable guest"); the result is one value per op."""
-        from . import guest_drivers
-
         try:
             ops = guest_drivers.driver_ops(args["device"], args["action"], args.get("params", {}))
         except (KeyError, ValueError, TypeError) as exc:
@@ -284,6 +283,7 @@ class HypervisorServer:
     # ---------------------------------------------------------------- audit
 
     def _audit(self, conn: Connection, call: str, domid: object, result: str) -> None:
+        # Written before the reply goes out, so a caller that saw the reply finds the record.
         if self.audit is None:
             return
         self.audit.record(

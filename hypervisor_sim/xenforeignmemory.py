@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from . import vma
-from .privcmd import Privcmd
 from .protocol import HypercallError
 
 PAGE_SIZE = vma.PAGE_SIZE
@@ -34,10 +34,16 @@ def _errno(name: str) -> int:
     return value if isinstance(value, int) else errno.EINVAL
 
 
+class ForeignMapper(Protocol):
+    """The one hypercall a foreign mapping needs: :class:`~hypervisor_sim.privcmd.Privcmd`."""
+
+    def map_foreign(self, domid: int, gfns: list[int]) -> Mapping[str, Any]: ...
+
+
 class ForeignMemory:
     """A ``xenforeignmemory_handle`` over a privcmd connection."""
 
-    def __init__(self, privcmd: Privcmd) -> None:
+    def __init__(self, privcmd: ForeignMapper) -> None:
         self.privcmd = privcmd
 
     def map2(
@@ -70,7 +76,7 @@ class ForeignMemory:
 
     @staticmethod
     def _map_runs(
-        base: int, prot: int, path: str, offsets: list[int], errors: list[str]
+        base: int, prot: int, path: str, offsets: Sequence[int], errors: Sequence[str]
     ) -> list[int]:
         errs = [
             0 if off >= 0 else -_errno(err or "ENOENT")

@@ -39,7 +39,7 @@ async def test_guest_xenstore_ops(spawn: Callable[..., Any]) -> None:
             async with open_xenstore(rundir / "socket") as xs:
                 await xs.mkdir(home)
                 await xs.set_perms(home, [f"n{domid}"])
-                await xs.introduce(domid, 0, 0)
+                await xs.introduce(domid, 0, 1)  # C needs an event channel > 0
             await _wait_for(rundir / "domains" / f"{domid}.sock", xenstored)
             await hv.domain_unpause(domid)
             results = await hv.guest(

@@ -1,0 +1,120 @@
+"""``qemu-model``: the device model of one HVM domain, a real process.
+
+::
+
+    qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--vga stdvga|cirrus|qxl]
+               [--incoming FILE|defer] [--restrict] [-S] [--rundir DIR] [--xenstore PATH]
+               [--memory-mib M] [--vram-mib V]
+
+Exit status: 0 after ``quit`` or SIGTERM; 1 with a ``qemu-model: ...`` message when QEMU would
+``exit(1)`` (a bad image for ``--incoming``, "xen: failed to restrict"); death by SIGABRT where
+QEMU's assertions fail (the compat map2 shim, a failed in-place replacement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+
+from .errors import QemuAbort, QemuExit
+from .machine import DEVICES
+from .server import Config, serve
+
+PROG = "qemu-model"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog=PROG, description="A Xen HVM device model (QEMU, modelled).")
+    p.add_argument("--domid", type=int, required=True, help="the guest domain (-xen-domid)")
+    p.add_argument(
+        "--xen-mode",
+        choices=["new", "compat", "pointer-fixup", "auto"],
+        default="new",
+        help="physmap handling: libs >= 4.10, XEN_COMPAT_PHYSMAP, the rejected pointer "
+        "fix-up, or chosen from the hypervisor's library version",
+    )
+    p.add_argument("--vga", choices=sorted(DEVICES), default="stdvga")
+    p.add_argument(
+        "--incoming",
+        metavar="FILE",
+        help="restore: load this device state ('defer': wait for xen-load-devices-state)",
+    )
+    p.add_argument("--restrict", action="store_true", help="dm_restrict: -xen-domid-restrict")
+    p.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest")
+    p.add_argument("--rundir", default=os.environ.get("PHYSMAP_LAB_RUNDIR"))
+    p.add_argument(
+        "--xenstore",
+        metavar="PATH",
+        help="xenstore socket (default $XENSTORED_PATH, else RUNDIR/socket)",
+    )
+    p.add_argument("--memory-mib", type=int, default=128, help="guest RAM: places ram_addr offsets")
+    p.add_argument("--vram-mib", type=int, default=16)
+    a = p.parse_args(argv)
+    if not a.rundir:
+        p.error("--rundir is required (or set PHYSMAP_LAB_RUNDIR)")
+    if a.domid < 1:
+        p.error("--domid must be a guest domain (>= 1)")
+    if not 1 <= a.memory_mib <= 1 << 20:
+        p.error("--memory-mib out of range")
+    if not 1 <= a.vram_mib <= 256 or a.vram_mib & (a.vram_mib - 1):
+        p.error("--vram-mib must be a power of two from 1 to 256")
+    rundir = Path(a.rundir)
+    xenstore = a.xenstore or os.environ.get("XENSTORED_PATH") or str(rundir / "socket")
+    return Config(
+        domid=a.domid,
+        xen_mode=a.xen_mode,
+        vga=a.vga,
+        rundir=rundir,
+        xenstore_path=xenstore,
+        incoming=a.incoming,
+        restrict=a.restrict,
+        start_paused=a.start_paused,
+        memory_mib=a.memory_mib,
+        vram_mib=a.vram_mib,
+    )
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one interesting exception inside nursery groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        fatal = [e for e in exc.exceptions if isinstance(e, QemuAbort | QemuExit)]
+        exc = fatal[0] if fatal else exc.exceptions[0]
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"{PROG}[d{cfg.domid}]: %(message)s",
+    )
+    try:
+        trio.run(serve, cfg)
+    except BaseException as group:
+        exc = _leaf(group)
+        if isinstance(exc, QemuAbort):
+            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+            os.abort()
+        if isinstance(exc, QemuExit):
+            print(f"{PROG}: {exc.message}", file=sys.stderr, flush=True)
+            return exc.status
+        if isinstance(exc, HypervisorDisconnected | HypercallError | OSError):
+            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+            return 1
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""The device-model process: the trio shell around :class:`~qemu_model.machine.Machine`.
+
+It owns every connection: the hypervisor (trio client for ioreqs, blocking privcmd for
+foreign mappings and hypercalls made from device code), xenstore, and the QMP socket.  Device
+code runs in a worker thread under one lock, the way QEMU's runs under the big QEMU lock; when
+it needs xenstore it calls back into trio with ``trio.from_thread.run``.
+
+Start-up follows QEMU with Xen (qemu-physmap.md §4.5): open the connections, create the ioreq
+server, build the machine (mapcache, ``xen_read_physmap``, devices), apply ``--restrict`` in
+``setup_post`` (close xenstore, restrict the hypervisor connections, §5.2), open QMP, then run
+the incoming load if ``--incoming`` was given.  Without ``-S`` the machine then runs, and an
+unrestricted device model writes ``running`` to its state node (§2.4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hypervisor_sim.client import HypervisorClient, open_hypervisor
+from hypervisor_sim.privcmd import Privcmd
+from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenstored_sim.client import XsClient, XsDisconnected, open_xenstore
+from xenstored_sim.wire import XsError
+
+from . import qmp
+from .errors import LoadError, QemuAbort, QemuExit
+from .machine import Machine, RunState
+from .xen_hvm import MODES, Mode
+from .xenforeignmemory import ForeignMemory
+
+log = logging.getLogger("qemu_model")
+
+#: Events a slow QMP client may have queued before it starts losing them.
+QMP_EVENT_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    domid: int
+    xen_mode: str  # new | compat | pointer-fixup | auto
+    vga: str
+    rundir: Path
+    xenstore_path: str
+    incoming: str | None  # a file, "defer", or None
+    restrict: bool
+    start_paused: bool
+    memory_mib: int
+    vram_mib: int
+
+    @property
+    def hypervisor_path(self) -> Path:
+        return self.rundir / "hypervisor.sock"
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.rundir / "qmp" / f"{self.domid}.sock"
+
+
+def resolve_mode(requested: str, has_map2: bool) -> Mode:
+    """``auto`` is what QEMU's configure chose: new with map2 (libs ≥ 4.10), else compat."""
+    if requested == "auto":
+        return "new" if has_map2 else "compat"
+    for mode in MODES:
+        if mode == requested:
+            return mode
+    raise ValueError(f"unknown xen mode {requested!r}")
+
+
+class XenStoreBridge:
+    """The machine's blocking xenstore, run on the trio client from a worker thread."""
+
+    def __init__(self, client: XsClient, token: trio.lowlevel.TrioToken) -> None:
+        self._client: XsClient | None = client
+        self._token = token
+
+    def close(self) -> None:
+        self._client = None
+
+    def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def read(self, path: str) -> str | None:
+        if self._client is None:
+            return None
+        try:
+            value: bytes = self._run(self._client.read, path)
+        except (XsError, XsDisconnected):
+            return None
+        return value.decode("utf-8", "surrogateescape")
+
+    def write(self, path: str, value: str) -> bool:
+        if self._client is None:
+            return False
+        try:
+            self._run(self._client.write, path, value)
+        except (XsError, XsDisconnected):
+            return False
+        return True
+
+    def directory(self, path: str) -> list[str] | None:
+        if self._client is None:
+            return None
+        try:
+            names: list[str] = self._run(self._client.directory, path)
+        except (XsError, XsDisconnected):
+            return None
+        return names
+
+
+class PrivcmdHypercalls:
+    """The machine's blocking hypercalls on the privcmd connection."""
+
+    def __init__(self, privcmd: Privcmd) -> None:
+        self._p = privcmd
+
+    def populate_physmap(self, domid: int, gfns: list[int]) -> int:
+        return int(self._p.call("populate_physmap", domid=domid, gfns=gfns))
+
+    def relocate_memory(self, domid: int, src_gfn: int, dst_gfn: int, nr: int) -> None:
+        self._p.call("relocate_memory", domid=domid, src_gfn=src_gfn, dst_gfn=dst_gfn, nr=nr)
+
+
+class _QmpClient:
+    def __init__(self) -> None:
+        self.session = qmp.QmpSession()
+        self.send, self.recv = trio.open_memory_channel[bytes](QMP_EVENT_BUFFER)
+
+
+class DeviceModel:
+    """One running device model; :meth:`run` is the whole life of the process."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.bql = trio.Lock()
+        self.machine: Machine | None = None
+        self.mode: Mode | None = None
+        self.autostart = not cfg.start_paused
+        self._hv: HypervisorClient | None = None
+        self._privcmd: Privcmd | None = None
+        self._xs_bridge: XenStoreBridge | None = None
+        self._clients: set[_QmpClient] = set()
+        self._quit = trio.Event()
+        self._fatal: BaseException | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Life cycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        try:
+            async with open_hypervisor(cfg.hypervisor_path) as hv:
+                self._hv = hv
+                self.mode = resolve_mode(cfg.xen_mode, bool((await hv.version())["has_map2"]))
+                self._privcmd = await trio.to_thread.run_sync(Privcmd, cfg.hypervisor_path)
+                await hv.ioreq_server_create(cfg.domid)
+                async with contextlib.AsyncExitStack() as xs_stack:
+                    try:
+                        xs = await xs_stack.enter_async_context(open_xenstore(cfg.xenstore_path))
+                    except OSError as exc:
+                        raise QemuExit(
+                            f"xen: could not open xenstore at {cfg.xenstore_path}: {exc}"
+                        ) from None
+                    self._xs_bridge = XenStoreBridge(xs, trio.lowlevel.current_trio_token())
+                    await self._init_machine()
+                    if cfg.restrict:
+                        await self._restrict()
+                        await xs_stack.aclose()  # dm_restrict: no xenstore after setup_post
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self._serve_qmp)
+                        nursery.start_soon(self._serve_ioreqs, hv)
+                        task_status.started()
+                        await self._start()
+                        await self._quit.wait()
+                        nursery.cancel_scope.cancel()
+        finally:
+            self._shutdown()
+
+    async def _init_machine(self) -> None:
+        cfg = self.cfg
+        assert self._privcmd is not None and self.mode is not None
+        privcmd, mode, bridge = self._privcmd, self.mode, self._xs_bridge
+
+        def build() -> Machine:
+            return Machine(
+                domid=cfg.domid,
+                mode=mode,
+                device=cfg.vga,
+                ram_size=cfg.memory_mib << 20,
+                vram_size=cfg.vram_mib << 20,
+                fmem=ForeignMemory(privcmd),
+                hypercalls=PrivcmdHypercalls(privcmd),
+                xenstore=bridge,
+                incoming=cfg.incoming is not None,
+            )
+
+        try:
+            self.machine = await trio.to_thread.run_sync(build)
+        except HypercallError as exc:
+            raise QemuExit(f"xen: machine init failed: {exc}") from None
+        log.info(
+            "machine up: mode=%s device=%s vram_ptr=%#x",
+            mode,
+            cfg.vga,
+            self.machine.device.vga.vram_ptr or 0,
+        )
+
+    async def _restrict(self) -> None:
+        """``xen_restrict`` → ``xentoolcore_restrict_all``: every handle is restricted."""
+        assert self.machine is not None and self._privcmd is not None and self._hv is not None
+        privcmd, hv, domid = self._privcmd, self._hv, self.cfg.domid
+
+        def restrict_all(target: int) -> int:
+            try:
+                privcmd.restrict(target)
+                trio.from_thread.run(hv.restrict, target)
+            except (HypercallError, HypervisorDisconnected) as exc:
+                log.error("restrict: %s", exc)
+                return -1
+            return 0
+
+        await trio.to_thread.run_sync(self.machine.restrict, restrict_all)
+        if self._xs_bridge is not None:
+            self._xs_bridge.close()
+        log.info("restricted to domain %d; xenstore closed", domid)
+
+    async def _start(self) -> None:
+        incoming = self.cfg.incoming
+        if incoming is not None and incoming != "defer":
+            try:
+                data = await trio.Path(incoming).read_bytes()
+            except OSError as exc:
+                raise QemuExit(
+                    f"load of migration failed: cannot read {incoming}: {exc.strerror}"
+                ) from None
+            try:
+                await self._load(data)
+            except LoadError as exc:
+                raise QemuExit(f"load of migration failed: {exc}") from None
+            return
+        if incoming is None and self.autostart:
+            await self._set_running()
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.cfg.qmp_path)
+        if self.machine is not None:
+            self.machine.close()
+        if self._privcmd is not None:
+            self._privcmd.close()
+
+    # ----------------------------------------------------------------------------------------
+    # Run states
+
+    @property
+    def runstate(self) -> RunState:
+        assert self.machine is not None
+        return self.machine.runstate
+
+    async def _set_runstate(self, state: RunState) -> None:
+        assert self.machine is not None
+        was_running = self.machine.runstate == "running"
+        self.machine.runstate = state
+        if was_running and state != "running":
+            self._broadcast(qmp.event("STOP"))
+        elif state == "running" and not was_running:
+            self._broadcast(qmp.event("RESUME"))
+            await self._record_dm_state()
+
+    async def _set_running(self) -> None:
+        await self._set_runstate("running")
+
+    async def _record_dm_state(self) -> None:
+        """``xenstore_record_dm_state``: not registered at all when restricted (§2.4)."""
+        if self.cfg.restrict or self._xs_bridge is None or self.machine is None:
+            return
+        path = f"/local/domain/0/device-model/{self.cfg.domid}/state"
+        ok = await trio.to_thread.run_sync(self._xs_bridge.write, path, "running")
+        if not ok:
+            log.warning("xen: could not write %s", path)
+
+    async def _load(self, data: bytes) -> None:
+        assert self.machine is not None
+        machine = self.machine
+        async with self.bql:
+            was_incoming = machine.in_migrate()
+            await trio.to_thread.run_sync(machine.load_devices_state, data)
+        if was_incoming:
+            # process_incoming_migration_bh: run if autostart, else stay paused.
+            if self.autostart:
+                await self._set_running()
+            else:
+                await self._set_runstate("paused")
+
+    # ----------------------------------------------------------------------------------------
+    # ioreqs
+
+    async def _serve_ioreqs(self, hv: HypervisorClient) -> None:
+        assert self.machine is not None
+        machine = self.machine
+        try:
+            async for req in hv.ioreqs():
+                async with self.bql:
+                    value = await trio.to_thread.run_sync(
+                        machine.handle_ioreq, req.type, req.dir, req.addr, req.size, req.data
+                    )
+                await hv.ioreq_complete(req.seq, value if req.dir == "read" else 0)
+        except HypervisorDisconnected:
+            raise QemuExit("xen: lost the connection to the hypervisor") from None
+
+    # ----------------------------------------------------------------------------------------
+    # QMP
+
+    async def _serve_qmp(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        path = self.cfg.qmp_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()
+        # Bind and listen under a temporary name, then rename: whoever sees the path can
+        # connect at once (a client waiting for the file never meets ECONNREFUSED).
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(str(tmp))
+        sock.listen(16)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self._qmp_connection, stream)
+
+    async def _qmp_connection(self, stream: trio.SocketStream) -> None:
+        client = _QmpClient()
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._qmp_writer, stream, client)
+            self._clients.add(client)
+            try:
+                client.send.send_nowait(qmp.encode(qmp.greeting()))
+                buf = bytearray()
+                while True:
+                    try:
+                        data = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        break
+                    if not data:
+                        break
+                    buf += data
+                    while (nl := buf.find(b"\n")) >= 0:
+                        line = bytes(buf[:nl])
+                        del buf[: nl + 1]
+                        await self._qmp_line(client, line)
+                    if len(buf) > qmp.MAX_LINE:
+                        buf.clear()
+                        await client.send.send(qmp.encode(qmp.error_reply("QMP input too long")))
+            finally:
+                self._clients.discard(client)
+                client.send.close()
+
+    async def _qmp_writer(self, stream: trio.SocketStream, client: _QmpClient) -> None:
+        async for message in client.recv:
+            try:
+                await stream.send_all(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async def _qmp_line(self, client: _QmpClient, line: bytes) -> None:
+        got = client.session.receive_line(line)
+        if got is None:
+            return
+        if isinstance(got, dict):
+            await client.send.send(qmp.encode(got))
+            return
+        try:
+            result = await self._execute(got)
+            reply = qmp.success_reply(got, result)
+        except qmp.QmpError as exc:
+            reply = qmp.error_reply(exc.desc, exc.error_class, cmd=got)
+        except (QemuAbort, QemuExit):
+            raise
+        except Exception as exc:  # a bug must not take the device model down with it
+            log.exception("QMP %s failed", got.name)
+            reply = qmp.error_reply(f"{got.name}: internal error: {exc}", cmd=got)
+        await client.send.send(qmp.encode(reply))
+        if got.name == "quit":
+            self._broadcast(qmp.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}))
+            self._quit.set()
+
+    def _broadcast(self, message: dict[str, Any]) -> None:
+        data = qmp.encode(message)
+        for client in list(self._clients):
+            if client.session.negotiated:
+                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                    client.send.send_nowait(data)
+
+    async def _execute(self, cmd: qmp.Command) -> Any:
+        assert self.machine is not None
+        machine = self.machine
+        name, args = cmd.name, cmd.arguments
+        if name == "query-status":
+            state = machine.runstate
+            return {"status": state, "running": state == "running", "singlestep": False}
+        if name == "stop":
+            if state_is(machine, "inmigrate"):
+                self.autostart = False
+            elif state_is(machine, "running"):
+                await self._set_runstate("paused")
+            return {}
+        if name == "cont":
+            if state_is(machine, "inmigrate"):
+                self.autostart = True
+            elif not state_is(machine, "running"):
+                await self._set_running()
+            return {}
+        if name == "quit":
+            return {}
+        if name == "x-physmap-info":
+            async with self.bql:
+                info: dict[str, Any] = await trio.to_thread.run_sync(machine.info)
+            info["requested_mode"] = self.cfg.xen_mode
+            return info
+        if name == "xen-save-devices-state":
+            return await self._save(args["filename"])
+        if name == "xen-load-devices-state":
+            if state_is(machine, "running"):
+                raise qmp.QmpError("Cannot update device state while vm is running")
+            try:
+                data = await trio.Path(args["filename"]).read_bytes()
+            except OSError as exc:
+                raise qmp.QmpError(f"Could not open '{args['filename']}': {exc.strerror}") from None
+            try:
+                await self._load(data)
+            except LoadError as exc:
+                raise qmp.QmpError(f"load of device state failed: {exc}") from None
+            return {}
+        raise qmp.QmpError(f"The command {name} has not been found", "CommandNotFound")
+
+    async def _save(self, filename: str) -> dict[str, Any]:
+        assert self.machine is not None
+        machine = self.machine
+        was_running = state_is(machine, "running")
+        if was_running:
+            await self._set_runstate("save-vm")
+        try:
+            async with self.bql:
+                data = await trio.to_thread.run_sync(machine.save_devices_state)
+            try:
+                await trio.Path(filename).write_bytes(data)
+            except OSError as exc:
+                raise qmp.QmpError(f"Could not open '{filename}': {exc.strerror}") from None
+        finally:
+            if was_running:
+                await self._set_running()
+        return {}
+
+
+def state_is(machine: Machine, state: RunState) -> bool:
+    return machine.runstate == state
+
+
+async def serve(cfg: Config) -> None:
+    """Run the device model until ``quit``, SIGTERM or SIGINT."""
+    dm = DeviceModel(cfg)
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received signal %d: stopping", signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch_signals)
+        try:
+            await dm.run()
+        finally:
+            nursery.cancel_scope.cancel()
