@@ -1,0 +1,127 @@
+"""Targets, the results document and its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+Section = Literal["throughput", "scale", "saverestore"]
+SECTIONS: tuple[Section, ...] = ("throughput", "scale", "saverestore")
+SCHEMA = 1
+
+
+@dataclass
+class Target:
+    """One figure beside its goal.  ``figure`` is ``None`` when it could not be taken."""
+
+    section: Section
+    name: str
+    figure: float | None
+    unit: str
+    goal: str
+    # ``at_least`` or ``at_most`` the bound; ``None`` for a figure reported with no goal.
+    bound: float | None = None
+    at_least: bool = True
+    note: str = ""
+    passed: bool | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.figure is None or self.bound is None:
+            self.passed = None
+        elif self.at_least:
+            self.passed = self.figure >= self.bound
+        else:
+            self.passed = self.figure <= self.bound
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+@dataclass
+class Results:
+    quick: bool
+    oracle: bool
+    command: list[str]
+    started: float = field(default_factory=time.time)
+    targets: list[Target] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def add(self, target: Target) -> None:
+        self.targets.append(target)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "quick": self.quick,
+            "oracle": self.oracle,
+            "command": self.command,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "seconds": round(time.time() - self.started, 3),
+            "host": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+            },
+            "targets": [asdict(t) for t in self.targets],
+            "sections": self.sections,
+            "errors": self.errors,
+        }
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.document(), indent=2, sort_keys=True) + "\n")
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "unavailable"
+    if abs(value) >= 1000:
+        return f"{value:,.0f} {unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _verdict(passed: bool | None) -> str:
+    if passed is None:
+        return "[dim]n/a[/dim]"
+    return "[green]pass[/green]" if passed else "[red]FAIL[/red]"
+
+
+def print_targets(console: Console, results: Results) -> None:
+    table = Table(title="physmap-lab issue 7: targets", show_lines=False)
+    for col in ("section", "target", "figure", "goal", "result", "note"):
+        table.add_column(col, justify="right" if col == "figure" else "left")
+    for t in results.targets:
+        table.add_row(t.section, t.name, _fmt(t.figure, t.unit), t.goal, _verdict(t.passed), t.note)
+    console.print(table)
+    for section, why in results.errors.items():
+        console.print(f"[red]{section} failed:[/red] {why}")
+
+
+def print_comparison(
+    console: Console, title: str, rows: list[tuple[str, float | None, float | None, str]]
+) -> None:
+    """``rows`` of (what, ours, C, unit); the ratio column is C time over ours or ours over C
+    throughput as the unit says (``ops/s`` is higher-better, ``ns`` lower-better)."""
+    table = Table(title=title)
+    for col in ("measure", "xenstored-sim", "C xenstored", "speed vs C"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    for what, ours, c, unit in rows:
+        speed = ratio(ours, c) if unit.endswith("/s") else ratio(c, ours)
+        table.add_row(
+            what,
+            _fmt(ours, unit),
+            _fmt(c, unit),
+            "unavailable" if speed is None else f"{speed:.2f}x",
+        )
+    console.print(table)

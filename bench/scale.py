@@ -1,0 +1,221 @@
+"""Issue 7 target 2: a tree of a million nodes.
+
+The tree is written over the privileged socket as ``/local/domain/<d>/n<k>`` with many
+requests in flight on several connections.  Latencies are taken one request at a time with
+the daemon and this process on CPU 0 (see ``throughput``), at 1k nodes and again at full size.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from xenstored_sim.wire import Op
+
+from .daemons import BenchError, mem_total_bytes, pinned, rss_bytes, xenstored_sim
+from .results import Results, Target, ratio
+from .wireclient import WireConn, pipeline, timed_calls
+
+CPU0 = {0}
+VALUE = b"v" * 8
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    domains: int
+    per_domain: int
+    small_domains: int  # the 1k-node baseline tree
+    ops: int  # timed requests per latency sample
+    repeats: int
+    watches: int
+    connections: int = 4
+    window: int = 256
+
+
+FULL = Sizes(domains=10_000, per_domain=100, small_domains=10, ops=2000, repeats=3, watches=10_000)
+QUICK = Sizes(domains=100, per_domain=100, small_domains=10, ops=200, repeats=1, watches=1000)
+
+
+def _node(d: int, k: int) -> bytes:
+    return b"/local/domain/%d/n%d" % (d, k)
+
+
+def _writes(first: int, last: int, per: int) -> Iterator[tuple[Op, bytes]]:
+    for d in range(first, last):
+        for k in range(per):
+            yield Op.WRITE, _node(d, k) + b"\0" + VALUE
+
+
+def _median_of(samples: list[list[int]]) -> float:
+    return statistics.median(statistics.median(s) for s in samples)
+
+
+def _latencies(conn: WireConn, domains: int, sz: Sizes, rng: random.Random) -> dict[str, float]:
+    """Median ns of READ, WRITE and a 3-node transaction, over nodes spread across the tree."""
+    reads: list[list[int]] = []
+    writes: list[list[int]] = []
+    txs: list[list[int]] = []
+    for _ in range(sz.repeats):
+        picks = [_node(rng.randrange(domains), rng.randrange(sz.per_domain)) for _ in range(sz.ops)]
+        reads.append(timed_calls(conn, ((Op.READ, p + b"\0") for p in picks)))
+        writes.append(timed_calls(conn, ((Op.WRITE, p + b"\0" + VALUE) for p in picks)))
+        txs.append([_transaction(conn, rng.randrange(domains)) for _ in range(sz.ops // 4)])
+    return {"read_ns": _median_of(reads), "write_ns": _median_of(writes), "tx3_ns": _median_of(txs)}
+
+
+def _transaction(conn: WireConn, d: int) -> int:
+    """TRANSACTION_START, three WRITEs in it, commit: ns for the whole sequence."""
+    t0 = time.perf_counter_ns()
+    tx = int(conn.call(Op.TRANSACTION_START, b"\0").rstrip(b"\0"))
+    for k in range(3):
+        conn.call(Op.WRITE, _node(d, k) + b"\0" + VALUE, tx)
+    conn.call(Op.TRANSACTION_END, b"T\0", tx)
+    return time.perf_counter_ns() - t0
+
+
+def _unrelated_writes(conn: WireConn, domains: int, sz: Sizes, rng: random.Random) -> float:
+    samples = []
+    for _ in range(sz.repeats):
+        picks = [_node(rng.randrange(domains), rng.randrange(sz.per_domain)) for _ in range(sz.ops)]
+        samples.append(timed_calls(conn, ((Op.WRITE, p + b"\0" + VALUE) for p in picks)))
+    return _median_of(samples)
+
+
+def measure(results: Results, sz: Sizes) -> dict[str, Any]:
+    rng = random.Random(7)
+    section: dict[str, Any] = {"sizes": sz.__dict__}
+    with xenstored_sim() as d:
+        main = WireConn(d.socket)
+        conns = [WireConn(d.socket) for _ in range(sz.connections)]
+        main.call(Op.WRITE, b"/bench/warm\0x")
+        rss0 = rss_bytes(d.pid)
+
+        pipeline(conns, _writes(0, sz.small_domains, sz.per_domain), sz.window)
+        small_nodes = sz.small_domains * (sz.per_domain + 1) + 2
+        with pinned([d.pid, 0], CPU0):
+            small = _latencies(main, sz.small_domains, sz, rng)
+
+        # Grow in steps, watching memory: stop short rather than exhaust the machine.
+        limit = mem_total_bytes() // 2
+        done = sz.small_domains
+        step = max(1, 50_000 // sz.per_domain)
+        stopped_early = False
+        t0 = time.perf_counter()
+        while done < sz.domains:
+            upto = min(sz.domains, done + step)
+            pipeline(conns, _writes(done, upto, sz.per_domain), sz.window)
+            done = upto
+            if rss_bytes(d.pid) > limit:
+                stopped_early = done < sz.domains
+                break
+        populate_s = time.perf_counter() - t0
+        nodes = done * (sz.per_domain + 1) + 2
+        rss1 = rss_bytes(d.pid)
+        per_node = (rss1 - rss0) / nodes
+        section.update(
+            small_nodes=small_nodes,
+            nodes=nodes,
+            stopped_early_for_memory=stopped_early,
+            populate_seconds=populate_s,
+            populate_writes_per_s=(done - sz.small_domains) * sz.per_domain / populate_s,
+            rss_before=rss0,
+            rss_after=rss1,
+            rss_bytes_per_node=per_node,
+            small=small,
+        )
+        if stopped_early:
+            raise BenchError(f"stopped at {nodes} nodes: daemon RSS over half of memory")
+
+        with pinned([d.pid, 0], CPU0):
+            big = _latencies(main, done, sz, rng)
+            section["big"] = big
+
+            # Watches: fan-out on one node, then writes elsewhere must not slow down.
+            before = _unrelated_writes(main, done, sz, rng)
+        # Every WATCH fires once when registered (xenstore-facts.md §4.2).
+        watchers = [WireConn(d.socket) for _ in range(sz.connections)]
+        counts = [_share(sz.watches, len(watchers), i) for i in range(len(watchers))]
+        for i, (w, n) in enumerate(zip(watchers, counts, strict=True)):
+            regs = [(Op.WATCH, b"/bench/fan\0w%dt%d\0" % (i, j)) for j in range(n)]
+            pipeline([w], regs, sz.window)
+            w.wait_events(n)
+        t0 = time.perf_counter()
+        main.call(Op.WRITE, b"/bench/fan\0go")
+        for w, n in zip(watchers, counts, strict=True):
+            w.wait_events(2 * n)
+        fan_s = time.perf_counter() - t0
+        with pinned([d.pid, 0], CPU0):
+            after = _unrelated_writes(main, done, sz, rng)
+        section["watches"] = {
+            "count": sz.watches,
+            "fanout_seconds": fan_s,
+            "fanout_events_per_s": sz.watches / fan_s,
+            "unrelated_write_ns_without": before,
+            "unrelated_write_ns_with": after,
+        }
+        for c in [main, *conns, *watchers]:
+            c.close()
+
+    n_label = f"{nodes:,} nodes"
+    results.add(
+        Target(
+            "scale",
+            f"RSS per node at {n_label}",
+            per_node,
+            "B",
+            "≤ 400 B",
+            400,
+            False,
+            note=f"VmRSS {rss0 / MIB:.0f} → {rss1 / MIB:.0f} MiB; "
+            f"populated at {section['populate_writes_per_s']:,.0f} writes/s",
+        )
+    )
+    for key, what in (("read_ns", "READ"), ("write_ns", "WRITE")):
+        results.add(
+            Target(
+                "scale",
+                f"{what} latency {n_label} / 1k",
+                ratio(big[key], small[key]),
+                "x",
+                "≤ 1.2x",
+                1.2,
+                False,
+                note=f"{small[key] / 1000:.1f} → {big[key] / 1000:.1f} µs",
+            )
+        )
+    results.add(
+        Target(
+            "scale",
+            f"3-node transaction {n_label} / 1k",
+            ratio(big["tx3_ns"], small["tx3_ns"]),
+            "x",
+            "≤ 1.2x (same cost)",
+            1.2,
+            False,
+            note=f"{small['tx3_ns'] / 1000:.1f} → {big['tx3_ns'] / 1000:.1f} µs",
+        )
+    )
+    results.add(
+        Target(
+            "scale",
+            f"unrelated WRITE with {sz.watches:,} watches / without",
+            ratio(after, before),
+            "x",
+            "≤ 1.2x (not slower)",
+            1.2,
+            False,
+            note=f"{before / 1000:.1f} → {after / 1000:.1f} µs; fan-out "
+            f"{sz.watches / fan_s:,.0f} events/s",
+        )
+    )
+    return section
+
+
+def _share(total: int, parts: int, index: int) -> int:
+    """How many of ``total`` round-robin items land on part ``index``."""
+    return total // parts + (1 if index < total % parts else 0)
