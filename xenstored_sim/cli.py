@@ -19,6 +19,7 @@ import trio
 from .core import Quotas
 from .core.errors import XsErrno
 from .server import DaemonConfig, serve_xenstored
+from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
 
 DEFAULT_RUNDIR = "/var/run/xenstored"
 
@@ -37,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rundir", help="run directory (default: $XENSTORED_RUNDIR or %(default)s)")
     p.add_argument("--socket", help="privileged socket (default: $XENSTORED_PATH or RUNDIR/socket)")
     p.add_argument("--state-dir", help="directory of the durable store")
+    p.add_argument(
+        "--sync",
+        choices=[policy.value for policy in SyncPolicy],
+        default=SyncPolicy.BATCH.value,
+        help="when the journal is fsynced with --state-dir: before every reply (always), once "
+        "per batch of requests before their replies (batch, the default), never (none: "
+        "survives a daemon crash, not a machine crash)",
+    )
+    p.add_argument(
+        "--journal-max",
+        type=int,
+        default=DEFAULT_JOURNAL_MAX,
+        metavar="BYTES",
+        help="compact the journal into a snapshot past this size (default: %(default)s)",
+    )
     p.add_argument("--audit-log", help="write one JSON record per request to this file")
     p.add_argument("-E", "--entry-nb", type=int, dest="nodes", help="nodes per domain")
     p.add_argument("-S", "--entry-size", type=int, dest="node_size", help="max. node size")
@@ -82,6 +98,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         quotas=quotas,
         audit_log=args.audit_log,
         state_dir=args.state_dir,
+        sync=SyncPolicy(args.sync),
+        journal_max=args.journal_max,
     )
 
 
@@ -102,7 +120,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"xenstored-sim: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # Start-up failures (a socket that cannot be bound, an unreadable state directory)
+        # reach here wrapped by the nurseries.
+        errors, rest = group.split(OSError)
+        if errors is None or rest is not None:
+            raise
+        for leaf in _leaves(errors):
+            print(f"xenstored-sim: {leaf}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 if __name__ == "__main__":

@@ -896,7 +896,12 @@ class XenstoreEngine:
         for path in stripped:
             node = nodes[path]
             perms = node.perms
-            owner = perms[0] if perms[0][1] != domid else (perms[0][0], 0)
+            if perms[0][1] == domid:
+                # Only `/` can survive its owner's release; dom0 takes it over.
+                owner = (perms[0][0], 0)
+                self.store.count_owner(0, 1)
+            else:
+                owner = perms[0]
             node.perms = (owner, *(e for e in perms[1:] if e[1] != domid))
             self._put(None, path, node)
         for name, perms in self.special_perms.items():

@@ -9,8 +9,10 @@ writer drains its own queue.  Nothing a connection does can block another:
   for guests (C stops reading a guest's ring the same way, xenstore-facts.md §7.3), a larger
   bound for privileged sockets.
 * Watch events caused by *other* connections cannot wait.  If a queue ever holds more than
-  :data:`BACKLOG_MAX` messages the client is not reading at all, and the connection is
-  closed rather than letting memory grow.
+  :data:`BACKLOG_MAX` messages, or more bytes than :data:`BACKLOG_SLOTS_MIN` (or ``limit``,
+  if larger) messages of the largest size, the client is not reading at all, and the
+  connection is closed rather than letting memory grow.  The byte bound matters for guests:
+  a guest's own writes can queue large events on its other, unread connections (XSA-326).
 * A header announcing more than 4096 bytes is a protocol violation: the connection is
   dropped without a reply (§1.10).
 """
@@ -29,6 +31,8 @@ from ..wire import HEADER_SIZE, NEED_DATA, PAYLOAD_MAX, Packet, PacketDecoder, R
 PRIVILEGED_OUTSTANDING: Final = 1024
 #: Unsent messages after which a connection is considered dead and closed.
 BACKLOG_MAX: Final = 16384
+#: The byte backlog of a connection is bounded to at least this many maximum-size messages.
+BACKLOG_SLOTS_MIN: Final = 64
 
 # At most one whole frame per read.  Besides bounding each batch, this leaves the rest of an
 # oversized frame unread in the kernel when we close, so the peer sees a connection reset, as
@@ -51,6 +55,7 @@ class ClientConnection:
         self._dispatch = dispatch
         self._limit = limit
         self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
         self._have_data = trio.Event()
         self._have_room = trio.Event()
         self._cancel = trio.CancelScope()
@@ -61,7 +66,9 @@ class ClientConnection:
         if self.closed:
             return
         self._queue.append(data)
-        if len(self._queue) > BACKLOG_MAX:
+        self._queued_bytes += len(data)
+        slots = max(self._limit(), BACKLOG_SLOTS_MIN)
+        if len(self._queue) > BACKLOG_MAX or self._queued_bytes > slots * _RECEIVE_SIZE:
             self.close()
             return
         self._have_data.set()
@@ -70,6 +77,7 @@ class ClientConnection:
         """Stop both tasks; the connection's stream is closed on the way out."""
         self.closed = True
         self._queue.clear()
+        self._queued_bytes = 0
         self._cancel.cancel()
 
     async def run(self) -> None:
@@ -125,6 +133,7 @@ class ClientConnection:
                 continue
             batch = b"".join(queue)
             queue.clear()
+            self._queued_bytes = 0
             try:
                 await stream.send_all(batch)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

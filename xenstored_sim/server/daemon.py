@@ -5,11 +5,15 @@ introduced domain (``RUNDIR/domains/<domid>.sock``, standing in for the domain's
 one task per client connection.  Requests are handled synchronously by the pure
 :class:`~xenstored_sim.core.XenstoreEngine`; the shell routes the resulting messages to the
 connections' queues and opens or closes guest sockets as domains come and go.
+
+With a state directory, each request's changes are journaled (:mod:`.durable`) before its
+messages are routed; under ``--sync batch`` the outboxes wait for the group commit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -19,10 +23,12 @@ from typing import Any
 
 import trio
 
-from ..core import ConnKind, Quotas, XenstoreEngine
+from ..core import ConnKind, Outbox, Quotas, XenstoreEngine
+from ..core.journal import touches_domains
 from ..wire import Packet, encode
 from .audit import AuditLog
 from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
+from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
 from .peer import peer_of
 
 
@@ -34,8 +40,15 @@ class DaemonConfig:
     socket_path: str
     quotas: Quotas = field(default_factory=Quotas)
     audit_log: str | None = None
-    #: Accepted for the durable store; the daemon keeps its state in memory.
+    #: Directory of the durable store (server/durable.py); None keeps the store in memory.
     state_dir: str | None = None
+    sync: SyncPolicy = SyncPolicy.BATCH
+    journal_max: int = DEFAULT_JOURNAL_MAX
+
+
+# accept() failures that mean "no capacity right now", not a broken listener.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_BACKOFF = 0.1
 
 
 def _listen_unix(path: str) -> trio.SocketListener:
@@ -66,6 +79,15 @@ class XenstoredServer:
         self._clients: dict[int, ClientConnection] = {}
         self._guest_scopes: dict[int, trio.CancelScope] = {}
         self._paths: list[str] = []
+        self._durable: DurableStore | None = None
+        # batch sync: outboxes held until the group commit that covers them
+        self._pending: list[Outbox] = []
+        self._commit_wake = trio.Event()
+        if config.state_dir is not None:
+            self._durable = DurableStore(
+                config.state_dir, self.engine, config.sync, config.journal_max
+            )
+            self._durable.open()
 
     # ------------------------------------------------------------------ sockets
 
@@ -78,6 +100,10 @@ class XenstoredServer:
         listener = _listen_unix(self.config.socket_path)
         self._paths.append(self.config.socket_path)
         self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0)
+        for domid in sorted(self.engine.domains):
+            self._open_guest(domid)  # restored from the state directory
+        if self._durable is not None and self._durable.sync is SyncPolicy.BATCH:
+            self._nursery.start_soon(self._committer)
 
     def _open_guest(self, domid: int) -> None:
         path = self.guest_socket_path(domid)
@@ -110,7 +136,15 @@ class XenstoredServer:
     async def _accept_loop(self, listener: trio.SocketListener, kind: ConnKind, domid: int) -> None:
         async with listener:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of descriptors or memory (a client holding many connections):
+                    # refuse for a moment instead of letting the error end the daemon.
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    await trio.sleep(_ACCEPT_BACKOFF)
+                    continue
                 self._nursery.start_soon(self._serve_client, stream, kind, domid)
 
     def remove_sockets(self) -> None:
@@ -162,6 +196,11 @@ class XenstoredServer:
             if client is not None:
                 client.close()
             return
+        if self._durable is not None and self._journal(packet, out):
+            return
+        self._deliver(out)
+
+    def _deliver(self, out: Outbox) -> None:
         clients = self._clients
         for target, message in out:
             client = clients.get(target)
@@ -178,6 +217,46 @@ class XenstoredServer:
         if self._audit is not None:
             self._audit.write(self.engine.take_audit())
 
+    def _journal(self, packet: Packet, out: Outbox) -> bool:
+        """Journal what a request changed; True if its outbox waits for the group commit.
+
+        An I/O error propagates and stops the daemon: a reply must never claim a change
+        that is not in the journal.
+        """
+        durable = self._durable
+        assert durable is not None
+        wrote = durable.record(touches_domains(packet.op, packet.payload))
+        if durable.sync is SyncPolicy.BATCH:
+            if wrote or self._pending:  # a reply never overtakes an earlier change's fsync
+                self._pending.append(out)
+                self._commit_wake.set()
+                return True
+        elif durable.needs_compaction():
+            durable.compact()
+        return False
+
+    async def _committer(self) -> None:
+        """Group commit: one fsync for every change journaled since the last, then their
+        replies, in order."""
+        durable = self._durable
+        assert durable is not None
+        while True:
+            await self._commit_wake.wait()
+            self._commit_wake = trio.Event()
+            batch, self._pending = self._pending, []
+            if durable.unsynced:
+                durable.unsynced = False
+                os.fsync(durable.fd)  # blocks the loop: requests pile up for the next batch
+            for out in batch:
+                self._deliver(out)
+            if durable.needs_compaction():
+                durable.compact()
+
+    def close_state(self) -> None:
+        """fsync and close the state directory's journal."""
+        if self._durable is not None:
+            self._durable.close()
+
     def _flush_audit(self) -> None:
         if self._audit is not None:
             self._audit.write(self.engine.take_audit())
@@ -189,11 +268,17 @@ async def serve_xenstored(
     task_status: trio.TaskStatus[XenstoredServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; the sockets are bound when ``task_status.started`` fires."""
-    async with trio.open_nursery() as nursery:
-        server = XenstoredServer(config, nursery)
-        try:
-            server.start()
-            task_status.started(server)
-            await trio.sleep_forever()
-        finally:
-            server.remove_sockets()
+    server: XenstoredServer | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            server = XenstoredServer(config, nursery)
+            try:
+                server.start()
+                task_status.started(server)
+                await trio.sleep_forever()
+            finally:
+                server.remove_sockets()
+    finally:
+        # After the nursery: no group-commit fsync can still be using the journal.
+        if server is not None:
+            server.close_state()

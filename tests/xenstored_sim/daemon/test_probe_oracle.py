@@ -12,6 +12,7 @@ import pytest
 ORACLE = Path(__file__).resolve().parents[3].parent / "shared" / "oracle"
 GOLDEN = ORACLE / "golden" / "xsprobe-cxenstored-4.17.7.txt"
 
+
 @pytest.mark.oracle
 def test_probe_transcript_equals_c_xenstored(start_daemon) -> None:
     if not GOLDEN.exists():
