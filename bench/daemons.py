@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from physmap_lab.ready import accepts
-from physmap_lab.stack import executable, xenstored_command
+from physmap_lab.stack import executable, terminate, xenstored_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ORACLE_DIR = ROOT.parent / "shared" / "oracle"
@@ -49,16 +48,6 @@ def _wait_socket(path: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.01)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def scratch_dir(prefix: str) -> Iterator[Path]:
     """A short path under /tmp (Unix socket paths are limited to 108 bytes), removed after."""
@@ -85,7 +74,7 @@ def xenstored_sim() -> Iterator[Xenstored]:
             _wait_socket(sock, proc, log)
             yield Xenstored("xenstored-sim", sock, proc.pid)
         finally:
-            _stop(proc)
+            terminate(proc)
 
 
 @contextmanager

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import random
-import signal
 import struct
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import trio
 
 from xenstored_sim.client import XsClient, open_xenstore
 from xenstored_sim.wire import Op, XsError
+
+from .stack import terminate
 
 HEADER: Final = struct.Struct("=IIII")
 #: Domains the fuzzer introduces and aims at; the well-behaved guest is outside this range.
@@ -403,16 +404,6 @@ async def fuzz_daemon(
     return report
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run(frames: int, seed: int) -> FuzzReport:
     """Start a private xenstored-sim, fuzz it and stop it."""
     with tempfile.TemporaryDirectory(prefix="xs-fuzz-") as tmp:
@@ -442,7 +433,7 @@ def run(frames: int, seed: int) -> FuzzReport:
                 report.crashes += text.count("Traceback")
                 report.problems.append("the daemon logged a traceback:\n" + text[-2000:])
         finally:
-            _stop(proc)
+            terminate(proc)
         return report
 
 

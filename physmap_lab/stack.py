@@ -120,6 +120,21 @@ async def start_daemon(daemon: Daemon, env: Mapping[str, str] | None = None) -> 
         await trio.sleep(0.01)
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> int:
+    """Stop a child process started with :mod:`subprocess`: SIGTERM, up to 10 s, then SIGKILL.
+
+    Returns its exit status.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 async def stop_daemon(daemon: Daemon) -> int | None:
     """SIGTERM, a bounded wait, then SIGKILL.  Returns the exit status."""
     proc = daemon.process

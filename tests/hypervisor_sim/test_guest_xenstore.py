@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import trio
 
 from hypervisor_sim.client import open_hypervisor
 from hypervisor_sim.protocol import HypercallError
+from physmap_lab.stack import terminate
 from xenstored_sim.client import open_xenstore
 
 
@@ -64,10 +64,4 @@ async def test_guest_xenstore_ops(spawn: Callable[..., Any]) -> None:
                 )
             assert exc.value.errno_name == "EACCES"
     finally:
-        if xenstored.poll() is None:
-            xenstored.send_signal(signal.SIGTERM)
-            try:
-                xenstored.wait(10)
-            except subprocess.TimeoutExpired:
-                xenstored.kill()
-                xenstored.wait()
+        terminate(xenstored)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from physmap_lab.stack import terminate
 from xenstored_sim.client import XsClient, open_xenstore
 from xenstored_sim.core import ConnKind, Quotas, XenstoreEngine
 from xenstored_sim.wire import Op, Packet
@@ -159,16 +160,6 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
             time.sleep(0.02)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator:
     procs: list[subprocess.Popen[bytes]] = []
@@ -200,7 +191,7 @@ def start_daemon(tmp_path: Path) -> Iterator:
         for client in daemon.clients:
             client.close()
     for proc in procs:
-        stop(proc)
+        terminate(proc)
 
 
 # -- Real daemon processes for the client, real-client and differential tests --------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import trio
+
+from physmap_lab.stack import terminate
 
 REPO = Path(__file__).resolve().parents[3]
 # Bounds fixture waits; times no test.
@@ -68,16 +69,8 @@ class StatefulDaemon:
 
     def stop(self) -> int:
         """SIGTERM and wait; the exit status."""
-        proc = self.proc
-        assert proc is not None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        assert self.proc is not None
+        return terminate(self.proc)
 
     def kill(self) -> None:
         assert self.proc is not None
