@@ -98,7 +98,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the xenstored-sim and hypervisor-sim already running on --rundir",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
+    _add_audit(sub)
     return parser
+
+
+def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .audit.runner import DEVICES, DMS, MODES, TOOLSTACKS
+
+    p = sub.add_parser(
+        "audit",
+        help="privilege audit and coupling matrix of the physmap across save and restore",
+        description="Run toolstack x mode x device x device model through create, map, save "
+        "and restore, and report who made which xenstore requests.",
+    )
+    p.add_argument("--json", action="store_true", help='print only {"scenarios": [...]}')
+    p.add_argument("--out", metavar="DIR", help="write report.md and SVG pictures to DIR")
+    p.add_argument("--repeats", type=int, default=1, metavar="N", help="runs per cell (medians)")
+    for name, choices in (
+        ("toolstack", TOOLSTACKS),
+        ("mode", MODES),
+        ("device", DEVICES),
+        ("dm", DMS),
+    ):
+        p.add_argument(
+            f"--{name}",
+            dest=f"{name}s",
+            action="extend",
+            nargs="+",
+            choices=choices,
+            metavar=name[0].upper(),
+            help=f"{', '.join(choices)} (default: all)",
+        )
 
 
 def _hex(value: int | None) -> str:
@@ -223,10 +253,18 @@ def _run(args: argparse.Namespace, err: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.attach and not args.rundir:
+    if getattr(args, "attach", False) and not args.rundir:
         parser.error("--attach needs --rundir: the directory the daemons run on")
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
+    if args.command == "audit":
+        if args.repeats < 1:
+            parser.error("--repeats must be at least 1")
+        from .audit.main import run as run_audit_command
+
+        return run_audit_command(
+            args, Console(stderr=True, soft_wrap=True), sys.argv[1:] if argv is None else argv
+        )
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -78,14 +78,18 @@ class Case:
     mode: str
     device: str
     toolstack: str = "libxl"
+    #: Start the device model with ``dm_restrict`` (qemu-physmap.md §5.2).
+    restrict: bool = False
 
     @property
     def name(self) -> str:
-        return f"demo-{self.mode}-{self.device}-{self.toolstack}"
+        suffix = "-restrict" if self.restrict else ""
+        return f"demo-{self.mode}-{self.device}-{self.toolstack}{suffix}"
 
     @property
     def label(self) -> str:
-        return f"{self.mode}/{self.device}/{self.toolstack}"
+        suffix = "+restrict" if self.restrict else ""
+        return f"{self.mode}/{self.device}/{self.toolstack}{suffix}"
 
     @property
     def seed(self) -> int:
@@ -149,6 +153,10 @@ class Observed:
     xenstore_keys_saved: dict[str, str] = field(default_factory=dict)
     dm_physmap_ops: dict[str, int] = field(default_factory=dict)
     steps: dict[str, float] = field(default_factory=dict)
+    #: Wall-clock (``time.time``) start and end of each step, to cut the audit logs by step.
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: The step that raised, if one did.
+    failed_step: str | None = None
     error: str | None = None
 
 
@@ -393,8 +401,14 @@ class DemoRun:
         image = self.images / f"{case.name}.img"
 
         async def step(name: str, action: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-            t0 = time.monotonic()
-            result = await action
+            t0, w0 = time.monotonic(), time.time()
+            try:
+                result = await action
+            except BaseException:
+                seen.failed_step = name
+                raise
+            finally:
+                seen.spans[name] = (w0, time.time())
             seen.steps[name] = time.monotonic() - t0
             return result
 
@@ -413,6 +427,7 @@ class DemoRun:
                     case.mode,
                     "--toolstack",
                     case.toolstack,
+                    *(["--dm-restrict"] if case.restrict else []),
                 ),
             )
             domid = _field(created, "domid", "xl-sim create")

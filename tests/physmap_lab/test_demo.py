@@ -228,7 +228,8 @@ def test_modes_and_devices_accumulate() -> None:
         ["demo", "--mode", "fast"],
         ["demo", "--device", "vmware"],
         ["demo", "--attach"],
-        ["audit"],
+        ["audit", "--repeats", "0"],
+        ["audit", "--mode", "fast"],
         [],
     ],
 )
@@ -239,11 +240,11 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
     assert "usage: physmap-lab" in capsys.readouterr().err
 
 
-def test_help_names_only_the_demo() -> None:
+def test_help_names_the_demo_and_the_audit() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "physmap_lab", "--help"], capture_output=True, text=True, check=True
     )
-    assert "demo" in proc.stdout and "audit" not in proc.stdout
+    assert "demo" in proc.stdout and "audit" in proc.stdout
 
 
 def test_attach_without_daemons_is_a_clear_error(

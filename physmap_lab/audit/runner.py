@@ -1,0 +1,139 @@
+"""The trio shell of ``physmap-lab audit``: run the matrix on one stack through the demo's
+case runner, then cut the audit logs by case and phase."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from ..auditlog import read_hypervisor, read_toolstack, read_xenstored
+from ..demo import (
+    Case,
+    DemoRun,
+    Observed,
+    Reporter,
+    StepError,
+    _end_processes,
+    device_models,
+    evaluate,
+    leftover_files,
+)
+from ..ready import accepts
+from ..stack import open_stack
+from .scenario import Scenario, build, median
+
+TOOLSTACKS: Final = ("libxl", "unaware")
+MODES: Final = ("compat", "new", "pointer-fixup")
+DEVICES: Final = ("stdvga", "cirrus", "qxl")
+DMS: Final = ("privileged", "restricted")
+
+
+def matrix(
+    toolstacks: Sequence[str] = TOOLSTACKS,
+    modes: Sequence[str] = MODES,
+    devices: Sequence[str] = DEVICES,
+    dms: Sequence[str] = DMS,
+) -> list[Case]:
+    """Every cell, toolstack outermost, without repeats."""
+    return [
+        Case(mode, device, toolstack, restrict=dm == "restricted")
+        for toolstack in dict.fromkeys(toolstacks)
+        for mode in dict.fromkeys(modes)
+        for device in dict.fromkeys(devices)
+        for dm in dict.fromkeys(dms)
+    ]
+
+
+@dataclass
+class AuditOutcome:
+    scenarios: list[Scenario]
+    #: Per cell label, the save and restore seconds of every repeat.
+    timings: dict[str, dict[str, list[float]]]
+    problems: list[str]
+    seconds: float
+
+
+async def _run_once(
+    cases: Sequence[Case], root: Path, report: Reporter, progress: Reporter
+) -> tuple[list[Scenario], list[str]]:
+    problems: list[str] = []
+    observed: list[tuple[Case, Observed, float, float]] = []
+    async with AsyncExitStack() as daemons:
+        if accepts(str(root / "socket")):
+            raise StepError(f"{root} already has a running xenstored")
+        try:
+            await daemons.enter_async_context(open_stack(root, audit=True))
+        except (RuntimeError, OSError) as exc:
+            raise StepError(f"cannot start the stack: {exc}") from None
+        run = DemoRun(root, report)
+        for i, case in enumerate(cases, 1):
+            progress(f"[{i}/{len(cases)}] {case.label}")
+            w0, c0 = time.time(), time.monotonic()
+            seen = await run.run_case(case)
+            seen.steps["total"] = time.monotonic() - c0
+            observed.append((case, seen, w0, time.time()))
+    problems += [f"left behind: {f}" for f in leftover_files(root)]
+    stray = device_models(root)
+    if stray:
+        await _end_processes(stray)
+        problems.append(f"device models left running: pids {stray}")
+    xs = read_xenstored(root / "audit" / "xenstored.jsonl")
+    hv = read_hypervisor(root / "audit" / "hypervisor.jsonl")
+    ts = read_toolstack(root / "audit" / "toolstack.jsonl")
+    scenarios = []
+    for case, seen, w0, w1 in observed:
+        result = evaluate(case, seen, None, seen.steps["total"])
+        mine = [r for r in xs if w0 <= r.t < w1]
+        calls = [h for h in hv if w0 <= h.t < w1]
+        actions = [a for a in ts if w0 <= a.t < w1]
+        scenarios.append(build(case, seen, result, mine, calls, actions))
+    return scenarios, problems
+
+
+async def run_audit(
+    cases: Sequence[Case],
+    *,
+    repeats: int = 1,
+    out_rundir: str | os.PathLike[str] | None = None,
+    report: Reporter = lambda _m: None,
+    progress: Reporter = lambda _m: None,
+) -> AuditOutcome:
+    """Run ``cases`` ``repeats`` times, each repeat on a fresh stack; the scenarios are those of
+    the first repeat, with save and restore times replaced by their medians over the repeats."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    t0 = time.monotonic()
+    problems: list[str] = []
+    first: list[Scenario] = []
+    timings: dict[str, dict[str, list[float]]] = {}
+    for n in range(repeats):
+        if out_rundir is not None:
+            root = Path(out_rundir).resolve() / f"run{n}"
+            root.mkdir(parents=True, exist_ok=True)
+        else:
+            root = Path(tempfile.mkdtemp(prefix="physmap-audit-")).resolve()
+        try:
+            scenarios, more = await _run_once(cases, root, report, progress)
+        finally:
+            if out_rundir is None:
+                shutil.rmtree(root, ignore_errors=True)
+        problems += more
+        for s in scenarios:
+            t = timings.setdefault(s.label, {"save": [], "restore": []})
+            if s.save_s is not None:
+                t["save"].append(s.save_s)
+            if s.restore_s is not None:
+                t["restore"].append(s.restore_s)
+        if n == 0:
+            first = scenarios
+    for s in first:
+        s.save_s = median(timings[s.label]["save"])
+        s.restore_s = median(timings[s.label]["restore"])
+    return AuditOutcome(first, timings, problems, time.monotonic() - t0)

@@ -1,0 +1,268 @@
+"""One cell of the matrix: its outcome and every principal's xenstore requests, by phase.
+
+Pure: a case, what the demo saw, and the audit records of the case's time window in; a
+:class:`Scenario` out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..auditlog import HypercallRecord, PathClass, Principal, ToolstackRecord, XenstoreRequest
+from ..demo import Case, CaseResult, Observed
+from .phases import PhaseClock
+from .privilege import Permission, needed
+
+PRINCIPALS: Final = (Principal.TOOLSTACK, Principal.DEVICE_MODEL, Principal.GUEST)
+OUTCOMES: Final = ("intact", "corrupt", "aborted", "refused")
+#: The rule xenstored records when only the connection's privilege allowed a request.
+PRIVILEGED_RULE: Final = "privileged"
+_SHOWN: Final = frozenset(
+    {PathClass.PHYSMAP.value, PathClass.DM_STATE.value, PathClass.DEVICE_MODEL.value}
+)
+
+
+def expected_outcome(case: Case) -> str:
+    """What the facts predict for a cell.
+
+    Compat mode with a restricted device model cannot start: compat builds have no working
+    ``xentoolcore_restrict_all`` (qemu-physmap.md §5.3).  Compat mode with a toolstack that does
+    not carry the physmap keys aborts on restore (§4.6).  The pointer-fixup scheme cannot reach
+    QXL's derived pointers (§4.7).  New mode works everywhere (§4.5, §5.6).
+    """
+    if case.mode == "compat" and case.restrict:
+        return "refused"
+    if case.mode == "compat" and case.toolstack != "libxl":
+        return "aborted"
+    if case.mode == "pointer-fixup" and case.device == "qxl":
+        return "corrupt"
+    return "intact"
+
+
+def outcome(seen: Observed, result: CaseResult) -> str:
+    """``refused``: the device model would not start (create failed); ``aborted``: a later step
+    failed, the device model died (the compat shim's assertion, qemu-physmap.md §4.6);
+    ``corrupt``: every step ran but a view of the framebuffer or a derived pointer is wrong
+    (§4.7); ``intact``: the restored guest shows what it drew."""
+    if seen.error is not None:
+        return "refused" if seen.failed_step == "create" else "aborted"
+    return "intact" if result.ok else "corrupt"
+
+
+@dataclass(slots=True)
+class PrincipalStats:
+    xenstore_ops: int = 0
+    privileged_ops: int = 0
+    denied_ops: int = 0
+    physmap_ops: int = 0
+    physmap_ops_ok: int = 0
+    hypercalls: int = 0
+    #: ``{phase: {op: n}}`` of xenstore requests.
+    by_phase: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: ``{path_class: n}``.
+    by_path_class: dict[str, int] = field(default_factory=dict)
+    #: The physmap requests themselves, ``"OP path -> result"``.
+    physmap_requests: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "xenstore_ops": self.xenstore_ops,
+            "privileged_ops": self.privileged_ops,
+            "denied_ops": self.denied_ops,
+            "physmap_ops": self.physmap_ops,
+            "physmap_ops_ok": self.physmap_ops_ok,
+            "hypercalls": self.hypercalls,
+            "by_phase": self.by_phase,
+            "by_path_class": self.by_path_class,
+            "physmap_requests": self.physmap_requests,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """A group of the access audit: how many requests share these properties."""
+
+    principal: str
+    phase: str
+    path_class: str
+    op: str
+    privileged: bool
+    denied: bool
+    n: int
+
+
+@dataclass(slots=True)
+class Scenario:
+    mode: str
+    device: str
+    toolstack: str
+    dm: str
+    outcome: str
+    expected: str
+    fb_hash_matches: bool
+    pointers_valid: bool | None
+    keys_carried: dict[str, str]
+    principals: dict[str, PrincipalStats]
+    access: list[Access]
+    #: Xenstore requests of every principal during save and during restore.
+    round_trips: dict[str, int]
+    save_s: float | None
+    restore_s: float | None
+    error: str | None
+    domids: list[int]
+    #: The restore phase, in order: ``(t, who, to, what)`` for the sequence diagram.
+    restore_events: list[tuple[float, str, str, str]]
+    #: The least-privilege set per principal (:func:`.privilege.needed`).
+    needed: dict[str, list[Permission]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}/{self.device}/{self.toolstack}/{self.dm}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "device": self.device,
+            "toolstack": self.toolstack,
+            "dm": self.dm,
+            "outcome": self.outcome,
+            "expected": self.expected,
+            "fb_hash_matches": self.fb_hash_matches,
+            "pointers_valid": self.pointers_valid,
+            "keys_carried": self.keys_carried,
+            "principals": {k: v.as_json() for k, v in self.principals.items()},
+            "denied_ops": sum(v.denied_ops for v in self.principals.values()),
+            "access": [
+                {
+                    "principal": a.principal,
+                    "phase": a.phase,
+                    "path_class": a.path_class,
+                    "op": a.op,
+                    "privileged": a.privileged,
+                    "denied": a.denied,
+                    "n": a.n,
+                }
+                for a in self.access
+            ],
+            "round_trips": self.round_trips,
+            "save_s": self.save_s,
+            "restore_s": self.restore_s,
+            "error": self.error,
+            "domids": self.domids,
+            "least_privilege": {
+                who: [
+                    {"perm": str(p), "dom0_owned": p.dom0_owned, "physmap": p.physmap}
+                    for p in perms
+                ]
+                for who, perms in self.needed.items()
+            },
+        }
+
+
+def _path_class(r: XenstoreRequest) -> str:
+    # A request over several classes goes to the most specific one.
+    for kind in (PathClass.PHYSMAP, PathClass.DM_STATE, PathClass.DEVICE_MODEL):
+        if kind in r.path_classes:
+            return kind.value
+    return (
+        PathClass.GUEST_TREE if PathClass.GUEST_TREE in r.path_classes else PathClass.OTHER
+    ).value
+
+
+def build(
+    case: Case,
+    seen: Observed,
+    result: CaseResult,
+    xenstore: Iterable[XenstoreRequest],
+    hypercalls: Iterable[HypercallRecord] = (),
+    toolstack: Iterable[ToolstackRecord] = (),
+) -> Scenario:
+    """The scenario of one case from the audit records of its time window."""
+    clock = PhaseClock(seen.spans)
+    stats = {p.value: PrincipalStats() for p in PRINCIPALS}
+    access: Counter[tuple[str, str, str, str, bool, bool]] = Counter()
+    trips: Counter[str] = Counter()
+    events: list[tuple[float, str, str, str]] = []
+    xenstore_list = list(xenstore)
+    for r in xenstore_list:
+        if not r.is_request or r.principal not in PRINCIPALS:
+            continue
+        phase = clock.phase_at(r.t) or "boot"
+        s = stats[r.principal.value]
+        s.xenstore_ops += 1
+        s.privileged_ops += r.rule == PRIVILEGED_RULE
+        s.denied_ops += r.denied
+        pc = _path_class(r)
+        s.by_path_class[pc] = s.by_path_class.get(pc, 0) + 1
+        s.by_phase.setdefault(phase, {})
+        s.by_phase[phase][r.op] = s.by_phase[phase].get(r.op, 0) + 1
+        if r.touches(PathClass.PHYSMAP):
+            s.physmap_ops += 1
+            s.physmap_ops_ok += r.ok
+            s.physmap_requests.append(
+                f"{phase}: {r.op} {r.paths[0] if r.paths else ''} -> {r.result}"
+            )
+        access[(r.principal.value, phase, pc, r.op, r.rule == PRIVILEGED_RULE, r.denied)] += 1
+        if phase in ("save", "restore"):
+            trips[phase] += 1
+        if phase == "restore":
+            # The domain's own tree is one block in the picture; the device-model keys are
+            # what the experiment is about, so each of their ops shows.
+            what = f"{r.op} {pc}" if pc in _SHOWN else "domain tree"
+            what += "" if r.ok else f" → {r.result}"
+            events.append((r.t, r.principal.value, "xenstored", what))
+    for a in toolstack:
+        if clock.phase_at(a.t) != "restore":
+            continue
+        if a.action == "spawn":
+            events.append((a.t, "toolstack", "device-model", "spawn qemu-model"))
+        elif a.action == "qmp":
+            events.append((a.t, "toolstack", "device-model", f"QMP {a.call}"))
+    for h in hypercalls:
+        if h.principal not in PRINCIPALS:
+            continue
+        stats[h.principal.value].hypercalls += 1
+        if clock.phase_at(h.t) == "restore" and h.call != "guest_op":
+            what = h.call + ("" if h.result == "ok" else f" → {h.result}")
+            events.append((h.t, h.principal.value, "hypervisor", what))
+    events.sort()
+    xs = [r for r in xenstore_list if r.principal in PRINCIPALS]
+    perms = {p.value: sorted(needed(r for r in xs if r.principal is p)) for p in PRINCIPALS}
+    out = outcome(seen, result)
+    dm_restored = result.fb_sha256_restored
+    return Scenario(
+        mode=case.mode,
+        device=case.device,
+        toolstack=case.toolstack,
+        dm="restricted" if case.restrict else "privileged",
+        outcome=out,
+        expected=expected_outcome(case),
+        fb_hash_matches=dm_restored == result.fb_sha256_expected
+        and result.fb_sha256_guest_restored == result.fb_sha256_expected,
+        pointers_valid=result.derived_ptrs_valid,
+        keys_carried=dict(seen.xenstore_keys_saved),
+        principals=stats,
+        access=[Access(*k, n) for k, n in sorted(access.items())],
+        round_trips={"save": trips["save"], "restore": trips["restore"]},
+        save_s=_round(seen.steps.get("save")),
+        restore_s=_round(seen.steps.get("restore")),
+        error=result.error,
+        domids=list(result.domids),
+        restore_events=events,
+        needed=perms,
+    )
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
