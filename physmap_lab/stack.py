@@ -136,10 +136,14 @@ def terminate(proc: subprocess.Popen[bytes]) -> int:
 
 
 async def stop_daemon(daemon: Daemon) -> int | None:
-    """SIGTERM, a bounded wait, then SIGKILL.  Returns the exit status."""
-    proc = daemon.process
-    if proc is None:
+    """Stop a daemon started by :func:`start_daemon`; its exit status."""
+    if daemon.process is None:
         return None
+    return await stop_process(daemon.process)
+
+
+async def stop_process(proc: trio.Process) -> int:
+    """SIGTERM, up to 10 s, then SIGKILL, shielded from cancellation.  Returns the exit status."""
     with trio.CancelScope(shield=True):
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -148,7 +152,7 @@ async def stop_daemon(daemon: Daemon) -> int | None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    return proc.returncode
+    return await proc.wait()
 
 
 @asynccontextmanager

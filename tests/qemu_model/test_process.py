@@ -23,7 +23,7 @@ import trio
 
 from hypervisor_sim import guest_drivers
 from hypervisor_sim.client import HypervisorClient, open_hypervisor
-from physmap_lab.stack import Stack, executable, open_stack
+from physmap_lab.stack import Stack, executable, open_stack, stop_process
 from xenstored_sim.client import XsClient, XsError, open_xenstore
 
 MEMORY_MIB = 4
@@ -170,17 +170,6 @@ class Lab:
             await q.execute("stop")
             assert await q.execute("xen-save-devices-state", filename=str(image)) == {}
         return image
-
-
-async def stop_process(proc: trio.Process) -> None:
-    with trio.CancelScope(shield=True):
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
 
 
 @pytest.fixture
