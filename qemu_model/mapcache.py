@@ -232,14 +232,7 @@ class MapCache:
         test_size = _test_bit_size(old_phys_addr, size)
         cache_size = _cache_size(old_offset, size)
         # Found by (old index, size) alone: neither the DUMMY flag nor the lock is checked.
-        entry = next(
-            (
-                e
-                for e in self._buckets.get(old_index % self.nr_buckets, ())
-                if e.paddr_index == old_index and e.size == cache_size
-            ),
-            None,
-        )
+        entry = self._find(old_index, cache_size)
         if entry is None or entry.vaddr_base is None:
             self._trace(f"xen_replace_cache_entry: no entry for {old_phys_addr:#x}")
             return None
