@@ -77,13 +77,13 @@ class Outbox(list[tuple[int, Packet]]):
     __slots__ = ("closed", "introduced", "released")
 
     def __init__(self) -> None:
-        super().__init__()
+        # Tuples: empty on almost every request, so nothing is allocated for them.
         #: domids whose guest socket must be opened
-        self.introduced: list[int] = []
+        self.introduced: tuple[int, ...] = ()
         #: domids whose guest socket must be closed
-        self.released: list[int] = []
+        self.released: tuple[int, ...] = ()
         #: connections the engine has dropped (RELEASE of their domain); close them
-        self.closed: list[int] = []
+        self.closed: tuple[int, ...] = ()
 
 
 def _errno_payload(errno: str) -> bytes:
@@ -544,13 +544,13 @@ class XenstoreEngine:
         for p in missing:
             node = Node(b"" if created is not None else value, perms, None)
             if child is not None:
-                node.children[child] = None
+                node.add_child(child)
             else:
                 created = node
             self._put(txn, p, node)
             child = basename(p)
         assert child is not None and created is not None
-        parent.children[child] = None
+        parent.add_child(child)
         self._put(txn, anc, parent)
         self._count(txn, perms[0][1], len(missing))
         return created
@@ -609,7 +609,7 @@ class XenstoreEngine:
         anc = parent_of(top)
         parent = self._get(txn, anc)
         assert parent is not None
-        parent.children.pop(basename(top), None)
+        parent.remove_child(basename(top))
         self._put(txn, anc, parent)
         self._changed(out, txn, top, node)
 
@@ -828,7 +828,7 @@ class XenstoreEngine:
                 self.conns[cid].transactions.clear()
             return OK
         self.domains[domid] = Domain(domid, port)
-        out.introduced.append(domid)
+        out.introduced += (domid,)
         self._fire(out, INTRODUCE_DOMAIN, None, False, None)
         return OK
 
@@ -870,7 +870,7 @@ class XenstoreEngine:
         dom = self.domains.pop(domid)
         for cid in sorted(dom.conn_ids):
             self.disconnect(cid)
-            out.closed.append(cid)
+            out.closed += (cid,)
         for other in self.domains.values():
             if other.target == domid:
                 other.target = None
@@ -907,7 +907,7 @@ class XenstoreEngine:
         for name, perms in self.special_perms.items():
             self.special_perms[name] = (perms[0], *(e for e in perms[1:] if e[1] != domid))
         self.store.owned.pop(domid, None)
-        out.released.append(domid)
+        out.released += (domid,)
         self._fire(out, RELEASE_DOMAIN, None, False, None)
         return tops
 

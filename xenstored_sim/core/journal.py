@@ -25,6 +25,7 @@ a restored node's generation.
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 from typing import Any, Final
 
@@ -131,7 +132,7 @@ def _node_state(node: Node) -> list[Any]:
 def _node_from(state: list[Any]) -> Node:
     value, flat, children, generation = state
     perms = tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
-    node = Node(value, perms, dict.fromkeys(children))
+    node = Node(value, perms, dict.fromkeys(map(sys.intern, children)))
     node.generation = generation
     return node
 

@@ -8,6 +8,7 @@ only the part after that prefix counts.  Names starting with ``@`` are special w
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -35,6 +36,8 @@ def counted_length(path: str) -> int:
     return len(path) - m.end() if m else len(path)
 
 
+# Clients use the same few paths again and again; the validation is a pure function.
+@functools.lru_cache(maxsize=4096)
 def canonicalize(raw: bytes, implicit: str, path_max: int, *, allow_special: bool = False) -> str:
     """Turn a request's path into an absolute node name, or raise EINVAL.
 

@@ -15,7 +15,10 @@ entry from a parent all take one number, and TRANSACTION_START takes one.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from types import MappingProxyType
+from typing import Final
 
 from .paths import child_path
 from .perms import DEFAULT_PERMS, Perms
@@ -28,22 +31,49 @@ NO_GENERATION = -1
 NODE_HEADER_SIZE = 24
 PERM_ENTRY_SIZE = 8
 
+#: The children of every leaf: one shared, read-only empty mapping instead of an empty dict
+#: per node (most nodes are leaves).
+NO_CHILDREN: Final[MappingProxyType[str, None]] = MappingProxyType({})
+
 
 class Node:
-    """One node: a binary value, a permission list and its children's names in order."""
+    """One node: a binary value, a permission list and its children's names in order.
+
+    ``children`` is read-only to callers: :meth:`add_child` and :meth:`remove_child` change
+    it.  Child names are interned, so the names that recur under many parents (``n0``,
+    ``backend``, ...) are stored once.
+    """
 
     __slots__ = ("children", "generation", "perms", "value")
 
     def __init__(self, value: bytes, perms: Perms, children: dict[str, None] | None = None) -> None:
         self.value = value
         self.perms = perms
-        self.children: dict[str, None] = {} if children is None else children
+        self.children: dict[str, None] | MappingProxyType[str, None] = (
+            children if children else NO_CHILDREN
+        )
         self.generation = 0
 
     def copy(self) -> Node:
-        node = Node(self.value, self.perms, dict(self.children))
+        children = self.children
+        node = Node(self.value, self.perms, dict(children) if children else None)
         node.generation = self.generation
         return node
+
+    def add_child(self, name: str) -> None:
+        """Append ``name`` to the children (a removed and re-created child goes last)."""
+        children = self.children
+        if isinstance(children, dict):
+            children[sys.intern(name)] = None
+        else:
+            self.children = {sys.intern(name): None}
+
+    def remove_child(self, name: str) -> None:
+        children = self.children
+        if isinstance(children, dict):
+            children.pop(name, None)
+            if not children:
+                self.children = NO_CHILDREN
 
     @property
     def owner(self) -> int:

@@ -1,8 +1,14 @@
 """One client connection: a reader task and a writer task around a bounded output queue.
 
-Theory of operation.  The reader decodes requests and hands each to the daemon, which runs
-the engine and pushes every resulting message to the queue of the connection it is for.  The
-writer drains its own queue.  Nothing a connection does can block another:
+Theory of operation.  The reader waits until the socket is readable, takes what one
+``recv`` returns (often several requests), hands each request to the daemon, which runs the
+engine and pushes every resulting message to the queue of the connection it is for, and then
+sends its own queue with one non-blocking ``send``: one wake-up and one send per batch, the
+way C answers everything it has read before it polls again.  Whatever the kernel does not
+take at once, and messages queued by *other* connections' requests (watch events), go out
+through the writer task, which waits for the socket to become writable.  The queue holds
+every unsent byte, so the two senders never reorder output.  Nothing a connection does can
+block another:
 
 * A client that sends but never reads fills only its own queue.  Before each request the
   reader waits while the queue holds ``limit`` unsent messages: the ``outstanding`` quota
@@ -19,6 +25,7 @@ writer drains its own queue.  Nothing a connection does can block another:
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Final
@@ -38,24 +45,33 @@ BACKLOG_SLOTS_MIN: Final = 64
 # oversized frame unread in the kernel when we close, so the peer sees a connection reset, as
 # with C, which reads the header and payload separately.
 _RECEIVE_SIZE: Final = HEADER_SIZE + PAYLOAD_MAX
+# Below this many queued bytes no connection is over its byte bound.
+_BYTES_MIN: Final = _RECEIVE_SIZE * BACKLOG_SLOTS_MIN
 
 
 class ClientConnection:
-    """The I/O side of one engine connection."""
+    """The I/O side of one engine connection over a non-blocking stream socket.
+
+    The connection owns ``sock`` and closes it when :meth:`run` returns.
+    """
 
     def __init__(
         self,
         conn_id: int,
-        stream: trio.abc.Stream,
+        sock: socket.socket,
         dispatch: Callable[[int, Packet], None],
         limit: Callable[[], int],
     ) -> None:
+        sock.setblocking(False)
         self.conn_id = conn_id
-        self._stream = stream
+        self._sock = sock
         self._dispatch = dispatch
         self._limit = limit
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
+        # While the reader handles a batch it sends the replies itself afterwards: pushes
+        # then need not wake the writer.
+        self._in_batch = False
         self._have_data = trio.Event()
         self._have_room = trio.Event()
         self._cancel = trio.CancelScope()
@@ -65,16 +81,19 @@ class ClientConnection:
         """Queue an encoded message; never blocks."""
         if self.closed:
             return
-        self._queue.append(data)
-        self._queued_bytes += len(data)
-        slots = max(self._limit(), BACKLOG_SLOTS_MIN)
-        if len(self._queue) > BACKLOG_MAX or self._queued_bytes > slots * _RECEIVE_SIZE:
+        queue = self._queue
+        queue.append(data)
+        queued = self._queued_bytes = self._queued_bytes + len(data)
+        if len(queue) > BACKLOG_MAX or (
+            queued > _BYTES_MIN and queued > _RECEIVE_SIZE * max(self._limit(), BACKLOG_SLOTS_MIN)
+        ):
             self.close()
             return
-        self._have_data.set()
+        if not self._in_batch:
+            self._have_data.set()
 
     def close(self) -> None:
-        """Stop both tasks; the connection's stream is closed on the way out."""
+        """Stop both tasks; the connection's socket is closed on the way out."""
         self.closed = True
         self._queue.clear()
         self._queued_bytes = 0
@@ -82,30 +101,69 @@ class ClientConnection:
 
     async def run(self) -> None:
         """Serve until the client hangs up, breaks the protocol or is closed."""
-        with self._cancel:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                await self._reader()
-                # Let the writer flush what is queued, then stop it.
-                while self._queue and not self.closed:
-                    self._have_room = trio.Event()
-                    await self._have_room.wait()
-                nursery.cancel_scope.cancel()
-        self.closed = True
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await trio.aclose_forcefully(self._stream)
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    # Let the writer flush what is queued, then stop it.
+                    while self._queue and not self.closed:
+                        self._have_data.set()
+                        self._have_room = trio.Event()
+                        await self._have_room.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            # Both tasks are gone: nothing waits on the descriptor any more.
+            self._sock.close()
+
+    def _send_queued(self) -> int:
+        """Send as much of the queue as the kernel takes now.  Returns the bytes sent, or -1
+        if the socket broke (the connection is then closed)."""
+        queue = self._queue
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.close()
+            return -1
+        if sent == len(data):
+            queue.clear()
+            self._queued_bytes = 0
+            return sent
+        # The queue keeps one entry per unsent message: ``limit`` counts messages.
+        self._queued_bytes -= sent
+        left = sent
+        while left:
+            head = queue[0]
+            if len(head) <= left:
+                queue.popleft()
+                left -= len(head)
+            else:
+                queue[0] = head[left:]
+                left = 0
+        return sent
 
     async def _reader(self) -> None:
         decoder = PacketDecoder()
-        stream = self._stream
+        sock = self._sock
+        fd = sock.fileno()
+        queue = self._queue
+        dispatch = self._dispatch
+        conn_id = self.conn_id
         while True:
+            await trio.lowlevel.wait_readable(fd)
             try:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = sock.recv(_RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
                 return
             if not data:
                 return
-            decoder.receive_data(data if isinstance(data, bytes) else bytes(data))
+            decoder.receive_data(data)
             while True:
                 try:
                     packet = decoder.next_packet()
@@ -115,28 +173,37 @@ class ClientConnection:
                 if packet is NEED_DATA:
                     break
                 assert isinstance(packet, Packet)
-                limit = self._limit()
-                while len(self._queue) >= limit:
-                    self._have_room = trio.Event()
-                    await self._have_room.wait()
-                self._dispatch(self.conn_id, packet)
+                if queue and len(queue) >= self._limit():
+                    if self._send_queued() < 0:
+                        return
+                    while len(queue) >= self._limit():
+                        self._have_data.set()
+                        self._have_room = trio.Event()
+                        await self._have_room.wait()
+                self._in_batch = True
+                try:
+                    dispatch(conn_id, packet)
+                finally:
+                    self._in_batch = False
                 if self.closed:
                     return
+            if queue and self._send_queued() < 0:
+                return
+            if queue:
+                self._have_data.set()  # the kernel is full: the writer waits for room
 
     async def _writer(self) -> None:
-        stream = self._stream
+        sock = self._sock
         queue = self._queue
         while True:
             if not queue:
                 self._have_data = trio.Event()
                 await self._have_data.wait()
                 continue
-            batch = b"".join(queue)
-            queue.clear()
-            self._queued_bytes = 0
-            try:
-                await stream.send_all(batch)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.close()
+            sent = self._send_queued()
+            if sent < 0:
                 return
-            self._have_room.set()
+            if sent:
+                self._have_room.set()
+            if queue:
+                await trio.lowlevel.wait_writable(sock)

@@ -51,8 +51,8 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 _ACCEPT_BACKOFF = 0.1
 
 
-def _listen_unix(path: str) -> trio.SocketListener:
-    """Bind a Unix stream socket with mode 0600 (no window where it is wider)."""
+def _listen_unix(path: str) -> socket.socket:
+    """Bind a non-blocking Unix stream socket with mode 0600 (no window where it is wider)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -65,7 +65,8 @@ def _listen_unix(path: str) -> trio.SocketListener:
     finally:
         os.umask(old)
     sock.listen(128)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    sock.setblocking(False)
+    return sock
 
 
 class XenstoredServer:
@@ -118,7 +119,7 @@ class XenstoredServer:
         self._nursery.start_soon(self._guest_loop, scope, listener, domid)
 
     async def _guest_loop(
-        self, scope: trio.CancelScope, listener: trio.SocketListener, domid: int
+        self, scope: trio.CancelScope, listener: socket.socket, domid: int
     ) -> None:
         with scope:
             await self._accept_loop(listener, ConnKind.GUEST, domid)
@@ -133,11 +134,14 @@ class XenstoredServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    async def _accept_loop(self, listener: trio.SocketListener, kind: ConnKind, domid: int) -> None:
-        async with listener:
+    async def _accept_loop(self, listener: socket.socket, kind: ConnKind, domid: int) -> None:
+        with listener:
             while True:
+                await trio.lowlevel.wait_readable(listener)
                 try:
-                    stream = await listener.accept()
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    continue
                 except OSError as exc:
                     # Out of descriptors or memory (a client holding many connections):
                     # refuse for a moment instead of letting the error end the daemon.
@@ -145,7 +149,7 @@ class XenstoredServer:
                         raise
                     await trio.sleep(_ACCEPT_BACKOFF)
                     continue
-                self._nursery.start_soon(self._serve_client, stream, kind, domid)
+                self._nursery.start_soon(self._serve_client, sock, kind, domid)
 
     def remove_sockets(self) -> None:
         for path in self._paths:
@@ -158,22 +162,22 @@ class XenstoredServer:
 
     # -------------------------------------------------------------- connections
 
-    async def _serve_client(self, stream: trio.SocketStream, kind: ConnKind, domid: int) -> None:
+    async def _serve_client(self, sock: socket.socket, kind: ConnKind, domid: int) -> None:
         peer: dict[str, Any] = {}
         if self._audit is not None:
-            peer = peer_of(stream.socket)  # type: ignore[arg-type]
+            peer = peer_of(sock)
             peer["guest"] = kind is ConnKind.GUEST
         try:
             conn_id = self.engine.connect(kind, domid, peer)
         except LookupError:
-            await trio.aclose_forcefully(stream)
+            sock.close()
             return
         engine = self.engine
 
         def limit() -> int:
             return engine.outstanding_limit(conn_id) or PRIVILEGED_OUTSTANDING
 
-        client = ClientConnection(conn_id, stream, self.dispatch, limit)
+        client = ClientConnection(conn_id, sock, self.dispatch, limit)
         self._clients[conn_id] = client
         self._flush_audit()
         try:
