@@ -297,20 +297,15 @@ class Hypervisor:
                 "ENOMEM",
                 f"domain {domid} would hold {d.tot_pages + len(gfns)} pages (limit {limit})",
             )
-        for gfn in gfns:
-            d.p2m[gfn] = d.frames.alloc()
+        d.p2m.update(zip(gfns, d.frames.alloc_many(len(gfns)), strict=True))
         return len(gfns)
 
     def _call_decrease_reservation(self, conn: int, domid: int, gfns: list[int]) -> int:
         d = self.domain(domid)
         self._check_gfns(gfns)
-        removed = 0
-        for gfn in gfns:
-            mfn = d.p2m.pop(gfn, None)
-            if mfn is not None:
-                d.frames.free(mfn)
-                removed += 1
-        return removed
+        freed = [mfn for mfn in (d.p2m.pop(gfn, None) for gfn in gfns) if mfn is not None]
+        d.frames.free_many(freed)
+        return len(freed)
 
     def _move(self, d: Domain, idx: int, gpfn: int) -> None:
         # xenmem_add_to_physmap_one, XENMAPSPACE_gmfn: the frame keeps its contents.

@@ -42,17 +42,31 @@ class FrameFile:
 
     def alloc(self) -> int:
         """A zeroed frame: a freed one if any (lowest first), else the file grows by one page."""
-        if self._free:
-            return self._free.pop()
-        mfn = self._nframes
-        self._nframes += 1
-        os.ftruncate(self._fd, self._nframes * PAGE_SIZE)
-        return mfn
+        return self.alloc_many(1)[0]
+
+    def alloc_many(self, n: int) -> list[int]:
+        """``n`` zeroed frames: freed ones first (lowest first), then new ones from a single
+        growth of the file."""
+        take = min(n, len(self._free))
+        mfns = self._free[len(self._free) - take :][::-1]
+        del self._free[len(self._free) - take :]
+        grow = n - take
+        if grow:
+            first = self._nframes
+            self._nframes += grow
+            os.ftruncate(self._fd, self._nframes * PAGE_SIZE)
+            mfns.extend(range(first, first + grow))
+        return mfns
 
     def free(self, mfn: int) -> None:
         """Zero the frame and put it on the free list."""
-        self._zero(mfn)
-        self._free.append(mfn)
+        self.free_many([mfn])
+
+    def free_many(self, mfns: list[int]) -> None:
+        """Zero the frames and put them on the free list."""
+        for mfn in mfns:
+            self._zero(mfn)
+        self._free.extend(mfns)
         # Reuse low frames first so that the file stays compact.
         self._free.sort(reverse=True)
 

@@ -27,6 +27,7 @@ PURE_MODULES = [
     "hypervisor_sim.privcmd",
     "hypervisor_sim.xenforeignmemory",
     "toolstack.config",
+    "toolstack.dmperms",
     "toolstack.emulator_xenstore",
     "toolstack.image",
     "toolstack.memory_stream",

@@ -4,12 +4,14 @@
 
     xl-sim --rundir DIR [--json] create [CONFIG] [--name N] [--memory MiB] [--vga V]
                                       [--videoram MiB] [--dm-mode M] [--dm-restrict]
+                                      [--dm-stubdom [--dm-grant 'ACCESS PATH' ...]]
                                       [--toolstack libxl|unaware]
     xl-sim --rundir DIR [--json] list
     xl-sim --rundir DIR [--json] pause|unpause|destroy DOMID
     xl-sim --rundir DIR [--json] save [--checkpoint] [--toolstack F] DOMID FILE
     xl-sim --rundir DIR [--json] restore FILE [--name N] [--dm-mode M] [--dm-restrict |
-                                      --no-dm-restrict] [--toolstack F]
+                                      --no-dm-restrict] [--dm-stubdom | --no-dm-stubdom]
+                                      [--dm-grant 'ACCESS PATH' ...] [--toolstack F]
     xl-sim --rundir DIR [--json] guest DOMID map-bar|set-mode|draw|fb-hash|xs-read|xs-write ...
 
 ``--rundir`` defaults to ``$PHYSMAP_LAB_RUNDIR``.  With ``--json`` every command prints one
@@ -69,6 +71,24 @@ def _mode_args(p: argparse.ArgumentParser, *, seed: bool = False) -> None:
         p.add_argument("--seed", type=_int, required=True)
 
 
+def _grant_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dm-grant",
+        dest="dm_grants",
+        action="append",
+        metavar="'ACCESS PATH'",
+        help="with --dm-stubdom: a xenstore grant for the stub domain, such as "
+        "'w /local/domain/0/device-model/$DOMID/state' (repeat; replaces the default set)",
+    )
+    p.add_argument(
+        "--dm-no-grants",
+        dest="dm_grants",
+        action="store_const",
+        const=[],
+        help="with --dm-stubdom: grant the stub domain nothing",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -93,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videoram", type=_int, help="video memory in MiB")
     p.add_argument("--dm-mode", choices=DM_MODES)
     p.add_argument("--dm-restrict", action="store_true", default=None)
+    p.add_argument("--dm-stubdom", dest="dm_stubdom", action="store_true", default=None)
+    _grant_arg(p)
     p.add_argument("--toolstack", choices=FLAVOURS)
 
     sub.add_parser("list", parents=[common], help="list domains")
@@ -118,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dm-mode", choices=DM_MODES)
     p.add_argument("--dm-restrict", dest="dm_restrict", action="store_true", default=None)
     p.add_argument("--no-dm-restrict", dest="dm_restrict", action="store_false")
+    p.add_argument("--dm-stubdom", dest="dm_stubdom", action="store_true", default=None)
+    p.add_argument("--no-dm-stubdom", dest="dm_stubdom", action="store_false")
+    _grant_arg(p)
     p.add_argument("--toolstack", choices=FLAVOURS)
 
     p = sub.add_parser("guest", parents=[common], help="drive the guest's vCPU")
@@ -163,6 +188,8 @@ def _create_config(args: argparse.Namespace) -> DomainConfig:
         videoram_mib=args.videoram,
         dm_mode=args.dm_mode,
         dm_restrict=args.dm_restrict,
+        dm_stubdom=args.dm_stubdom,
+        dm_stubdom_grants=None if args.dm_grants is None else tuple(args.dm_grants),
         toolstack=args.toolstack,
     )
 
@@ -225,6 +252,8 @@ async def run_command(args: argparse.Namespace) -> dict[str, Any]:
                 "name": args.name,
                 "dm_mode": args.dm_mode,
                 "dm_restrict": args.dm_restrict,
+                "dm_stubdom": args.dm_stubdom,
+                "dm_stubdom_grants": None if args.dm_grants is None else tuple(args.dm_grants),
                 "toolstack": args.toolstack,
             }
             return (await lx.restore(args.file, overrides=overrides)).as_dict()

@@ -13,6 +13,8 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final, Literal, cast, get_args
 
+from .dmperms import DEFAULT_GRANTS, GrantError, parse_grant
+
 Vga = Literal["stdvga", "cirrus", "qxl"]
 DmMode = Literal["new", "compat", "pointer-fixup", "auto"]
 Flavour = Literal["libxl", "unaware"]
@@ -50,6 +52,19 @@ class DomainConfig:
     dm_restrict: bool = False
     toolstack: Flavour = "libxl"
     uuid: str | None = None
+    #: Run the device model as an unprivileged stub domain (xl.cfg
+    #: ``device_model_stubdomain_override``; qemu-physmap.md §5.5).
+    dm_stubdom: bool = False
+    #: The xenstore grants the stub domain gets (:mod:`toolstack.dmperms`); ``None``: the
+    #: readiness node only.
+    dm_stubdom_grants: tuple[str, ...] | None = None
+
+    @property
+    def stubdom_grants(self) -> tuple[str, ...]:
+        """The grants a stub device model gets."""
+        if self.dm_stubdom_grants is None:
+            return DEFAULT_GRANTS
+        return self.dm_stubdom_grants
 
     @property
     def video_mib(self) -> int:
@@ -118,6 +133,18 @@ def check(config: DomainConfig) -> DomainConfig:
         raise ConfigError(f"dm_mode must be one of {', '.join(DM_MODES)}, not {config.dm_mode!r}")
     if not isinstance(config.dm_restrict, bool):
         raise ConfigError("dm_restrict must be 0 or 1")
+    if not isinstance(config.dm_stubdom, bool):
+        raise ConfigError("device_model_stubdomain_override must be 0 or 1")
+    if config.dm_stubdom_grants is not None:
+        grants = config.dm_stubdom_grants
+        if not isinstance(grants, (list, tuple)) or not all(isinstance(g, str) for g in grants):
+            raise ConfigError("the stub domain's grants must be a list of strings")
+        try:
+            canonical = tuple(str(parse_grant(g)) for g in grants)
+        except GrantError as exc:
+            raise ConfigError(str(exc)) from None
+        if canonical != config.dm_stubdom_grants:
+            config = replace(config, dm_stubdom_grants=canonical)
     if config.toolstack not in FLAVOURS:
         raise ConfigError(
             f"toolstack must be one of {', '.join(FLAVOURS)}, not {config.toolstack!r}"
@@ -145,6 +172,7 @@ _KEYS: Final[dict[str, tuple[str, str]]] = {
     "videoram": ("videoram_mib", "int"),
     "dm_mode": ("dm_mode", "str"),
     "dm_restrict": ("dm_restrict", "bool"),
+    "device_model_stubdomain_override": ("dm_stubdom", "bool"),
     "toolstack": ("toolstack", "str"),
     "uuid": ("uuid", "str"),
     "type": ("", "hvm"),

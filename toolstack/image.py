@@ -8,10 +8,18 @@ keys) → ``EMULATOR_CONTEXT`` → ``END``.
 :func:`read_image` checks an entire image before anything is created from it and returns an
 index of where everything is; :func:`load_pages` and :func:`copy_emulator_context` then read the
 parts they need straight from the file.
+
+:func:`save_image` and :func:`restore_pages` are the descriptor-level forms the toolstack uses:
+page contents go between the guest's memory file (at the frame offsets ``map_foreign`` gives)
+and the image with ``copy_file_range``, one call per run of adjacent frames, and a hole in the
+source (a page never written, so all zeros) is left a hole rather than copied.  The image's
+bytes are the same either way; only its blocks are sparse.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Final
@@ -19,9 +27,9 @@ from typing import BinaryIO, Final
 from . import memory_stream, savefile, stream
 from .config import DomainConfig
 from .emulator_xenstore import XenstoreData, XenstoreDataError, decode, encode
-from .memory_stream import PAGE_SIZE, MemoryImage, coalesce
+from .memory_stream import PAGE_SIZE, MemoryImage, coalesce, plan_batches
 from .stream import Chunk, EmulatorId, RecordType
-from .streamio import ImageReader, StreamError
+from .streamio import DataRuns, ImageReader, StreamError, copy_range
 
 _COPY_CHUNK: Final = 1 << 20
 
@@ -78,6 +86,77 @@ def write_image(
     n += stream.write_record(f, RecordType.END)
     records.append(RecordType.END.name)
     return WriteSummary(records, n)
+
+
+def save_image(
+    out: int,
+    config: DomainConfig,
+    pfns: Sequence[int],
+    frame_offsets: Sequence[int],
+    mem: int,
+    xenstore_pairs: Sequence[tuple[str, str]],
+    emulator_context: int,
+    *,
+    xen_version: tuple[int, int] = (4, 17),
+) -> WriteSummary:
+    """Write a complete image to the empty file ``out`` (a descriptor), the same bytes as
+    :func:`write_image`: the page of ``pfns[i]`` is read from ``mem`` at ``frame_offsets[i]``,
+    the device state is all of ``emulator_context``.  Holes of ``mem`` stay holes in ``out``.
+    """
+    if len(pfns) != len(frame_offsets):
+        raise ValueError("pfns and frame offsets differ in length")
+    records: list[str] = []
+    head = io.BytesIO()
+    # Page contents are laid out on 4 KiB boundaries of the image, so that both this copy
+    # and the restore's copy move whole page-cache pages: the config JSON is padded to
+    # 8-align the records, then the first PAGE_DATA record's length aligns its contents.
+    pad = -len(_head(io.BytesIO(), config, xen_version)) % 8
+    pos = _pwrite_all(out, _head(head, config, xen_version, pad), 0)
+    records.append(RecordType.LIBXC_CONTEXT.name)
+
+    src = DataRuns(mem, max(frame_offsets, default=0) + PAGE_SIZE)
+    first = memory_stream.aligned_first_batch(pos)
+    for batch in plan_batches(pfns, frame_offsets, memory_stream.ALIGNED_BATCH_PAGES, first):
+        pos += _pwrite_all(out, memory_stream.page_data_header(batch.pfns), pos)
+        for ext in batch.extents:
+            for off, length in src.pieces(ext.offset, ext.length):
+                copy_range(mem, off, out, pos + off - ext.offset, length)
+            pos += ext.length
+
+    tail = io.BytesIO()
+    memory_stream.write_end(tail)
+    if xenstore_pairs:
+        stream.write_record(tail, RecordType.EMULATOR_XENSTORE_DATA, [encode(xenstore_pairs)])
+        records.append(RecordType.EMULATOR_XENSTORE_DATA.name)
+    ctx_len = os.fstat(emulator_context).st_size
+    stream.write_emulator_context_header(tail, ctx_len)
+    pos += _pwrite_all(out, tail.getvalue(), pos)
+    copy_range(emulator_context, 0, out, pos, ctx_len)
+    pos += ctx_len
+    tail = io.BytesIO()
+    stream.write_padding(tail, stream.EMULATOR_HEADER.size + ctx_len)
+    records.append(RecordType.EMULATOR_CONTEXT.name)
+    stream.write_record(tail, RecordType.END)
+    records.append(RecordType.END.name)
+    pos += _pwrite_all(out, tail.getvalue(), pos)
+    return WriteSummary(records, pos)
+
+
+def _head(f: io.BytesIO, config: DomainConfig, xen_version: tuple[int, int], pad: int = 0) -> bytes:
+    """xl header, libxl header, LIBXC_CONTEXT and the libxc headers, up to the first page."""
+    savefile.write_header(f, config, pad=pad)
+    stream.write_header(f)
+    stream.write_record(f, RecordType.LIBXC_CONTEXT)
+    memory_stream.write_headers(f, *xen_version)
+    return f.getvalue()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
 
 
 @dataclass(slots=True)
@@ -183,6 +262,41 @@ def load_pages(
     return pages
 
 
+def restore_pages(
+    image: int,
+    memory: MemoryImage,
+    frame_offsets: Mapping[int, int],
+    mem: int,
+    *,
+    frames_zeroed: bool,
+) -> int:
+    """Copy every page of ``memory`` from the image file ``image`` (a descriptor) into the
+    memory file ``mem`` at ``frame_offsets[pfn]``; returns the pages restored.
+
+    With ``frames_zeroed`` (frames fresh from ``populate_physmap``, which hands out scrubbed
+    pages) the holes of the image, pages that were all zeros when saved, are not copied.
+    """
+    size = os.fstat(image).st_size
+    src = DataRuns(image, size) if frames_zeroed else DataRuns.dense(size)
+    pages = 0
+    for rec in memory.records:
+        if not rec.data_pfns:
+            continue
+        try:
+            offsets = [frame_offsets[p] for p in rec.data_pfns]
+        except KeyError as exc:
+            raise StreamError(f"pfn 0x{exc.args[0]:x} has no frame to restore into") from None
+        at = rec.data_offset
+        if at + len(offsets) * PAGE_SIZE > size:
+            raise StreamError("truncated: PAGE_DATA page contents", at)
+        for ext in coalesce(offsets):
+            for off, length in src.pieces(at, ext.length):
+                copy_range(image, off, mem, ext.offset + off - at, length)
+            at += ext.length
+        pages += len(rec.data_pfns)
+    return pages
+
+
 def copy_emulator_context(f: BinaryIO, index: ImageIndex, out: BinaryIO) -> int:
     """Copy the device-state blob to ``out``; returns its length."""
     if index.emulator_context is None:
@@ -205,5 +319,7 @@ __all__ = [
     "copy_emulator_context",
     "load_pages",
     "read_image",
+    "restore_pages",
+    "save_image",
     "write_image",
 ]

@@ -12,7 +12,6 @@ that fails part-way undoes everything it made before the error is raised.
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import time
@@ -31,13 +30,19 @@ from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import Transaction, XsClient, XsDisconnected, open_xenstore
 from xenstored_sim.wire import XsError
 
-from . import devicemodel
+from . import devicemodel, stubdom
 from .audit import Audit
 from .config import DomainConfig, Flavour
 from .emulator_xenstore import XenstoreDataError, dm_root, physmap_pairs
-from .image import ImageIndex, WriteSummary, copy_emulator_context, load_pages, read_image
-from .image import write_image as write_image_stream
-from .memory_stream import PAGE_SHIFT, PAGE_SIZE, plan_batches
+from .image import (
+    ImageIndex,
+    WriteSummary,
+    copy_emulator_context,
+    read_image,
+    restore_pages,
+    save_image,
+)
+from .memory_stream import PAGE_SHIFT, PAGE_SIZE
 from .qmp import QmpClient, QmpError, QmpProtocolError, open_qmp
 from .streamio import StreamError
 
@@ -57,6 +62,8 @@ DM_QUIT_GRACE: Final = 3.0
 DM_TERM_GRACE: Final = 3.0
 #: Bound on cleanup work that runs shielded from cancellation.
 CLEANUP_BOUND: Final = 20.0
+#: How long a rollback waits for a xenstored that went away to accept connections again.
+XS_RECONNECT_BOUND: Final = 5.0
 
 
 class ToolstackError(Exception):
@@ -171,6 +178,8 @@ class SaveResult:
     xenstore_keys: dict[str, str]
     checkpoint: bool
     seconds: float
+    #: Seconds spent in each step, in order (:class:`_Clock`).
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -187,6 +196,8 @@ class RestoreResult:
     xenstore_keys_ignored: bool
     dm_pid: int
     seconds: float
+    #: Seconds spent in each step, in order (:class:`_Clock`).
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -208,6 +219,20 @@ class _Made:
 # Memory copies (run in a worker thread: they are plain file I/O)
 
 
+class _Clock:
+    """Wall time per named step of a save or restore, reported as its ``phases``."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def mark(self, step: str) -> None:
+        """Charge the time since the previous mark to ``step``."""
+        now = time.monotonic()
+        self.phases[step] = self.phases.get(step, 0.0) + now - self._last
+        self._last = now
+
+
 def _expand(runs: list[list[int]]) -> list[int]:
     return [gfn for first, count in runs for gfn in range(first, first + count)]
 
@@ -221,39 +246,23 @@ def _write_image_file(
     pairs: list[tuple[str, str]],
     state_path: Path,
 ) -> WriteSummary:
+    # The frames are read from the memory file itself, at the offsets map_foreign gave: the
+    # same bytes a foreign mapping shows, copied in the kernel (image.save_image).
     with (
         open(mem_path, "rb") as mem,
-        mmap.mmap(mem.fileno(), 0, prot=mmap.PROT_READ) as mm,
         open(state_path, "rb") as state,
         open(out_path, "wb") as out,
     ):
-        view = memoryview(mm)
-        try:
-            batches = (
-                (b.pfns, [view[e.offset : e.offset + e.length] for e in b.extents])
-                for b in plan_batches(gfns, offsets)
-            )
-            summary = write_image_stream(out, config, batches, pairs, state)
-            del batches
-        finally:
-            view.release()
-    return summary
+        return save_image(out.fileno(), config, gfns, offsets, mem.fileno(), pairs, state.fileno())
 
 
 def _load_memory_file(
     image: Path, index: ImageIndex, frames: Mapping[int, int], mem_path: str
 ) -> int:
     assert index.memory is not None
-    with (
-        open(mem_path, "r+b") as mem,
-        mmap.mmap(mem.fileno(), 0) as mm,
-        open(image, "rb") as f,
-    ):
-        view = memoryview(mm)
-        try:
-            return load_pages(f, index.memory, frames, view)
-        finally:
-            view.release()
+    # Every frame is fresh from populate_physmap, so already zero: holes need no copy.
+    with open(mem_path, "r+b") as mem, open(image, "rb") as f:
+        return restore_pages(f.fileno(), index.memory, frames, mem.fileno(), frames_zeroed=True)
 
 
 def _copy_context_file(image: Path, index: ImageIndex, out_path: Path) -> int:
@@ -580,12 +589,17 @@ class Libxl:
         # so it inherits /local/domain/0/device-model's permissions (dom0 only).
         root = dm_root(domid)
         await self._xs("mkdir", root, self.xs.mkdir(root))
+        xenstore = self.run.xenstore_socket
+        if config.dm_stubdom:
+            # The device model acts as its stub domain, on that domain's socket (§5.5).
+            stub = await stubdom.build(self, domid, config.stubdom_grants)
+            xenstore = str(stubdom.guest_socket(self, stub))
         program = devicemodel.dm_program()
         argv = devicemodel.dm_argv(
             config,
             domid,
             str(self.run.root),
-            self.run.xenstore_socket,
+            xenstore,
             incoming=str(incoming) if incoming is not None else None,
         )
         log = self.run.dm_log(domid)
@@ -748,17 +762,46 @@ class Libxl:
                 return
             self.audit.record("rollback", domid=made.domid)
             if self.xs.connected:
-                await self._teardown(made.domid, made.dm_pid, made.uuid, keep_log=True)
+                errors = await self._teardown(made.domid, made.dm_pid, made.uuid, keep_log=True)
+                if not errors:
+                    return
+                # xenstored may have gone away under the teardown: its steps are redone on a
+                # fresh connection (each is idempotent).
+            # A xenstored killed under us may still accept a connection or two while it dies;
+            # one restarted with --state-dir comes back with its tree.
+            deadline = trio.current_time() + XS_RECONNECT_BOUND
+            while True:
+                await self._wait_for_xenstore(deadline)
+                try:
+                    async with open_xenstore(self.run.xenstore_socket) as xs:
+                        lost, self.xs = self.xs, xs
+                        try:
+                            errors = await self._teardown(
+                                made.domid, made.dm_pid, made.uuid, keep_log=True
+                            )
+                        finally:
+                            self.xs = lost
+                        if not errors or xs.connected or trio.current_time() >= deadline:
+                            return
+                    await trio.sleep(0.05)
+                except OSError:
+                    if trio.current_time() >= deadline:
+                        break
+                    await trio.sleep(0.05)
+            self.audit.record("xs_reconnect", "unreachable", domid=made.domid)
+            await self._teardown(made.domid, made.dm_pid, made.uuid, keep_log=True)
+
+    async def _wait_for_xenstore(self, deadline: float) -> None:
+        """Wait until ``deadline`` for the xenstore socket to accept a connection."""
+        with trio.move_on_at(deadline):
+            while True:
+                try:
+                    probe = await trio.open_unix_socket(str(self.run.xenstore_socket))
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await probe.aclose()
                 return
-            try:
-                async with open_xenstore(self.run.xenstore_socket) as xs:
-                    lost, self.xs = self.xs, xs
-                    try:
-                        await self._teardown(made.domid, made.dm_pid, made.uuid, keep_log=True)
-                    finally:
-                        self.xs = lost
-            except OSError:
-                await self._teardown(made.domid, made.dm_pid, made.uuid, keep_log=True)
 
     # ---------------------------------------------------------------- destroy
 
@@ -792,12 +835,15 @@ class Libxl:
 
         recorded = await step("read the device model pid", lambda: self.dm_pid(domid))
         vm = await step("read the vm path", lambda: self.xs_read(f"{dom}/vm"))
+        stub = await step("read the stub domain", lambda: stubdom.stub_of(self, domid))
         # libxl__destroy_device_model: the device model's directory goes first, then the process.
         await step(
             "remove the device model's xenstore directory", lambda: self.xs_rm(dm_root(domid))
         )
         for dm in sorted({p for p in (pid, recorded) if isinstance(p, int)}):
             await step("stop the device model", partial(self._stop_dm, domid, dm))
+        if isinstance(stub, int):
+            await step("destroy the stub domain", partial(stubdom.destroy, self, stub))
         with suppress(FileNotFoundError):
             self.run.qmp(domid).unlink()
         await step(f"remove {dom}", lambda: self.xs_rm(dom))
@@ -849,11 +895,17 @@ class Libxl:
         await self._hv("domain_pause", domid=domid)
 
     async def unpause(self, domid: int) -> None:
-        """Resume the device model (QMP cont) and unpause the guest."""
+        """Resume the device model (QMP cont) and unpause the guest.
+
+        A device model that has died (killed during a save, say) has nothing to resume: the
+        guest is unpaused without it, as the failed save's message promises."""
         await self.domain_info(domid)
-        if await self.dm_pid(domid) is not None:
+        pid = await self.dm_pid(domid)
+        if pid is not None and devicemodel.pid_alive(pid):
             async with self._qmp_session(domid) as q:
                 await self._qmp(q, domid, "cont")
+        elif pid is not None:
+            self.audit.record("dm_gone", domid=domid, dm_pid=pid)
         await self._hv("domain_unpause", domid=domid)
 
     # ---------------------------------------------------------------- save
@@ -889,6 +941,7 @@ class Libxl:
         domain runs on.  If the save fails the domain is left paused and can be unpaused.
         """
         t0 = time.monotonic()
+        clock = _Clock()
         await self.domain_info(domid)
         loaded = self.load_config(domid)
         if loaded is None:
@@ -908,16 +961,19 @@ class Libxl:
                 await self._qmp(q, domid, "xen-save-devices-state", filename=str(state), live=False)
             if not state.exists():
                 raise DeviceModelError(f"the device model did not write its state to {state}")
+            clock.mark("suspend")
             gfns = _expand(await self._hv("p2m", domid=domid))
             if not gfns:
                 raise ToolstackError(f"domain {domid} has no memory to save")
             mem_path, offsets = await self._map_foreign(domid, gfns)
+            clock.mark("map_foreign")
             pairs: list[tuple[str, str]] = []
             if flavour == "libxl":
                 try:
                     pairs = await self.collect_xenstore_data(domid)
                 except XenstoreDataError as exc:
                     raise ToolstackError(str(exc)) from None
+            clock.mark("xenstore_data")
             summary = await trio.to_thread.run_sync(
                 _write_image_file,
                 tmp,
@@ -928,6 +984,7 @@ class Libxl:
                 pairs,
                 state,
             )
+            clock.mark("memory")
             self.audit.record("image_write", call=str(tmp), domid=domid, bytes=summary.bytes)
             tmp.rename(final)
             self.audit.record("image_rename", call=str(final), domid=domid)
@@ -945,12 +1002,15 @@ class Libxl:
             raise
         with suppress(FileNotFoundError):
             state.unlink()
+        clock.mark("image")
         if checkpoint:
             async with self._qmp_session(domid) as q:
                 await self._qmp(q, domid, "cont")
             await self._hv("domain_unpause", domid=domid)
+            clock.mark("resume")
         else:
             await self.destroy(domid)
+            clock.mark("destroy")
         return SaveResult(
             domid=domid,
             file=str(final),
@@ -960,6 +1020,7 @@ class Libxl:
             xenstore_keys=dict(pairs),
             checkpoint=checkpoint,
             seconds=time.monotonic() - t0,
+            phases=clock.phases,
         )
 
     # ---------------------------------------------------------------- restore
@@ -974,6 +1035,7 @@ class Libxl:
         xenstore keys (libxl flavour), start the device model on the saved state and
         unpause.  On any failure everything made is removed again."""
         t0 = time.monotonic()
+        clock = _Clock()
         image = Path(path)
         try:
             index = await trio.to_thread.run_sync(_read_index, image)
@@ -994,11 +1056,16 @@ class Libxl:
         ignored = False
         made = _Made()
         try:
+            clock.mark("index")
             domid, _ = await self._start_domain(config, name, made, restore=True)
+            clock.mark("domain")
             await self._populate(domid, pfns)
+            clock.mark("populate")
             mem_path, offsets = await self._map_foreign(domid, pfns)
+            clock.mark("map_foreign")
             frames = dict(zip(pfns, offsets, strict=True))
             pages = await trio.to_thread.run_sync(_load_memory_file, image, index, frames, mem_path)
+            clock.mark("memory")
             self.audit.record("memory_restore", call=str(image), domid=domid, pages=pages)
             if index.xenstore is not None and index.xenstore.pairs:
                 if config.toolstack == "libxl":
@@ -1017,8 +1084,11 @@ class Libxl:
             await trio.to_thread.run_sync(_copy_context_file, image, index, resume)
             await self._build_post(domid, config)
             made.introduced = True
+            clock.mark("build")
             pid = await self._spawn_dm(config, domid, made, incoming=resume)
+            clock.mark("device_model")
             await self._resume_dm_and_guest(config, domid)
+            clock.mark("unpause")
         except BaseException:
             await self._rollback(made)
             raise
@@ -1037,6 +1107,7 @@ class Libxl:
             xenstore_keys_ignored=ignored,
             dm_pid=pid,
             seconds=time.monotonic() - t0,
+            phases=clock.phases,
         )
 
     # ---------------------------------------------------------------- the guest

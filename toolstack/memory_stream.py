@@ -12,8 +12,10 @@ Layout (Xen ``docs/specs/libxc-migration-stream.pandoc``, ``xc_sr_stream_format.
   every page whose type carries data, in pfn order; ``STATIC_DATA_END`` is empty; ``END`` closes
   the stream.
 
-Pages are written in batches of :data:`BATCH_PAGES`, each from memoryviews of the mapped guest
-frames, so no per-page Python work is done.
+A record holds at most :data:`BATCH_PAGES` pages; the toolstack's writer
+(:func:`toolstack.image.save_image`) uses :data:`ALIGNED_BATCH_PAGES`, which keeps page contents
+on 4 KiB boundaries of the image.  :func:`page_data_header` builds a record's header and pfn
+array and the contents are copied file to file, so no per-page Python work is done on them.
 """
 
 from __future__ import annotations
@@ -102,30 +104,37 @@ def write_headers(f: BinaryIO, xen_major: int = 4, xen_minor: int = 17) -> int:
 def write_page_data(f: BinaryIO, pfns: Sequence[int], contents: Iterable[Chunk]) -> int:
     """One ``PAGE_DATA`` record of ordinary pages: ``contents`` are the pages of ``pfns`` in
     order, as any number of pieces (typically one memoryview per run of adjacent frames)."""
+    pieces = [memoryview(c).cast("B") for c in contents]
+    data_len = sum(len(p) for p in pieces)
+    if data_len != len(pfns) * PAGE_SIZE:
+        raise ValueError(
+            f"{len(pfns)} pages need {len(pfns) * PAGE_SIZE} bytes of contents, got {data_len}"
+        )
+    n = f.write(page_data_header(pfns))
+    for p in pieces:
+        n += f.write(p)
+    return n
+
+
+def page_data_header(pfns: Sequence[int]) -> bytes:
+    """Record header, ``PAGE_DATA`` header and pfn array of a record of ordinary pages whose
+    ``len(pfns)`` pages of contents follow."""
     count = len(pfns)
     if count < 1:
         raise ValueError("a PAGE_DATA record needs at least one pfn")
-    pieces = [memoryview(c).cast("B") for c in contents]
-    data_len = sum(len(p) for p in pieces)
-    if data_len != count * PAGE_SIZE:
-        raise ValueError(
-            f"{count} pages need {count * PAGE_SIZE} bytes of contents, got {data_len}"
-        )
-    for pfn in pfns:
-        if not 0 <= pfn <= PFN_MASK:
-            raise ValueError(f"pfn 0x{pfn:x} does not fit in 52 bits")
-    length = PAGE_DATA_HEADER.size + 8 * count + data_len
-    if length > RECORD_LENGTH_MAX:
-        raise ValueError(f"PAGE_DATA record of {length} bytes is over {RECORD_LENGTH_MAX}")
+    if count > BATCH_PAGES:
+        raise ValueError(f"a PAGE_DATA record holds at most {BATCH_PAGES} pfns, not {count}")
+    lo, hi = min(pfns), max(pfns)
+    if lo < 0 or hi > PFN_MASK:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"pfn 0x{bad:x} does not fit in 52 bits")
+    length = PAGE_DATA_HEADER.size + (8 + PAGE_SIZE) * count
     # NOTAB is 0, so a plain pfn already carries the "ordinary page" type.
-    n = f.write(
+    return (
         RECORD_HEADER.pack(MemRecordType.PAGE_DATA, length)
         + PAGE_DATA_HEADER.pack(count, 0)
         + struct.pack(f"<{count}Q", *pfns)
     )
-    for p in pieces:
-        n += f.write(p)
-    return n
 
 
 def write_end(f: BinaryIO) -> int:
@@ -152,6 +161,12 @@ class PageBatch:
 
 def coalesce(offsets: Sequence[int]) -> list[Extent]:
     """Runs of frames that are adjacent in the memory file, as extents."""
+    if offsets and offsets[0] >= 0:
+        # The usual case, one run, is recognised by a single list comparison.
+        first = offsets[0]
+        run = range(first, first + len(offsets) * PAGE_SIZE, PAGE_SIZE)
+        if list(offsets) == list(run):
+            return [Extent(first, len(offsets) * PAGE_SIZE)]
     extents: list[Extent] = []
     start = prev = -1
     for off in offsets:
@@ -169,16 +184,36 @@ def coalesce(offsets: Sequence[int]) -> list[Extent]:
 
 
 def plan_batches(
-    pfns: Sequence[int], offsets: Sequence[int], batch_pages: int = BATCH_PAGES
+    pfns: Sequence[int],
+    offsets: Sequence[int],
+    batch_pages: int = BATCH_PAGES,
+    first_batch: int | None = None,
 ) -> Iterator[PageBatch]:
     """Split ``pfns`` (whose frames are at ``offsets`` of the memory file) into PAGE_DATA
-    batches, each with the file extents to copy."""
+    batches of ``batch_pages`` (the first of ``first_batch``), each with the file extents to
+    copy."""
     if len(pfns) != len(offsets):
         raise ValueError("pfns and offsets differ in length")
-    for i in range(0, len(pfns), batch_pages):
-        yield PageBatch(
-            tuple(pfns[i : i + batch_pages]), tuple(coalesce(offsets[i : i + batch_pages]))
-        )
+    i = 0
+    size = first_batch or batch_pages
+    while i < len(pfns):
+        yield PageBatch(tuple(pfns[i : i + size]), tuple(coalesce(offsets[i : i + size])))
+        i += size
+        size = batch_pages
+
+
+#: Pages per record that keep page contents 4 KiB-aligned in the image: a record of 1022
+#: pages has 8 + 8 + 8 * 1022 = 8192 octets of headers and pfns in front of its contents.
+ALIGNED_BATCH_PAGES: Final = 1022
+
+
+def aligned_first_batch(offset: int) -> int:
+    """Pages in a first record starting at ``offset`` (8-aligned) that bring its contents,
+    and so those of every :data:`ALIGNED_BATCH_PAGES` record after it, to a page boundary."""
+    if offset % 8:
+        raise ValueError(f"a record offset of {offset} is not 8-aligned")
+    count = (-(offset + RECORD_HEADER.size + PAGE_DATA_HEADER.size) % PAGE_SIZE) // 8
+    return count or PAGE_SIZE // 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +288,10 @@ def _parse_page_data(r: ImageReader, length: int, start: int) -> PageDataRecord:
     raw = struct.unpack(f"<{count}Q", r.read(8 * count, "PAGE_DATA pfns"))
     data: list[int] = []
     alloc: list[int] = []
+    if max(raw) <= PFN_MASK:
+        # Every word is a plain pfn (type NOTAB, no reserved bits): all pages carry data.
+        data = list(raw)
+        raw = ()
     for i, word in enumerate(raw):
         if word & PFN_RESERVED_MASK:
             raise StreamError(f"PAGE_DATA pfn[{i}] 0x{word:016x} has reserved bits set", start)

@@ -36,9 +36,10 @@ class SaveFileHeader:
     config: DomainConfig | None
 
 
-def write_header(f: BinaryIO, config: DomainConfig) -> int:
-    """The header with ``config`` as JSON, as xl's ``save_domain_core_writeconfig``."""
-    text = config.to_json().encode() + b"\0"
+def write_header(f: BinaryIO, config: DomainConfig, *, pad: int = 0) -> int:
+    """The header with ``config`` as JSON, as xl's ``save_domain_core_writeconfig``; ``pad``
+    spaces end the JSON text (whitespace a JSON parser skips), to place what follows."""
+    text = config.to_json().encode() + b" " * pad + b"\0"
     optional = _LEN.pack(len(text)) + text
     hdr = HEADER.pack(BYTEORDER, FLAG_STREAM_V2 | FLAG_JSON, 0, len(optional))
     return f.write(MAGIC + hdr + optional)

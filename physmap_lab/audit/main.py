@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,8 +15,22 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..demo import StepError
-from .report import matrix_table, write_out
-from .runner import DEVICES, DMS, MODES, TOOLSTACKS, AuditOutcome, matrix, run_audit
+from .enforce import ENFORCED_DEVICES, EnforcedCell, as_json, plan
+from .privilege import Permission
+from .report import enforced_table, matrix_table, write_out
+from .runner import (
+    DEVICES,
+    DMS,
+    MODES,
+    TOOLSTACKS,
+    AuditOutcome,
+    derived_sets,
+    matrix,
+    run_audit,
+    run_enforced,
+)
+
+Enforced = tuple[dict[str, list[Permission]], list[EnforcedCell], list[str]]
 
 
 def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> int:
@@ -26,34 +41,65 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
         args.dms or DMS,
     )
     total = len(cases) * args.repeats
+    t0 = time.monotonic()
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("audit", total=total)
 
         def step(message: str) -> None:
             progress.update(task, advance=1, description=escape(message))
 
+        chosen = args.devices or DEVICES
+        enforced_devices = [d for d in ENFORCED_DEVICES if d in chosen] or list(chosen)
+
+        async def both() -> tuple[AuditOutcome, Enforced]:
+            outcome = await run_audit(cases, repeats=args.repeats, progress=step)
+            # Least privilege, enforced: the derived sets, granted to a stub device model.
+            derived = derived_sets(outcome.scenarios)
+            variants = plan(derived, enforced_devices)
+            progress.update(task, total=total + len(variants))
+            cells, problems = await run_enforced(variants, progress=step)
+            return outcome, (derived, cells, problems)
+
         try:
-            outcome: AuditOutcome = trio.run(
-                lambda: run_audit(cases, repeats=args.repeats, progress=step)
-            )
+            outcome, (derived, enforced, enforce_problems) = trio.run(both)
         except StepError as exc:
             err.print(f"[red]physmap-lab audit: error:[/red] {escape(str(exc))}")
             return 1
     if args.json:
-        print(json.dumps({"scenarios": [s.as_json() for s in outcome.scenarios]}, indent=2))
+        doc = {
+            "scenarios": [s.as_json() for s in outcome.scenarios],
+            "least_privilege_enforced": as_json(derived, enforced),
+        }
+        print(json.dumps(doc, indent=2))
     else:
         out = Console()
         if not out.is_terminal:
             out = Console(width=400)
         out.print(matrix_table(outcome.scenarios))
+        if enforced:
+            out.print(enforced_table(enforced))
     if args.out:
         command = "physmap-lab " + shlex.join(list(argv or ["audit"]))
-        for f in write_out(Path(args.out), outcome.scenarios, args.repeats, command):
+        written = write_out(
+            Path(args.out), outcome.scenarios, args.repeats, command, (derived, enforced)
+        )
+        for f in written:
             err.print(f"wrote {f}", highlight=False)
-    for problem in outcome.problems:
+    problems = [*outcome.problems, *enforce_problems]
+    for problem in problems:
         err.print(f"[red]{escape(problem)}[/red]", highlight=False)
     unexpected = [s for s in outcome.scenarios if s.outcome != s.expected]
     for s in unexpected:
         err.print(f"[red]{s.label}: {s.outcome}, not as the facts predict[/red]", highlight=False)
-    err.print(f"{len(outcome.scenarios)} cells in {outcome.seconds:.1f} s", highlight=False)
-    return 1 if outcome.problems or unexpected else 0
+    off = [c for c in enforced if c.outcome != c.expected]
+    for c in off:
+        err.print(
+            f"[red]{c.variant.label}: {c.outcome}, not as the facts predict[/red]",
+            highlight=False,
+        )
+    err.print(
+        f"{len(outcome.scenarios)} cells in {outcome.seconds:.1f} s, "
+        f"{len(enforced)} enforced cells in {time.monotonic() - t0 - outcome.seconds:.1f} s",
+        highlight=False,
+    )
+    return 1 if problems or unexpected or off else 0

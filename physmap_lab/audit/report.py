@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rich.table import Table
 
+from .enforce import EnforcedCell, conclusions, grantable
 from .privilege import Permission
 from .scenario import PRINCIPALS, Scenario, median
 from .svg import matrix_svg, ops_chart_svg, sequence_svg
+
+#: The derived device-model sets and the enforced cells (:mod:`.enforce`).
+Enforced = tuple[Mapping[str, Sequence[Permission]], Sequence[EnforcedCell]]
 
 _STYLE = {"intact": "green", "corrupt": "yellow", "aborted": "red", "refused": "magenta"}
 
@@ -117,7 +121,9 @@ def _fmt(v: object) -> str:
     return "-" if v is None else str(v)
 
 
-def markdown(scenarios: Sequence[Scenario], repeats: int, command: str) -> str:
+def markdown(
+    scenarios: Sequence[Scenario], repeats: int, command: str, enforced: Enforced | None = None
+) -> str:
     lines = [
         "# Privilege audit: what the legacy physmap path costs",
         "",
@@ -168,6 +174,8 @@ def markdown(scenarios: Sequence[Scenario], repeats: int, command: str) -> str:
             )
         lines.append("")
     lines += enforcement_lines(scenarios)
+    if enforced is not None and enforced[1]:
+        lines += stubdom_lines(*enforced)
     lines += ["## Restore, in order", ""]
     for mode in dict.fromkeys(s.mode for s in scenarios):
         lines.append(f"![restore in {mode} mode](restore-{mode}.svg)")
@@ -185,14 +193,20 @@ def sequence_cell(scenarios: Sequence[Scenario], mode: str) -> Scenario | None:
     return found[0] if found else None
 
 
-def write_out(out: Path, scenarios: Sequence[Scenario], repeats: int, command: str) -> list[Path]:
+def write_out(
+    out: Path,
+    scenarios: Sequence[Scenario],
+    repeats: int,
+    command: str,
+    enforced: Enforced | None = None,
+) -> list[Path]:
     """``report.md`` and its SVG pictures in ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "matrix.svg": matrix_svg(scenarios),
         "ops.svg": ops_chart_svg(scenarios),
         "physmap-ops.svg": ops_chart_svg(scenarios, physmap=True),
-        "report.md": markdown(scenarios, repeats, command),
+        "report.md": markdown(scenarios, repeats, command, enforced),
     }
     for mode in dict.fromkeys(s.mode for s in scenarios):
         cell = sequence_cell(scenarios, mode)
@@ -232,4 +246,72 @@ def enforcement_lines(scenarios: Sequence[Scenario]) -> list[str]:
             f"| {mode} | {e['cells']} | {outcomes} | {e['dm_xenstore_ops']} | "
             f"{e['dm_physmap_ops_ok']} |"
         )
+    return [*lines, ""]
+
+
+def _denied(c: EnforcedCell) -> str:
+    if not c.denied:
+        return "none"
+    return "; ".join(f"`{what}` x{n}" for what, n in c.denied.items())
+
+
+def enforced_table(cells: Sequence[EnforcedCell]) -> Table:
+    table = Table(
+        title="least privilege, enforced: the device model in a stub domain",
+        caption="grants: how many of the derived permissions the stub got (withheld ones in "
+        "brackets). denied: the device model's requests xenstored refused.",
+        caption_justify="left",
+    )
+    for h in ("mode", "device", "variant", "grants", "outcome", "keys", "DM requests", "denied"):
+        table.add_column(h, no_wrap=True)
+    for c in cells:
+        style = _STYLE[c.outcome]
+        withheld = f" ({len(c.variant.withheld)})" if c.variant.withheld else ""
+        table.add_row(
+            c.variant.mode,
+            c.variant.device,
+            c.variant.kind,
+            f"{len(c.variant.grants)}{withheld}",
+            f"[{style}]{c.outcome}[/{style}]",
+            str(len(c.keys_carried)),
+            str(c.dm_requests),
+            str(c.denied_ops),
+        )
+    return table
+
+
+def stubdom_lines(
+    derived: Mapping[str, Sequence[Permission]], cells: Sequence[EnforcedCell]
+) -> list[str]:
+    """The report section of the enforced re-run."""
+    lines = ["## Least privilege, enforced: the device model in a stub domain", ""]
+    lines += [
+        "Each cell re-runs create → draw → save → restore with the device model as an "
+        "unprivileged stub domain (`xl-sim --dm-stubdom`), granted by SET_PERMS exactly the "
+        "derived set below and nothing else. *stubdom*: create and restore in a stub domain; "
+        "*restore-in-stubdom*: create and save with the device model in dom0, restore into a "
+        "stub (libxl writes the carried keys under `/local/domain/0`, qemu-physmap.md §2.3); "
+        "*-no-physmap-grant*: the same with the set's physmap permissions withheld.",
+        "",
+    ]
+    for mode, perms in derived.items():
+        shown = ", ".join(f"`{p}`" for p in grantable(perms)) or "nothing"
+        lines.append(f"- **{mode}** device model: {shown}")
+    lines += [
+        "",
+        "| mode | device | variant | grants (withheld) | outcome | keys carried | "
+        "DM requests | denied requests |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in cells:
+        withheld = f" ({len(c.variant.withheld)})" if c.variant.withheld else ""
+        lines.append(
+            f"| {c.variant.mode} | {c.variant.device} | {c.variant.kind} | "
+            f"{len(c.variant.grants)}{withheld} | {c.outcome} | {len(c.keys_carried)} | "
+            f"{c.dm_requests} | {_denied(c)} |"
+        )
+    lines += ["", "Conclusions:", ""]
+    for claim, holds in conclusions(derived, cells).items():
+        shown = "not run" if holds is None else "yes" if holds else "**no**"
+        lines.append(f"- {claim.replace('_', ' ')}: {shown}")
     return [*lines, ""]

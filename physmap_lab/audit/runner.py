@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from ..auditlog import read_hypervisor, read_toolstack, read_xenstored
+from ..auditlog import Principal, read_hypervisor, read_toolstack, read_xenstored
 from ..demo import (
     Case,
     DemoRun,
@@ -27,6 +27,9 @@ from ..demo import (
 )
 from ..ready import accepts
 from ..stack import open_stack
+from .enforce import EnforcedCell, Variant, judge
+from .privilege import Permission
+from .report import least_privilege
 from .scenario import Scenario, build, median
 
 TOOLSTACKS: Final = ("libxl", "unaware")
@@ -137,3 +140,69 @@ async def run_audit(
         s.save_s = median(timings[s.label]["save"])
         s.restore_s = median(timings[s.label]["restore"])
     return AuditOutcome(first, timings, problems, time.monotonic() - t0)
+
+
+class _EnforcedRun(DemoRun):
+    """The demo's case runner with a variant's stub-domain options added to ``xl-sim create``
+    and ``xl-sim restore``."""
+
+    variant: Variant | None = None
+
+    async def xl(self, *args: str) -> dict[str, Any]:
+        extra = self.variant.xl_args(args[0]) if self.variant is not None and args else []
+        return await super().xl(*args, *extra)
+
+
+def derived_sets(scenarios: Sequence[Scenario]) -> dict[str, list[Permission]]:
+    """The device model's derived set per mode, for the modes with an intact libxl cell with a
+    privileged device model (:func:`.report.least_privilege`)."""
+    have = {
+        s.mode
+        for s in scenarios
+        if s.toolstack == "libxl" and s.dm == "privileged" and s.outcome == "intact"
+    }
+    return {
+        mode: per[Principal.DEVICE_MODEL.value]
+        for mode, per in least_privilege(scenarios).items()
+        if mode in have
+    }
+
+
+async def run_enforced(
+    variants: Sequence[Variant],
+    *,
+    report: Reporter = lambda _m: None,
+    progress: Reporter = lambda _m: None,
+) -> tuple[list[EnforcedCell], list[str]]:
+    """Run each variant on a fresh stack of its own run directory; returns the judged cells and
+    problems with the run as a whole (files or device models left behind)."""
+    root = Path(tempfile.mkdtemp(prefix="physmap-enforce-")).resolve()
+    problems: list[str] = []
+    observed: list[tuple[Variant, Observed, float, float]] = []
+    try:
+        async with AsyncExitStack() as daemons:
+            try:
+                await daemons.enter_async_context(open_stack(root, audit=True))
+            except (RuntimeError, OSError) as exc:
+                raise StepError(f"cannot start the stack: {exc}") from None
+            run = _EnforcedRun(root, report)
+            for i, variant in enumerate(variants, 1):
+                progress(f"[{i}/{len(variants)}] enforced {variant.label}")
+                run.variant = variant
+                w0, c0 = time.time(), time.monotonic()
+                seen = await run.run_case(variant.case)
+                seen.steps["total"] = time.monotonic() - c0
+                observed.append((variant, seen, w0, time.time()))
+        problems += [f"left behind: {f}" for f in leftover_files(root)]
+        stray = device_models(root)
+        if stray:
+            await _end_processes(stray)
+            problems.append(f"device models left running: pids {stray}")
+        xs = read_xenstored(root / "audit" / "xenstored.jsonl")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    cells = []
+    for variant, seen, w0, w1 in observed:
+        result = evaluate(variant.case, seen, None, seen.steps["total"])
+        cells.append(judge(variant, seen, result, [r for r in xs if w0 <= r.t < w1]))
+    return cells, problems
