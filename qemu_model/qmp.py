@@ -108,6 +108,8 @@ class QmpSession:
             obj = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return error_reply(f"JSON parse error, {exc}")
+        except RecursionError:
+            return error_reply("JSON parse error, nesting too deep")
         if not isinstance(obj, dict):
             return error_reply("QMP input must be a JSON object")
         has_id = "id" in obj
