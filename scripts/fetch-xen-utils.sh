@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Downloads Debian's xen-utils-4.17 and the libraries its test-xenstore links (libxenstore4,
-# libxentoolcore1) and unpacks them into DEST (default .cache/xen-utils-4.17), so that
+# Downloads Debian's xen-utils-4.17 and the libraries its test-xenstore and xenstore-control
+# link, and unpacks them into DEST (default .cache/xen-utils-4.17), so that
 # LD_LIBRARY_PATH=DEST/usr/lib/x86_64-linux-gnu DEST/usr/lib/xen-4.17/bin/test-xenstore runs.
 # The packages are unpacked, never installed.
 set -euo pipefail
 dest=${1:-.cache/xen-utils-4.17}
-pkgs=(xen-utils-4.17 libxenstore4 libxentoolcore1)
+pkgs=(xen-utils-4.17 libxenstore4 libxentoolcore1 libxenmisc4.17 libxentoollog1 libxencall1
+      libxenevtchn1 libxengnttab1 libxenforeignmemory1 libxendevicemodel1)
 mkdir -p "$dest.debs"
 missing=()
 for p in "${pkgs[@]}"; do
@@ -23,3 +24,4 @@ for deb in "$dest.debs"/*.deb; do dpkg -x "$deb" "$dest.tmp"; done
 rm -rf "$dest" && mv "$dest.tmp" "$dest"
 test -x "$dest/usr/lib/xen-4.17/bin/test-xenstore"
 test -e "$dest/usr/lib/x86_64-linux-gnu/libxentoolcore.so.1"
+test -e "$dest/usr/lib/x86_64-linux-gnu/libxenctrl.so.4.17"

@@ -2,7 +2,8 @@
 
 Flags follow C xenstored where it has them: ``-E`` nodes, ``-S`` node size, ``-W`` watches,
 ``-t`` transactions, ``-A`` permissions per node, ``-M`` path length, ``-Q name=value`` any
-quota (xenstore-facts.md §7.1).  Like C (``xs_lib.c``), the run directory comes from
+quota, ``-q memory=N`` the soft memory quota, ``-w watch-event=SECONDS`` the watch-event
+timeout (xenstore-facts.md §7.1, §4.8; C 4.17's usage text).  Like C (``xs_lib.c``), the run directory comes from
 ``XENSTORED_RUNDIR`` and the socket path from ``XENSTORED_PATH`` unless given as flags.
 """
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="compact the journal into a snapshot past this size (default: %(default)s)",
     )
     p.add_argument("--audit-log", help="write one JSON record per request to this file")
+    # Set by a live update on the re-executed daemon (server/live_update.py).
+    p.add_argument("--live-update-state", type=int, help=argparse.SUPPRESS)
     p.add_argument("-E", "--entry-nb", type=int, dest="nodes", help="nodes per domain")
     p.add_argument("-S", "--entry-size", type=int, dest="node_size", help="max. node size")
     p.add_argument("-W", "--watch-nb", type=int, dest="watches", help="watches per domain")
@@ -72,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="set a quota by its C name (nodes, watches, outstanding, memory, transactions, "
         "transaction-nodes, permissions, path-max, node-size)",
     )
+    p.add_argument(
+        "-q",
+        "--quota-soft",
+        type=_quota_arg,
+        action="append",
+        default=[],
+        metavar="memory=VALUE",
+        help="set the soft memory quota (a warning only)",
+    )
+    p.add_argument(
+        "-w",
+        "--timeout",
+        type=_quota_arg,
+        action="append",
+        default=[],
+        metavar="watch-event=SECONDS",
+        help="time a watch event is kept pending for a guest (default 20; 0: forever)",
+    )
     return p
 
 
@@ -88,8 +109,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
                 quotas.set(name.replace("_", "-"), value)
         for name, value in args.quota:
             quotas.set(name, value)
+        for name, value in args.quota_soft:
+            if name != "memory" or value < 1:
+                raise XsErrno("EINVAL")
+            quotas.soft_memory = value
     except XsErrno:
         parser.error("invalid quota name or value")
+    watch_event_timeout = 20.0
+    for name, value in args.timeout:
+        if name != "watch-event":
+            parser.error(f"unknown timeout {name!r}")
+        watch_event_timeout = float(value)
     if args.state_dir:
         os.makedirs(args.state_dir, exist_ok=True)
     return DaemonConfig(
@@ -100,6 +130,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         state_dir=args.state_dir,
         sync=SyncPolicy(args.sync),
         journal_max=args.journal_max,
+        live_update_state=args.live_update_state,
+        watch_event_timeout=watch_event_timeout,
     )
 
 

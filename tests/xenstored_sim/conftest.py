@@ -386,7 +386,7 @@ def xen_root() -> Path:
     """Debian's xen-utils-4.17 unpacked (for test-xenstore): ``$PHYSMAP_LAB_XEN_ROOT``, else
     ``.cache/xen-utils-4.17``, fetched by ``scripts/fetch-xen-utils.sh`` if it is not there."""
     root = Path(os.environ.get("PHYSMAP_LAB_XEN_ROOT") or REPO / ".cache" / "xen-utils-4.17")
-    if not (root / "usr/lib/xen-4.17/bin/test-xenstore").exists():
+    if not (root / "usr/lib/x86_64-linux-gnu/libxenctrl.so.4.17").exists():
         subprocess.run(
             ["bash", str(REPO / "scripts" / "fetch-xen-utils.sh"), str(root)],
             cwd=REPO,

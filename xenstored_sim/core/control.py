@@ -16,6 +16,7 @@ OK: Final = b"OK\0"
 COMMANDS: Final = (
     ("check", ""),
     ("log", "on|off"),
+    ("live-update", "[-c <cmdline>] [-F] [-t <timeout>] <file>"),
     ("logfile", "<file>"),
     ("print", "<string>"),
     ("quota", "[set <name> <val>|<domid>]"),

@@ -43,6 +43,7 @@ class Connection:
         "privileged",
         "target",
         "transactions",
+        "watch_mem",
     )
 
     def __init__(self, conn_id: int, kind: ConnKind, domid: int, peer: dict[str, object]) -> None:
@@ -56,3 +57,5 @@ class Connection:
         self.transactions: dict[int, Transaction] = {}
         self.next_tx = 1
         self.peer = peer
+        #: bytes of this connection's watches (path + token), charged to its domain (§4.11)
+        self.watch_mem = 0

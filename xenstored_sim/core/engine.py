@@ -18,6 +18,7 @@ E2BIG (XSA-72); an event over 4096 bytes is dropped (XSA-324).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -63,8 +64,12 @@ PRIVILEGED_OPS: Final = frozenset(
 )
 # WATCH and UNWATCH ignore tx_id since the XSA-115 fix (§4.1).
 _TX_FREE: Final = frozenset({int(Op.WATCH), int(Op.UNWATCH)})
-# Errors that fail the enclosing transaction, whose commit then answers ENOMEM (§5.3).
-_TX_FAILING: Final = frozenset({"ENOSPC", "ENOMEM"})
+# Errors that fail the enclosing transaction, whose commit then answers ENOMEM (§5.3); EIO is
+# a node write over the memory quota (C ``write_node`` fails the transaction).
+_TX_FAILING: Final = frozenset({"ENOSPC", "ENOMEM", "EIO"})
+# Replies up to this size use C's built-in buffer and are never refused for memory.
+_REPLY_BUFFER: Final = 16
+_log = logging.getLogger("xenstored_sim")
 _ATOI: Final = re.compile(rb"\s*([+-]?[0-9]+)")
 _ERRNO_PAYLOAD: dict[str, bytes] = {}
 
@@ -108,6 +113,10 @@ def _strings(payload: bytes) -> list[bytes]:
     return payload[:-1].split(b"\0")
 
 
+def _nothing_unsent(conn_id: int) -> int:
+    return 0
+
+
 def atoi(raw: bytes) -> int:
     """C ``atoi``: leading blanks, a sign, digits; anything else stops it (0 if none)."""
     m = _ATOI.match(raw)
@@ -141,6 +150,9 @@ class XenstoreEngine:
         }
         self.conns: dict[int, Connection] = {}
         self._next_conn = 1
+        #: How many messages the shell holds unsent for a connection (CONTROL ``quota
+        #: <domid>`` reports the sum over a domain's connections as ``outstanding``).
+        self.unsent: Callable[[int], int] = _nothing_unsent
         #: audit records not yet taken by the shell (None when auditing is off)
         self.audit: list[dict[str, Any]] | None = [] if audit else None
         self._clock = clock
@@ -264,10 +276,18 @@ class XenstoreEngine:
                 if txn is None:
                     raise XsErrno("ENOENT")
             payload = handler(conn, packet, txn, out)
-            if len(payload) > PAYLOAD_MAX:
+            n = len(payload)
+            if n > PAYLOAD_MAX:
                 raise XsErrno("E2BIG")
-            out.append((conn_id, Packet(op, packet.req_id, packet.tx_id, payload)))
-            result = "OK"
+            if n > _REPLY_BUFFER and not conn.privileged and self._over_memory(conn.domid, n):
+                # C send_reply: a reply buffer over the memory quota becomes ENOMEM; the
+                # transaction is not failed by it.
+                result = "ENOMEM"
+                payload = _errno_payload(result)
+                out.append((conn_id, Packet(_ERROR, packet.req_id, packet.tx_id, payload)))
+            else:
+                out.append((conn_id, Packet(op, packet.req_id, packet.tx_id, payload)))
+                result = "OK"
         except XsErrno as exc:
             result = exc.errno
             if txn is not None and result in _TX_FAILING and op != Op.TRANSACTION_END:
@@ -354,6 +374,9 @@ class XenstoreEngine:
         copy = node.copy()
         nodes[path] = copy
         txn.recorded[path] = node.generation
+        if txn.node_limit:
+            copy.acc = acc = copy.size() + len(path) + txn.key_extra
+            txn.memory += acc
         return copy
 
     def _get_chk(self, conn: Connection, txn: Transaction | None, path: str, need: int) -> Node:
@@ -389,10 +412,49 @@ class XenstoreEngine:
     def _put(self, txn: Transaction | None, path: str, node: Node) -> None:
         node.generation = self.store.next_generation()
         if txn is None:
+            if node.acc or node.perms[0][1]:
+                self.store.charge(path, node)
             self.store.nodes[path] = node
         else:
             txn.nodes[path] = node
             txn.modified[path] = None
+            if txn.node_limit:
+                acc = node.size() + len(path) + txn.key_extra
+                txn.memory += acc - node.acc
+                node.acc = acc
+
+    def domain_memory(self, domid: int) -> int:
+        """Bytes charged to a domain's memory quota (xenstore-facts.md §7.3): the nodes it
+        owns, its connections' watches and its transactions' private copies."""
+        mem = self.store.memory.get(domid, 0)
+        dom = self.domains.get(domid)
+        if dom is not None:
+            conns = self.conns
+            for cid in dom.conn_ids:
+                c = conns[cid]
+                mem += c.watch_mem
+                for t in c.transactions.values():
+                    mem += t.memory
+        return mem
+
+    def _over_memory(self, domid: int, grow: int) -> bool:
+        """C ``domain_memory_add``: would ``grow`` more bytes reach the hard quota of this
+        unprivileged domain?  Crossing the soft quota only logs a warning."""
+        if grow <= 0 or domid not in self.domains:
+            return False
+        before = self.domain_memory(domid)
+        total = before + grow
+        q = self.quotas
+        if total >= q.memory:
+            return True
+        if before < q.soft_memory <= total:
+            _log.warning("Domain %d exceeds soft memory quota", domid)
+        return False
+
+    def _mem_check(self, domid: int, grow: int) -> None:
+        # A node write over the quota: C's write_node_raw turns the ENOMEM into EIO.
+        if domid and self._over_memory(domid, grow):
+            raise XsErrno("EIO")
 
     def _count(self, txn: Transaction | None, owner: int, delta: int) -> None:
         if txn is None:
@@ -489,6 +551,9 @@ class XenstoreEngine:
                     raise XsErrno("EACCES")
                 if node.size() - len(node.value) + len(value) >= self.quotas.node_size:
                     raise XsErrno("ENOSPC")
+            grow = len(value) - len(node.value)
+            if grow > 0:
+                self._mem_check(txn.domid if txn is not None else node.perms[0][1], grow)
             node.value = value
             self._put(txn, path, node)
         self._changed(out, txn, path, node)
@@ -537,6 +602,18 @@ class XenstoreEngine:
             leaf = NODE_HEADER_SIZE + PERM_ENTRY_SIZE * len(perms) + len(value)
             if leaf >= q.node_size or parent.size() + len(top) + 1 >= q.node_size:
                 raise XsErrno("ENOSPC")
+        owner = txn.domid if txn is not None else perms[0][1]
+        top_grow = len(basename(missing[-1])) + 1
+        pown = txn.domid if txn is not None else parent.perms[0][1]
+        if owner:
+            base = NODE_HEADER_SIZE + PERM_ENTRY_SIZE * len(perms)
+            if txn is not None:
+                base += txn.key_extra
+            grow = len(value) + sum(base + len(p) for p in missing)
+            grow += sum(len(basename(p)) + 1 for p in missing[:-1])
+            self._mem_check(owner, grow + top_grow if pown == owner else grow)
+        if pown and pown != owner:
+            self._mem_check(pown, top_grow)
         # C writes the deepest node first, then each new parent, then the existing ancestor:
         # that order decides the generation numbers.
         child: str | None = None
@@ -601,11 +678,15 @@ class XenstoreEngine:
             for path, n in order:
                 del nodes[path]
                 store.count_owner(n.perms[0][1], -1)
+                if n.acc:
+                    store.uncharge(n)
         else:
             for path, n in order:
                 txn.nodes[path] = None
                 txn.modified[path] = None
                 self._count(txn, n.perms[0][1], -1)
+                txn.memory -= n.acc
+                n.acc = 0
         anc = parent_of(top)
         parent = self._get(txn, anc)
         assert parent is not None
@@ -674,6 +755,14 @@ class XenstoreEngine:
             grown = PERM_ENTRY_SIZE * (len(perms) - len(old))
             if node.size() + grown >= self.quotas.node_size:
                 raise XsErrno("ENOSPC")
+        grow = PERM_ENTRY_SIZE * (len(perms) - len(old))
+        if txn is not None:
+            self._mem_check(txn.domid, grow)
+        elif perms[0][1] != old[0][1]:
+            self._mem_check(perms[0][1], node.size() + grow + len(path))
+            self.store.uncharge(node)  # recharged to the new owner by _put
+        else:
+            self._mem_check(old[0][1], grow)
         node.perms = perms
         self._put(txn, path, node)
         if perms[0][1] != old[0][1]:
@@ -693,8 +782,15 @@ class XenstoreEngine:
         if not conn.privileged and self._domain_watches(conn.domid) > self.quotas.watches:
             raise XsErrno("E2BIG")  # 4.17: E2BIG once a domain has more than the quota
         relative = raw[:1] not in (b"/", b"@")
+        cost = 0
+        if not conn.privileged:
+            # C add_watch charges path + token to the domain: ENOMEM over the quota (§4.11).
+            cost = len(path) + len(token)
+            if self._over_memory(conn.domid, cost):
+                raise XsErrno("ENOMEM")
         if self.watches.add(conn.id, path, token, relative) is None:
             raise XsErrno("EEXIST")
+        conn.watch_mem += cost
         # The first event carries the path as given and follows the OK (§4.2).
         event = raw + b"\0" + token + b"\0"
         if len(event) <= PAYLOAD_MAX:
@@ -716,6 +812,8 @@ class XenstoreEngine:
         path = self._path(conn, args[0], special=True)
         if not self.watches.remove(conn.id, path, args[1]):
             raise XsErrno("ENOENT")
+        if not conn.privileged:
+            conn.watch_mem -= len(path) + len(args[1])
         return OK
 
     def _op_reset_watches(
@@ -723,6 +821,7 @@ class XenstoreEngine:
     ) -> bytes:
         # Drops the caller's transactions too, the current one included (§4.10, XSA-484).
         self.watches.remove_conn(conn.id)
+        conn.watch_mem = 0
         conn.transactions.clear()
         return OK
 
@@ -744,7 +843,9 @@ class XenstoreEngine:
         conn.next_tx = (tx_id + 1) & 0xFFFFFFFF
         self.store.generation += 1  # C: trans->generation = ++generation
         limit = 0 if conn.privileged else self.quotas.transaction_nodes
-        conn.transactions[tx_id] = Transaction(tx_id, conn.id, conn.domid, limit)
+        conn.transactions[tx_id] = Transaction(
+            tx_id, conn.id, conn.domid, limit, self.store.generation
+        )
         return b"%d\0" % tx_id
 
     def _op_transaction_end(
@@ -781,11 +882,16 @@ class XenstoreEngine:
             old = nodes.get(path)
             if old is not None:
                 store.count_owner(old.perms[0][1], -1)
+                if old.acc:
+                    store.uncharge(old)
             if new is None:
                 if old is not None:
                     del nodes[path]
             else:
                 new.generation = store.next_generation()
+                new.acc = 0  # the transaction's charge ends with it
+                if new.perms[0][1]:
+                    store.charge(path, new)
                 nodes[path] = new
                 store.count_owner(new.perms[0][1], 1)
         for ev in txn.events.values():
@@ -825,6 +931,7 @@ class XenstoreEngine:
             dom.port = port
             for cid in dom.conn_ids:
                 self.watches.remove_conn(cid)
+                self.conns[cid].watch_mem = 0
                 self.conns[cid].transactions.clear()
             return OK
         self.domains[domid] = Domain(domid, port)
@@ -898,6 +1005,7 @@ class XenstoreEngine:
             perms = node.perms
             if perms[0][1] == domid:
                 # Only `/` can survive its owner's release; dom0 takes it over.
+                self.store.uncharge(node)
                 owner = (perms[0][0], 0)
                 self.store.count_owner(0, 1)
             else:
@@ -907,6 +1015,7 @@ class XenstoreEngine:
         for name, perms in self.special_perms.items():
             self.special_perms[name] = (perms[0], *(e for e in perms[1:] if e[1] != domid))
         self.store.owned.pop(domid, None)
+        self.store.memory.pop(domid, None)
         out.released += (domid,)
         self._fire(out, RELEASE_DOMAIN, None, False, None)
         return tops
@@ -943,25 +1052,28 @@ class XenstoreEngine:
 
     def domain_usage(self, domid: int) -> dict[str, int]:
         """What CONTROL ``quota <domid>`` reports (C 4.17 accounting)."""
-        nodes = 0
-        memory = 0
-        for path, node in self.store.nodes.items():
-            if node.perms[0][1] == domid:
-                nodes += 1
-                memory += node.size() + len(path)
+        nodes = self.store.owned.get(domid, 0)
+        if domid:
+            memory = self.domain_memory(domid)
+        else:
+            # dom0 is never charged as it goes; its figure is computed on demand.
+            memory = sum(
+                node.size() + len(path)
+                for path, node in self.store.nodes.items()
+                if node.perms[0][1] == 0
+            )
         dom = self.domains.get(domid)
-        watches = transactions = 0
+        watches = transactions = outstanding = 0
         if dom is not None:
             for cid in dom.conn_ids:
-                for w in self.watches.of_conn(cid):
-                    watches += 1
-                    memory += len(w.path) + len(w.token)
+                watches += self.watches.count(cid)
                 transactions += len(self.conns[cid].transactions)
+                outstanding += self.unsent(cid)
         return {
             "nodes": nodes,
             "watches": watches,
             "transactions": transactions,
-            "outstanding": 0,
+            "outstanding": outstanding,
             "memory": memory,
         }
 

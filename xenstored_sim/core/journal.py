@@ -247,7 +247,7 @@ def apply_records(engine: XenstoreEngine, payloads: list[bytes]) -> None:
 
 
 def recount(store: Store) -> None:
-    """Recompute the per-owner node counts (the ``nodes`` quota) from the nodes."""
+    """Recompute the per-owner node counts and memory (the ``nodes`` and ``memory`` quotas)."""
     owned: dict[int, int] = {}
     top = 0
     for node in store.nodes.values():
@@ -256,3 +256,4 @@ def recount(store: Store) -> None:
         top = max(top, node.generation)
     store.owned = owned
     store.generation = max(store.generation, top + 1)
+    store.recount_memory()

@@ -44,10 +44,13 @@ class Node:
     ``backend``, ...) are stored once.
     """
 
-    __slots__ = ("children", "generation", "perms", "value")
+    __slots__ = ("acc", "children", "generation", "perms", "value")
 
     def __init__(self, value: bytes, perms: Perms, children: dict[str, None] | None = None) -> None:
         self.value = value
+        # Bytes charged to the memory quota of the owner (store nodes) or of the transaction
+        # holding this private copy; 0 for nodes of dom0, which no quota binds.
+        self.acc = 0
         self.perms = perms
         self.children: dict[str, None] | MappingProxyType[str, None] = (
             children if children else NO_CHILDREN
@@ -94,13 +97,16 @@ class Node:
 class Store:
     """All nodes, the generation counter and the node count of every owner."""
 
-    __slots__ = ("generation", "nodes", "owned")
+    __slots__ = ("generation", "memory", "nodes", "owned")
 
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
         self.generation = 0
         # domid -> number of nodes whose first permission entry names it (the node quota)
         self.owned: dict[int, int] = {}
+        # domid -> bytes of the nodes it owns, as C 4.17 charges them to the memory quota:
+        # the record (Node.size) plus the path (the TDB key); dom0 is not charged here.
+        self.memory: dict[int, int] = {}
         # xenstored_core.c setup_structure: "/", "/tool", "/tool/xenstored", owned by dom0.
         # The oracle's counter stands at 4 once they exist.
         root = Node(b"", DEFAULT_PERMS, {"tool": None})
@@ -118,6 +124,31 @@ class Store:
 
     def count_owner(self, domid: int, delta: int) -> None:
         self.owned[domid] = self.owned.get(domid, 0) + delta
+
+    def charge(self, path: str, node: Node) -> None:
+        """Re-account ``node`` stored at ``path`` to its owner's memory (xenstore-facts.md
+        §7.3, C ``do_tdb_write``).  ``node.acc`` is always charged to the current owner: an
+        owner change must :meth:`uncharge` first."""
+        owner = node.perms[0][1]
+        acc = node.size() + len(path) if owner else 0
+        if acc != node.acc:
+            self.memory[owner] = self.memory.get(owner, 0) + acc - node.acc
+            node.acc = acc
+
+    def uncharge(self, node: Node) -> None:
+        """Take ``node`` out of its owner's memory (deleted, or about to change owner)."""
+        if node.acc:
+            owner = node.perms[0][1]
+            self.memory[owner] -= node.acc
+            node.acc = 0
+
+    def recount_memory(self) -> None:
+        """Recompute every node's charge (after a restore that bypassed :meth:`charge`)."""
+        self.memory.clear()
+        for path, node in self.nodes.items():
+            node.acc = 0
+            if node.perms[0][1]:
+                self.charge(path, node)
 
     def walk(self, top: str = "/") -> Iterator[tuple[str, Node]]:
         """Pre-order walk in child order, without recursion."""

@@ -40,6 +40,8 @@ class Transaction:
         "events",
         "failed",
         "id",
+        "key_extra",
+        "memory",
         "modified",
         "node_limit",
         "nodes",
@@ -47,7 +49,9 @@ class Transaction:
         "recorded",
     )
 
-    def __init__(self, tx_id: int, conn_id: int, domid: int, node_limit: int) -> None:
+    def __init__(
+        self, tx_id: int, conn_id: int, domid: int, node_limit: int, generation: int = 0
+    ) -> None:
         self.id = tx_id
         self.conn_id = conn_id
         self.domid = domid
@@ -64,3 +68,8 @@ class Transaction:
         self.failed = False
         # owner domid -> nodes created minus nodes deleted inside the transaction
         self.owned_delta: dict[int, int] = {}
+        # C keeps private copies in its database under "<tx generation>/<path>" and charges
+        # them, key included, to the transaction's domain (xenstore-facts.md §7.3).
+        self.key_extra = len(str(generation)) + 1
+        #: bytes of the private copies (only counted for unprivileged connections)
+        self.memory = 0

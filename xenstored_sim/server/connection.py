@@ -21,6 +21,11 @@ block another:
   a guest's own writes can queue large events on its other, unread connections (XSA-326).
 * A header announcing more than 4096 bytes is a protocol violation: the connection is
   dropped without a reply (§1.10).
+
+Watch events get two more rules of C's ``send_event`` (xenstore-facts.md §4.8, XSA-326).  A
+non-special event identical to one still queued and unsent is dropped.  On a guest
+connection an event still wholly unsent after the watch-event timeout (20 s by default, C's
+``--timeout watch-event=``) is discarded.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ from typing import Final
 
 import trio
 
-from ..wire import HEADER_SIZE, NEED_DATA, PAYLOAD_MAX, Packet, PacketDecoder, RemoteProtocolError
+from ..wire import (
+    HEADER_SIZE,
+    NEED_DATA,
+    PAYLOAD_MAX,
+    Packet,
+    PacketDecoder,
+    RemoteProtocolError,
+    encode,
+)
 
 #: Unsent messages a privileged connection may accumulate before its reader pauses.
 PRIVILEGED_OUTSTANDING: Final = 1024
@@ -61,6 +74,8 @@ class ClientConnection:
         sock: socket.socket,
         dispatch: Callable[[int, Packet], None],
         limit: Callable[[], int],
+        *,
+        event_timeout: float | None = None,
     ) -> None:
         sock.setblocking(False)
         self.conn_id = conn_id
@@ -69,6 +84,15 @@ class ClientConnection:
         self._limit = limit
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
+        # Queued, wholly unsent watch events (encoded) -> how many (§4.8).
+        self._unsent_events: dict[bytes, int] = {}
+        # Seconds an event may wait unsent (guests only), and (deadline, event) in order.
+        self._event_timeout = event_timeout
+        self._deadlines: deque[tuple[float, bytes]] = deque()
+        self._have_deadline = trio.Event()
+        self._decoder = PacketDecoder()
+        # A request taken from the decoder while the reader waits for room in the queue.
+        self._held: Packet | None = None
         # While the reader handles a batch it sends the replies itself afterwards: pushes
         # then need not wake the writer.
         self._in_batch = False
@@ -92,11 +116,59 @@ class ClientConnection:
         if not self._in_batch:
             self._have_data.set()
 
+    def push_event(self, data: bytes) -> None:
+        """Queue an encoded watch event, unless an identical non-special one is still
+        queued and unsent (C ``send_event``)."""
+        if self.closed:
+            return
+        unsent = self._unsent_events
+        count = unsent.get(data)
+        if count:
+            if data[HEADER_SIZE : HEADER_SIZE + 1] != b"@":
+                return
+            unsent[data] = count + 1
+        else:
+            unsent[data] = 1
+        if self._event_timeout is not None:
+            self._deadlines.append((trio.current_time() + self._event_timeout, data))
+            self._have_deadline.set()
+        self.push(data)
+
+    @property
+    def unsent(self) -> int:
+        """Messages queued and not wholly sent."""
+        return len(self._queue)
+
+    def adopt(self, unread: bytes, unsent: bytes) -> None:
+        """Take over the bytes a live update carried: input still to handle, output still
+        to send (server/live_update.py).  Call before :meth:`run`."""
+        if unread:
+            self._decoder.receive_data(unread)
+        if unsent:
+            self._queue.append(unsent)
+            self._queued_bytes += len(unsent)
+            self._have_data.set()
+
+    def pending_input(self) -> bytes:
+        """Received bytes not yet handled, in order."""
+        held = self._held
+        rest = self._decoder.unread()
+        return rest if held is None else encode(held) + rest
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def pending_output(self) -> bytes:
+        """Queued bytes not yet sent, in order."""
+        return b"".join(self._queue)
+
     def close(self) -> None:
         """Stop both tasks; the connection's socket is closed on the way out."""
         self.closed = True
         self._queue.clear()
         self._queued_bytes = 0
+        self._unsent_events.clear()
+        self._deadlines.clear()
         self._cancel.cancel()
 
     async def run(self) -> None:
@@ -105,6 +177,8 @@ class ClientConnection:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
+                    if self._event_timeout is not None:
+                        nursery.start_soon(self._expirer)
                     await self._reader()
                     # Let the writer flush what is queued, then stop it.
                     while self._queue and not self.closed:
@@ -132,38 +206,80 @@ class ClientConnection:
         if sent == len(data):
             queue.clear()
             self._queued_bytes = 0
+            if self._unsent_events:
+                self._unsent_events.clear()
             return sent
         # The queue keeps one entry per unsent message: ``limit`` counts messages.
         self._queued_bytes -= sent
         left = sent
+        unsent = self._unsent_events
         while left:
             head = queue[0]
+            if unsent:
+                count = unsent.get(head)
+                if count == 1:
+                    del unsent[head]
+                elif count:
+                    unsent[head] = count - 1
             if len(head) <= left:
                 queue.popleft()
                 left -= len(head)
             else:
-                queue[0] = head[left:]
+                queue[0] = head[left:]  # partly sent: no longer a candidate to drop
                 left = 0
         return sent
 
+    def _expire(self, event: bytes) -> None:
+        """Discard ``event`` if that very message is still queued and wholly unsent."""
+        queue = self._queue
+        for i, message in enumerate(queue):
+            if message is event:
+                del queue[i]
+                self._queued_bytes -= len(event)
+                count = self._unsent_events[event]
+                if count == 1:
+                    del self._unsent_events[event]
+                else:
+                    self._unsent_events[event] = count - 1
+                return
+
+    async def _expirer(self) -> None:
+        """Discard guest events left unread past the watch-event timeout (XSA-326)."""
+        deadlines = self._deadlines
+        while True:
+            if not deadlines:
+                self._have_deadline = trio.Event()
+                await self._have_deadline.wait()
+                continue
+            await trio.sleep_until(deadlines[0][0])
+            now = trio.current_time()
+            while deadlines and deadlines[0][0] <= now:
+                self._expire(deadlines.popleft()[1])
+            if self._queue:
+                self._have_room.set()
+
     async def _reader(self) -> None:
-        decoder = PacketDecoder()
+        decoder = self._decoder
         sock = self._sock
         fd = sock.fileno()
         queue = self._queue
         dispatch = self._dispatch
         conn_id = self.conn_id
+        adopted = decoder.buffered > 0  # input a live update carried over comes first
         while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                data = sock.recv(_RECEIVE_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            decoder.receive_data(data)
+            if adopted:
+                adopted = False
+            else:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    data = sock.recv(_RECEIVE_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                decoder.receive_data(data)
             while True:
                 try:
                     packet = decoder.next_packet()
@@ -176,10 +292,12 @@ class ClientConnection:
                 if queue and len(queue) >= self._limit():
                     if self._send_queued() < 0:
                         return
+                    self._held = packet
                     while len(queue) >= self._limit():
                         self._have_data.set()
                         self._have_room = trio.Event()
                         await self._have_room.wait()
+                    self._held = None
                 self._in_batch = True
                 try:
                     dispatch(conn_id, packet)

@@ -8,6 +8,10 @@ connections' queues and opens or closes guest sockets as domains come and go.
 
 With a state directory, each request's changes are journaled (:mod:`.durable`) before its
 messages are routed; under ``--sync batch`` the outboxes wait for the group commit.
+
+CONTROL ``live-update`` from a privileged connection is answered by :mod:`.live_update`,
+which can re-execute the daemon with every socket and the engine's state handed over; the
+new process then adopts the sockets instead of binding them.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import trio
 
 from ..core import ConnKind, Outbox, Quotas, XenstoreEngine
 from ..core.journal import touches_domains
-from ..wire import Packet, encode
+from ..wire import Op, Packet, encode
 from .audit import AuditLog
 from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
 from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
+from .live_update import LiveUpdater
 from .peer import peer_of
 
 
@@ -44,11 +49,19 @@ class DaemonConfig:
     state_dir: str | None = None
     sync: SyncPolicy = SyncPolicy.BATCH
     journal_max: int = DEFAULT_JOURNAL_MAX
+    #: Seconds a watch event may wait unread on a guest connection before it is discarded
+    #: (C ``--timeout watch-event=``, xenstore-facts.md §4.8); 0 keeps events forever.
+    watch_event_timeout: float = 20.0
+    #: Descriptor of the state a live update handed over (server/live_update.py); the
+    #: sockets come from it instead of being bound.
+    live_update_state: int | None = None
 
 
 # accept() failures that mean "no capacity right now", not a broken listener.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_BACKOFF = 0.1
+_CONTROL = int(Op.CONTROL)
+_WATCH_EVENT = int(Op.WATCH_EVENT)
 
 
 def _listen_unix(path: str) -> socket.socket:
@@ -75,12 +88,16 @@ class XenstoredServer:
     def __init__(self, config: DaemonConfig, nursery: trio.Nursery) -> None:
         self.config = config
         self.engine = XenstoreEngine(config.quotas, audit=config.audit_log is not None)
+        self.engine.unsent = self._unsent
         self._audit = AuditLog(config.audit_log) if config.audit_log else None
         self._nursery = nursery
         self._clients: dict[int, ClientConnection] = {}
         self._guest_scopes: dict[int, trio.CancelScope] = {}
         self._paths: list[str] = []
+        #: domid -> listening socket (0: the privileged socket), for a live update
+        self.listeners: dict[int, socket.socket] = {}
         self._durable: DurableStore | None = None
+        self.live_update = LiveUpdater(self)
         # batch sync: outboxes held until the group commit that covers them
         self._pending: list[Outbox] = []
         self._commit_wake = trio.Event()
@@ -98,21 +115,30 @@ class XenstoredServer:
     def start(self) -> None:
         """Bind the privileged socket and start accepting."""
         os.makedirs(os.path.join(self.config.rundir, "domains"), exist_ok=True)
-        listener = _listen_unix(self.config.socket_path)
-        self._paths.append(self.config.socket_path)
-        self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0)
-        for domid in sorted(self.engine.domains):
-            self._open_guest(domid)  # restored from the state directory
+        if self.config.live_update_state is not None:
+            self.live_update.restore(self.config.live_update_state)
+        else:
+            self.adopt_listener(_listen_unix(self.config.socket_path))
+            for domid in sorted(self.engine.domains):
+                self._open_guest(domid)  # restored from the state directory
         if self._durable is not None and self._durable.sync is SyncPolicy.BATCH:
             self._nursery.start_soon(self._committer)
 
-    def _open_guest(self, domid: int) -> None:
+    def adopt_listener(self, listener: socket.socket) -> None:
+        """Accept on the privileged socket (bound here, or handed over by a live update)."""
+        self.listeners[0] = listener
+        self._paths.append(self.config.socket_path)
+        self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0)
+
+    def _open_guest(self, domid: int, listener: socket.socket | None = None) -> None:
         path = self.guest_socket_path(domid)
-        try:
-            listener = _listen_unix(path)
-        except OSError as exc:
-            print(f"xenstored-sim: cannot serve {path}: {exc}", file=sys.stderr)
-            return
+        if listener is None:
+            try:
+                listener = _listen_unix(path)
+            except OSError as exc:
+                print(f"xenstored-sim: cannot serve {path}: {exc}", file=sys.stderr)
+                return
+        self.listeners[domid] = listener
         self._paths.append(path)
         scope = trio.CancelScope()
         self._guest_scopes[domid] = scope
@@ -128,6 +154,7 @@ class XenstoredServer:
         scope = self._guest_scopes.pop(domid, None)
         if scope is not None:
             scope.cancel()
+        self.listeners.pop(domid, None)
         path = self.guest_socket_path(domid)
         if path in self._paths:
             self._paths.remove(path)
@@ -156,28 +183,44 @@ class XenstoredServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._paths.clear()
-        if self._audit is not None:
-            self._audit.write(self.engine.take_audit())
-            self._audit.close()
+        self._flush_audit()
 
     # -------------------------------------------------------------- connections
 
-    async def _serve_client(self, sock: socket.socket, kind: ConnKind, domid: int) -> None:
-        peer: dict[str, Any] = {}
-        if self._audit is not None:
-            peer = peer_of(sock)
-            peer["guest"] = kind is ConnKind.GUEST
-        try:
-            conn_id = self.engine.connect(kind, domid, peer)
-        except LookupError:
-            sock.close()
-            return
+    async def _serve_client(
+        self,
+        sock: socket.socket,
+        kind: ConnKind,
+        domid: int,
+        adopted: tuple[int, bytes, bytes] | None = None,
+    ) -> None:
         engine = self.engine
+        if adopted is not None:
+            conn_id = adopted[0]  # a live update restored the engine's connection
+        else:
+            peer: dict[str, Any] = {}
+            if self._audit is not None:
+                peer = peer_of(sock)
+                peer["guest"] = kind is ConnKind.GUEST
+            try:
+                conn_id = engine.connect(kind, domid, peer)
+            except LookupError:
+                sock.close()
+                return
 
         def limit() -> int:
             return engine.outstanding_limit(conn_id) or PRIVILEGED_OUTSTANDING
 
-        client = ClientConnection(conn_id, sock, self.dispatch, limit)
+        timeout = self.config.watch_event_timeout
+        client = ClientConnection(
+            conn_id,
+            sock,
+            self.dispatch,
+            limit,
+            event_timeout=timeout if kind is ConnKind.GUEST and timeout > 0 else None,
+        )
+        if adopted is not None:
+            client.adopt(adopted[1], adopted[2])
         self._clients[conn_id] = client
         self._flush_audit()
         try:
@@ -190,6 +233,8 @@ class XenstoredServer:
     def dispatch(self, conn_id: int, packet: Packet) -> None:
         """Run one request and deliver everything it causes."""
         if not self.engine.is_connected(conn_id):
+            return
+        if packet.op == _CONTROL and self.live_update.handles(conn_id, packet):
             return
         try:
             out = self.engine.handle(conn_id, packet)
@@ -209,7 +254,10 @@ class XenstoredServer:
         for target, message in out:
             client = clients.get(target)
             if client is not None:
-                client.push(encode(message))
+                if message.op == _WATCH_EVENT:
+                    client.push_event(encode(message))
+                else:
+                    client.push(encode(message))
         for cid in out.closed:
             client = clients.get(cid)
             if client is not None:
@@ -220,6 +268,10 @@ class XenstoredServer:
             self._close_guest(domid)
         if self._audit is not None:
             self._audit.write(self.engine.take_audit())
+
+    def _unsent(self, conn_id: int) -> int:
+        client = self._clients.get(conn_id)
+        return client.unsent if client is not None else 0
 
     def _journal(self, packet: Packet, out: Outbox) -> bool:
         """Journal what a request changed; True if its outbox waits for the group commit.
@@ -257,13 +309,57 @@ class XenstoredServer:
                 durable.compact()
 
     def close_state(self) -> None:
-        """fsync and close the state directory's journal."""
+        """fsync and close the state directory's journal; close the audit log (after the
+        connections' tasks, which record their disconnects)."""
         if self._durable is not None:
             self._durable.close()
+        if self._audit is not None:
+            self._audit.write(self.engine.take_audit())
+            self._audit.close()
 
     def _flush_audit(self) -> None:
         if self._audit is not None:
             self._audit.write(self.engine.take_audit())
+
+    # -------------------------------------------------------------- live update
+
+    @property
+    def clients(self) -> dict[int, ClientConnection]:
+        """The served connections by engine connection id."""
+        return self._clients
+
+    def reply(self, out: Outbox) -> None:
+        """Deliver the outbox of a request that changed nothing, after any earlier change's
+        outbox still waiting for the group commit."""
+        if self._pending:
+            self._pending.append(out)
+            self._commit_wake.set()
+        else:
+            self._deliver(out)
+
+    def settle(self) -> None:
+        """fsync the journal and deliver every held outbox now; flush the audit log."""
+        durable = self._durable
+        if durable is not None:
+            os.fsync(durable.fd)
+            durable.unsynced = False
+        batch, self._pending = self._pending, []
+        for out in batch:
+            self._deliver(out)
+        self._flush_audit()
+
+    def serve_adopted(
+        self, sock: socket.socket, conn_id: int, unread: bytes, unsent: bytes
+    ) -> None:
+        """Serve a connection a live update handed over, its engine state already restored."""
+        conn = self.engine.conns[conn_id]
+        self._nursery.start_soon(
+            self._serve_client, sock, conn.kind, conn.domid, (conn_id, unread, unsent)
+        )
+
+    def open_guest_listener(self, domid: int, listener: socket.socket) -> None:
+        """Serve a domain's guest socket a live update handed over."""
+        self._open_guest(domid, listener)
 
 
 async def serve_xenstored(

@@ -110,6 +110,10 @@ class PacketDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    def unread(self) -> bytes:
+        """The buffered bytes no packet has been returned for (a live update carries them)."""
+        return bytes(self._buf[self._pos :])
+
     def next_packet(self) -> Packet | _NeedData:
         buf = self._buf
         pos = self._pos

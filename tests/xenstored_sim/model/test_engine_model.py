@@ -411,6 +411,27 @@ class EngineMachine(RuleBasedStateMachine):
         for domid in (1, 2):
             assert self.engine.domain_usage(domid)["nodes"] == self.model.owned(domid)
             assert self.engine.domain_usage(domid)["watches"] == len(self.watches[domid])
+            # memory (C 4.17 accounting): owned nodes, watches, private transaction copies
+            engine = self.engine
+            expect = sum(
+                n.size() + len(p) for p, n in store.nodes.items() if n.perms[0][1] == domid
+            )
+            assert store.memory.get(domid, 0) == expect
+            for conn in engine.conns.values():
+                if conn.domid != domid:
+                    continue
+                watches = engine.watches.of_conn(conn.id)
+                assert conn.watch_mem == sum(len(w.path) + len(w.token) for w in watches)
+                expect += conn.watch_mem
+                for txn in conn.transactions.values():
+                    copies = sum(
+                        n.size() + len(p) + txn.key_extra
+                        for p, n in txn.nodes.items()
+                        if n is not None
+                    )
+                    assert txn.memory == copies
+                    expect += copies
+            assert engine.domain_usage(domid)["memory"] == expect
 
 
 EngineMachine.TestCase.settings = settings(
