@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 import trio
 
+from .client.paths import DEFAULT_RUNDIR
 from .core import Quotas
 from .core.errors import XsErrno
 from .server import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
-
-DEFAULT_RUNDIR = "/var/run/xenstored"
 
 
 def _quota_arg(text: str) -> tuple[str, int]:
@@ -36,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xenstored-sim", description="A xenstore daemon speaking the real wire protocol."
     )
-    p.add_argument("--rundir", help="run directory (default: $XENSTORED_RUNDIR or %(default)s)")
+    p.add_argument(
+        "--rundir", help=f"run directory (default: $XENSTORED_RUNDIR, else {DEFAULT_RUNDIR})"
+    )
     p.add_argument("--socket", help="privileged socket (default: $XENSTORED_PATH or RUNDIR/socket)")
     p.add_argument("--state-dir", help="directory of the durable store")
     p.add_argument(
