@@ -35,6 +35,7 @@ from .demo import (
     failed_unexpectedly,
     plan,
     run_demo,
+    worked_unexpectedly,
 )
 
 PROG: Final = "physmap-lab"
@@ -245,6 +246,12 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         f"in {outcome.seconds:.1f} s",
         highlight=False,
     )
+    for r in worked_unexpectedly(outcome.results):
+        err.print(
+            f"[red]{r.mode}/{r.device}/{r.toolstack}: restored intact, "
+            f"but this case must break[/red]",
+            highlight=False,
+        )
     if args.keep or args.rundir:
         err.print(f"run directory: {outcome.rundir}", highlight=False)
     return outcome.exit_status

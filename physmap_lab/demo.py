@@ -260,6 +260,12 @@ def failed_unexpectedly(results: Iterable[CaseResult]) -> list[CaseResult]:
     return [r for r in results if r.expected_ok and not r.ok]
 
 
+def worked_unexpectedly(results: Iterable[CaseResult]) -> list[CaseResult]:
+    """The cases the facts say must break and that restored intact: the model is wrong, and
+    these make the demo exit non-zero too."""
+    return [r for r in results if r.ok and not r.expected_ok]
+
+
 # ----------------------------------------------------------------------- what is left behind
 
 
@@ -545,7 +551,8 @@ class DemoOutcome:
 
     @property
     def exit_status(self) -> int:
-        return 1 if failed_unexpectedly(self.results) or self.problems else 0
+        wrong = failed_unexpectedly(self.results) or worked_unexpectedly(self.results)
+        return 1 if wrong or self.problems else 0
 
 
 def _check_attach(rundir: Path) -> None:

@@ -46,7 +46,7 @@ class ForeignMemory:
     ) -> tuple[int, list[int]]:
         try:
             return self._lib.map2(domid, addr, prot, flags, pfns)
-        except Exception as exc:
+        except OSError as exc:
             raise ForeignMemoryFailed(f"map_foreign d{domid}: {exc}") from exc
 
     def unmap(self, vaddr: int, npages: int) -> None:

@@ -67,12 +67,20 @@ def encode(
     return bytes(out)
 
 
-def check_key(key: str) -> None:
-    """K5 and the spec's character rules: a non-empty relative path of xenstore characters."""
+def check_restore_key(key: str) -> None:
+    """K5, what libxl's restore checks: a non-empty, relative key (qemu-physmap.md §2.3).
+
+    Nothing else: a key xenstored then refuses is a failed write that libxl ignores.
+    """
     if not key:
         raise XenstoreDataError("empty key in xenstore data")
     if key.startswith("/"):
         raise XenstoreDataError(f"key {key!r} in xenstore data is not relative")
+
+
+def check_key(key: str) -> None:
+    """What we write on save: K5 and the spec's characters, a path of xenstore characters."""
+    check_restore_key(key)
     if not _KEY_RE.match(key):
         raise XenstoreDataError(
             f"key {key!r} in xenstore data is not a path of alphanumerics and -/_@"
@@ -103,12 +111,9 @@ def decode(body: bytes) -> XenstoreData:
         end = data.find(b"\0", pos)
         if end < 0:
             raise XenstoreDataError(f"key at byte {pos} of the xenstore data is not NUL terminated")
-        raw_key = data[pos:end]
-        try:
-            key = raw_key.decode("ascii")
-        except UnicodeDecodeError:
-            raise XenstoreDataError(f"key {raw_key!r} in xenstore data is not ASCII") from None
-        check_key(key)
+        # Bytes as they are: xenstored, not the restore, judges the characters.
+        key = data[pos:end].decode("latin-1")
+        check_restore_key(key)
         pos = end + 1
         end = data.find(b"\0", pos)
         if end < 0:

@@ -28,7 +28,7 @@ import trio
 from hypervisor_sim.client import HypervisorClient, open_hypervisor
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import Transaction, XsClient, XsDisconnected, open_xenstore
-from xenstored_sim.wire import XsError
+from xenstored_sim.wire import LocalProtocolError, XsError
 
 from . import devicemodel, stubdom
 from .audit import Audit
@@ -590,10 +590,11 @@ class Libxl:
         root = dm_root(domid)
         await self._xs("mkdir", root, self.xs.mkdir(root))
         xenstore = self.run.xenstore_socket
+        dm_domid = 0
         if config.dm_stubdom:
             # The device model acts as its stub domain, on that domain's socket (§5.5).
-            stub = await stubdom.build(self, domid, config.stubdom_grants)
-            xenstore = str(stubdom.guest_socket(self, stub))
+            dm_domid = await stubdom.build(self, domid, config.stubdom_grants)
+            xenstore = str(stubdom.guest_socket(self, dm_domid))
         program = devicemodel.dm_program()
         argv = devicemodel.dm_argv(
             config,
@@ -610,15 +611,16 @@ class Libxl:
             "spawn", call=" ".join([devicemodel.DM_PROGRAM, *argv]), domid=domid, dm_pid=pid
         )
         await self.xs_write(f"/local/domain/{domid}/image/device-model-pid", str(pid))
-        await self._wait_dm_ready(config, domid, pid, restore=incoming is not None)
+        await self._wait_dm_ready(config, domid, dm_domid, pid, restore=incoming is not None)
         return pid
 
     async def _wait_dm_ready(
-        self, config: DomainConfig, domid: int, pid: int, *, restore: bool
+        self, config: DomainConfig, domid: int, dm_domid: int, pid: int, *, restore: bool
     ) -> None:
-        """Wait as libxl's spawn does: for ``running`` in the state node, or with
-        ``dm_restrict`` for QMP ``query-status`` (qemu-physmap.md §2.4).  A device model that
-        exits first, or takes longer than :attr:`dm_start_timeout`, is an error."""
+        """Wait as libxl's spawn does: for ``running`` in the state node of the domain the
+        device model runs in (``dm_domid``, 0 without a stub domain), or with ``dm_restrict``
+        for QMP ``query-status`` (qemu-physmap.md §2.4).  A device model that exits first, or
+        takes longer than :attr:`dm_start_timeout`, is an error."""
         died = False
         failure: BaseException | None = None
 
@@ -637,7 +639,7 @@ class Libxl:
                     if config.dm_restrict:
                         await self._wait_qmp_status(domid, "paused" if restore else "prelaunch")
                     else:
-                        await self._wait_state_running(domid)
+                        await self._wait_state_running(domid, dm_domid)
             except Exception as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -662,8 +664,11 @@ class Libxl:
             raise DeviceModelError(f"the device model of domain {domid} failed to start: {failure}")
         self.audit.record("dm_ready", domid=domid, dm_pid=pid)
 
-    async def _wait_state_running(self, domid: int) -> None:
-        path = f"{dm_root(domid)}/state"
+    async def _wait_state_running(self, domid: int, dm_domid: int) -> None:
+        # QEMU writes the relative ``device-model/<domid>/state``, which xenstored resolves
+        # under the home of the device model's own connection (qemu-physmap.md §2.4): dom0's
+        # tree for a dom0 device model, the stub's tree (made stub-owned, §5.5) otherwise.
+        path = f"{dm_root(domid, dm_domid)}/state"
         async with self.xs.watch(path, f"dm-state-{domid}") as events:
             self.audit.record("xs_watch", path=path)
             async for _ in events:
@@ -1074,7 +1079,11 @@ class Libxl:
                     stub = await self.xs_read(f"/local/domain/{domid}/image/device-model-domid")
                     root = dm_root(domid, int(stub) if stub and stub.isdigit() else 0)
                     for key, value in index.xenstore.pairs:
-                        await self.xs_write(f"{root}/{key}", value)
+                        # libxl ignores the result of each write (the audit keeps it).
+                        try:
+                            await self.xs_write(f"{root}/{key}", value)
+                        except (XsError, LocalProtocolError):
+                            continue
                         planted[key] = value
                 else:
                     ignored = True

@@ -148,7 +148,7 @@ def test_mutated_xenstore_data_raises_only_its_error(data: st.DataObject) -> Non
     except XenstoreDataError:
         return
     for key, _ in decoded.pairs:
-        emulator_xenstore.check_key(key)  # whatever decode accepts is a key libxl would write
+        emulator_xenstore.check_restore_key(key)  # whatever decode accepts, libxl would write
 
 
 @FUZZ

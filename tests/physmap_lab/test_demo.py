@@ -30,6 +30,7 @@ from physmap_lab.demo import (
     pattern_sha256,
     plan,
     run_demo,
+    worked_unexpectedly,
 )
 
 
@@ -145,7 +146,16 @@ def test_stale_derived_pointers_fail_the_case() -> None:
     assert not r.ok and "derived pointers" in (r.error or "")
     # It was expected to fail, so it does not fail the demo.
     assert failed_unexpectedly([r]) == []
+    assert worked_unexpectedly([r]) == []
     assert r.physmap_xenstore_ops is None
+
+
+def test_a_case_that_must_break_but_restores_intact_is_flagged() -> None:
+    case = Case("pointer-fixup", "qxl")
+    r = evaluate(case, _seen_all_agree(case), None, 1.0)
+    assert r.ok and not r.expected_ok
+    assert worked_unexpectedly([r]) == [r]
+    assert failed_unexpectedly([r]) == []
 
 
 def test_a_step_error_is_the_cases_error() -> None:
