@@ -284,7 +284,9 @@ class DeviceModel:
         """``xenstore_record_dm_state``: not registered at all when restricted (§2.4)."""
         if self.cfg.restrict or self._xs_bridge is None or self.machine is None:
             return
-        path = f"/local/domain/0/device-model/{self.cfg.domid}/state"
+        # Relative, as QEMU writes it: xenstored puts it under this connection's home, dom0's
+        # tree for a dom0 device model and the stub's own tree for a stub domain (§2.4, §5.5).
+        path = f"device-model/{self.cfg.domid}/state"
         ok = await trio.to_thread.run_sync(self._xs_bridge.write, path, "running")
         if not ok:
             log.warning("xen: could not write %s", path)

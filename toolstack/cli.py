@@ -78,7 +78,7 @@ def _grant_arg(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="'ACCESS PATH'",
         help="with --dm-stubdom: a xenstore grant for the stub domain, such as "
-        "'w /local/domain/0/device-model/$DOMID/state' (repeat; replaces the default set)",
+        "'b /local/domain/0/device-model/$DOMID/physmap/*' (repeat; the default is none)",
     )
     p.add_argument(
         "--dm-no-grants",

@@ -56,7 +56,7 @@ class DomainConfig:
     #: ``device_model_stubdomain_override``; qemu-physmap.md §5.5).
     dm_stubdom: bool = False
     #: The xenstore grants the stub domain gets (:mod:`toolstack.dmperms`); ``None``: the
-    #: readiness node only.
+    #: default set, which is empty.
     dm_stubdom_grants: tuple[str, ...] | None = None
 
     @property

@@ -1,7 +1,7 @@
 """The xenstore permissions a device-model stub domain is granted, and nothing more.
 
 A grant is written as the audit prints a derived permission: an access letter and a path
-template, ``"w /local/domain/0/device-model/$DOMID/state"``.  ``$DOMID`` stands for the guest's
+template, ``"b /local/domain/0/device-model/$DOMID/physmap/*"``.  ``$DOMID`` stands for the guest's
 domid and a ``*`` component for any one child (a physmap entry's offset, qemu-physmap.md §1.1).
 The toolstack turns each grant into an ACL entry for the stub domain (xenstore-facts.md §3.1:
 ``r``, ``w`` or ``b`` followed by the domid) on the node itself or, for a template with a ``*``,
@@ -16,10 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-#: What a stub device model needs with nothing else granted: ``qemu-model`` records readiness in
-#: ``/local/domain/0/device-model/<domid>/state`` (QEMU's ``xenstore_record_dm_state``,
-#: qemu-physmap.md §2.4), and libxl waits on that node.
-DEFAULT_GRANTS: Final = ("w /local/domain/0/device-model/$DOMID/state",)
+#: What a stub device model is granted by default: nothing.  It records readiness in the
+#: relative ``device-model/<domid>/state`` (QEMU's ``xenstore_record_dm_state``,
+#: qemu-physmap.md §2.4), which lands in the stub's own, stub-owned tree (§5.5), and in new mode
+#: it needs nothing under dom0's tree for the physmap either (§5.6).
+DEFAULT_GRANTS: Final[tuple[str, ...]] = ()
 
 _COMPONENT: Final = re.compile(r"^(\*|\$DOMID|[A-Za-z0-9_@-]+)$")
 

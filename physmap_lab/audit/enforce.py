@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from ..auditlog import PathClass, Principal, XenstoreRequest, classify_peer
 from ..demo import Case, CaseResult, Observed
-from .privilege import Permission, template
+from .privilege import Permission, home_of, template
 from .scenario import outcome
 
 #: The devices the enforced re-run covers by default: a plain framebuffer and the one with
@@ -95,9 +95,15 @@ def expected(kind: str, mode: str) -> str:
     return "intact" if kind == RESTORE_STUBDOM else "aborted"
 
 
-def grantable(perms: Iterable[Permission]) -> list[Permission]:
-    """The permissions an ACL entry can give: reads and writes (not privileged-only ops)."""
+def acl_kind(perms: Iterable[Permission]) -> list[Permission]:
+    """The reads and writes of a set (not the privileged-only ops no ACL can give)."""
     return sorted(p for p in perms if p.access in ("r", "w"))
+
+
+def grantable(perms: Iterable[Permission]) -> list[Permission]:
+    """The permissions a stub needs an ACL entry for: reads and writes outside its own tree
+    (``~``), whose ``device-model/<domid>`` libxl makes owned by the stub (§5.5)."""
+    return [p for p in acl_kind(perms) if not p.own_home]
 
 
 def plan(
@@ -182,7 +188,7 @@ def judge(
     denied: Counter[str] = Counter()
     for r in dm:
         if r.denied:
-            where = template(r.paths[0]) if r.paths else ""
+            where = template(r.paths[0], home_of(r)) if r.paths else ""
             denied[f"{r.op} {where} -> {r.result}"] += 1
     return EnforcedCell(
         variant=variant,
@@ -213,14 +219,18 @@ def conclusions(
         return None if not found else ok
 
     new = of("new", STUBDOM)
+    new_set = derived.get("new")
     compat_set = derived.get("compat")
     granted = of("compat", RESTORE_STUBDOM)
     refused = of("compat", RESTORE_STUBDOM_NO_PHYSMAP) + of("compat", STUBDOM_NO_PHYSMAP)
     full = of("compat", STUBDOM)
     return {
         "new_set_has_nothing_for_the_physmap": None
-        if "new" not in derived
-        else not any(p.physmap for p in derived["new"]),
+        if new_set is None
+        else not any(p.physmap for p in new_set),
+        "new_set_has_nothing_under_dom0s_tree": None
+        if new_set is None
+        else not any(p.dom0_owned for p in new_set),
         "new_passes_in_a_stub_with_exactly_its_set": all_or_none(
             new,
             all(
@@ -246,9 +256,11 @@ def conclusions(
 def as_json(
     derived: Mapping[str, Sequence[Permission]], cells: Sequence[EnforcedCell]
 ) -> dict[str, Any]:
-    """The ``least_privilege_enforced`` section of the audit's JSON."""
+    """The ``least_privilege_enforced`` section of the audit's JSON: per mode the derived
+    reads and writes (``~`` is the device model's own tree) and the part of them granted."""
     return {
-        "derived": {mode: [str(p) for p in grantable(perms)] for mode, perms in derived.items()},
+        "derived": {mode: [str(p) for p in acl_kind(perms)] for mode, perms in derived.items()},
+        "granted": {mode: [str(p) for p in grantable(perms)] for mode, perms in derived.items()},
         "cells": [c.as_json() for c in cells],
         "conclusions": conclusions(derived, cells),
     }

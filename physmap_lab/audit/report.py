@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .enforce import EnforcedCell, conclusions, grantable
+from .enforce import EnforcedCell, acl_kind, conclusions, grantable
 from .privilege import Permission
 from .scenario import PRINCIPALS, Scenario, median
 from .svg import matrix_svg, ops_chart_svg, sequence_svg
@@ -259,7 +259,8 @@ def enforced_table(cells: Sequence[EnforcedCell]) -> Table:
     table = Table(
         title="least privilege, enforced: the device model in a stub domain",
         caption="grants: how many of the derived permissions the stub got (withheld ones in "
-        "brackets). denied: the device model's requests xenstored refused.",
+        "brackets; its own tree, ~, needs none). denied: the device model's requests xenstored "
+        "refused.",
         caption_justify="left",
     )
     for h in ("mode", "device", "variant", "grants", "outcome", "keys", "DM requests", "denied"):
@@ -288,15 +289,19 @@ def stubdom_lines(
     lines += [
         "Each cell re-runs create → draw → save → restore with the device model as an "
         "unprivileged stub domain (`xl-sim --dm-stubdom`), granted by SET_PERMS exactly the "
-        "derived set below and nothing else. *stubdom*: create and restore in a stub domain; "
+        "derived set below and nothing else. `~` is the device model's own tree: its state "
+        "node, which QEMU names relative to its connection's home (qemu-physmap.md §2.4), "
+        "lands in `/local/domain/<stub>/device-model/<domid>`, which libxl makes owned by the "
+        "stub (§5.5), so it needs no grant. *stubdom*: create and restore in a stub domain; "
         "*restore-in-stubdom*: create and save with the device model in dom0, restore into a "
         "stub (libxl writes the carried keys under `/local/domain/0`, qemu-physmap.md §2.3); "
         "*-no-physmap-grant*: the same with the set's physmap permissions withheld.",
         "",
     ]
     for mode, perms in derived.items():
-        shown = ", ".join(f"`{p}`" for p in grantable(perms)) or "nothing"
-        lines.append(f"- **{mode}** device model: {shown}")
+        shown = ", ".join(f"`{p}`" for p in acl_kind(perms)) or "nothing"
+        granted = ", ".join(f"`{p}`" for p in grantable(perms)) or "nothing"
+        lines.append(f"- **{mode}** device model: {shown}; granted: {granted}")
     lines += [
         "",
         "| mode | device | variant | grants (withheld) | outcome | keys carried | "

@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 
-STATE = "w /local/domain/0/device-model/$DOMID/state"
+#: The device model's readiness node, named relative to its own home (qemu-physmap.md §2.4).
+STATE = "w ~/device-model/$DOMID/state"
 
 
 @dataclass
 class Enforced:
     derived: dict[str, list[str]]
+    granted: dict[str, list[str]]
     cells: list[dict[str, Any]]
     conclusions: dict[str, bool | None]
     report: str
@@ -44,7 +46,13 @@ def enforced(tmp_path_factory: pytest.TempPathFactory) -> Enforced:
     doc = json.loads(proc.stdout)["least_privilege_enforced"]
     report = (Path(out) / "report.md").read_text()
     return Enforced(
-        doc["derived"], doc["cells"], doc["conclusions"], report, proc.stderr, proc.returncode
+        doc["derived"],
+        doc["granted"],
+        doc["cells"],
+        doc["conclusions"],
+        report,
+        proc.stderr,
+        proc.returncode,
     )
 
 
@@ -64,8 +72,11 @@ def test_every_enforced_cell_ends_as_the_facts_predict(enforced: Enforced) -> No
 
 def test_new_mode_passes_in_a_stub_with_nothing_for_the_physmap(enforced: Enforced) -> None:
     assert enforced.derived["new"] == [STATE]
+    # Its state node is in the stub's own, stub-owned tree (§5.5): nothing under dom0's tree.
+    assert enforced.granted["new"] == []
+    assert enforced.conclusions["new_set_has_nothing_under_dom0s_tree"] is True
     c = enforced.cell("new", "stubdom")
-    assert c["grants"] == [STATE]
+    assert c["grants"] == []
     assert c["outcome"] == "intact" and c["fb_hash_matches"]
     assert c["denied_ops"] == 0 and c["dm_physmap_ok"] == 0
     # Every request of the device model came from a stub domain's socket, none privileged.
@@ -76,6 +87,7 @@ def test_new_mode_passes_in_a_stub_with_nothing_for_the_physmap(enforced: Enforc
 def test_compat_needs_to_write_under_the_dom0_owned_physmap_path(enforced: Enforced) -> None:
     physmap = [g for g in enforced.derived["compat"] if "/physmap" in g]
     assert STATE in enforced.derived["compat"]
+    assert sorted(enforced.granted["compat"]) == sorted(physmap)
     assert any(g.startswith("w /local/domain/0/device-model/$DOMID/physmap/") for g in physmap)
     granted = enforced.cell("compat", "restore-in-stubdom")
     assert granted["outcome"] == "intact" and granted["denied_ops"] == 0

@@ -67,6 +67,17 @@ def test_template_hides_the_domid_and_the_physmap_offset() -> None:
     path = "/local/domain/0/device-model/7/physmap/2000000/start_addr"
     assert template(path) == "/local/domain/0/device-model/$DOMID/physmap/*/start_addr"
     assert template("/local/domain/7/memory/target") == "/local/domain/$DOMID/memory/target"
+    # Hard-coded dom0 paths stay explicit even for a device model whose home is dom0's tree.
+    assert template(path, 0) == "/local/domain/0/device-model/$DOMID/physmap/*/start_addr"
+
+
+@pytest.mark.parametrize("home", [0, 9])
+def test_the_state_node_is_under_the_device_models_own_home(home: int) -> None:
+    state = f"/local/domain/{home}/device-model/7/state"
+    assert template(state, home) == "~/device-model/$DOMID/state"
+    # Someone else's state node, or the toolstack's view of it, stays absolute.
+    assert template(state, home + 1) == f"/local/domain/{home}/device-model/$DOMID/state"
+    assert template(state) == f"/local/domain/{home}/device-model/$DOMID/state"
 
 
 def test_failed_requests_need_no_permission() -> None:
@@ -75,8 +86,19 @@ def test_failed_requests_need_no_permission() -> None:
         rec(2, "WRITE", "/local/domain/0/device-model/3/state", DM),
     ]
     perms = needed(recs)
-    assert [str(p) for p in perms] == ["w /local/domain/0/device-model/$DOMID/state"]
-    assert all(p.dom0_owned and not p.physmap for p in perms)
+    # qemu-physmap.md §2.4: the device model names its state node relative to its home.
+    assert [str(p) for p in perms] == ["w ~/device-model/$DOMID/state"]
+    assert all(p.own_home and not p.dom0_owned and not p.physmap for p in perms)
+    (seen,) = needed([rec(3, "READ", "/local/domain/0/device-model/3/state", XL)])
+    assert str(seen) == "r /local/domain/0/device-model/$DOMID/state"
+    assert seen.dom0_owned and not seen.own_home
+
+
+def test_a_stub_device_models_state_node_is_in_its_own_tree() -> None:
+    stub: dict[str, Any] = {"domid": 9, "priv": False, "guest": True, "rule": "owner"}
+    (p,) = needed([rec(1, "WRITE", "/local/domain/9/device-model/3/state", DM, **stub)])
+    assert str(p) == "w ~/device-model/$DOMID/state"
+    assert p.own_home and not p.dom0_owned and not p.physmap
 
 
 def _observed(error: str | None = None, failed: str | None = None, ok: bool = True) -> Observed:

@@ -133,6 +133,9 @@ def test_classify_path(path: str, kind: PathClass, domid: int | None) -> None:
 def test_a_stub_domain_device_model_path_names_its_domain() -> None:
     info = classify_path("/local/domain/5/device-model/7/physmap/1f00000/size")
     assert (info.kind, info.domid, info.dm_domid) == (PathClass.PHYSMAP, 7, 5)
+    # A stub device model's readiness node, in the stub's own tree (qemu-physmap.md §2.4, §5.5).
+    info = classify_path("/local/domain/5/device-model/7/state")
+    assert (info.kind, info.domid, info.dm_domid) == (PathClass.DM_STATE, 7, 5)
 
 
 @given(

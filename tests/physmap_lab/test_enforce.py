@@ -8,6 +8,7 @@ from physmap_lab.audit.enforce import (
     STUBDOM_NO_PHYSMAP,
     EnforcedCell,
     Variant,
+    as_json,
     conclusions,
     expected,
     plan,
@@ -16,9 +17,11 @@ from physmap_lab.audit.privilege import Permission
 from physmap_lab.auditlog import Peer, XenstoreRequest, classify_peer
 
 DM = "/local/domain/0/device-model/$DOMID"
-STATE = Permission("w", f"{DM}/state", True, False)
+#: In the device model's own tree (qemu-physmap.md §2.4), stub-owned in a stub (§5.5).
+STATE = Permission("w", "~/device-model/$DOMID/state", False, False)
 PHYS_R = Permission("r", f"{DM}/physmap", True, True)
 PHYS_W = Permission("w", f"{DM}/physmap/*/size", True, True)
+NAME = Permission("r", "/local/domain/$DOMID/name", False, False)
 DERIVED = {"new": [STATE], "compat": [STATE, PHYS_R, PHYS_W]}
 
 
@@ -32,22 +35,35 @@ def test_plan_withholds_exactly_the_physmap_permissions() -> None:
         ("new", "stubdom"),
     ]
     for v in variants:
-        assert sorted([*v.grants, *v.withheld]) == sorted(str(p) for p in DERIVED[v.mode])
+        # The device model's own tree needs no grant; everything else derived is granted.
+        assert sorted([*v.grants, *v.withheld]) == sorted(
+            str(p) for p in DERIVED[v.mode] if p != STATE
+        )
         assert all("/physmap" in w for w in v.withheld)
-    assert plan({"new": [STATE]}, ["qxl"])[0].grants == (str(STATE),)
+        assert not any(g.startswith("~") for g in [*v.grants, *v.withheld])
+    assert plan({"new": [STATE]}, ["qxl"])[0].grants == ()
+    assert plan({"new": [STATE, NAME]}, ["qxl"])[0].grants == (str(NAME),)
     assert plan({}, ["qxl"]) == []
 
 
 def test_privileged_only_ops_are_not_granted() -> None:
     intro = Permission("introduce", "(no path)", False, False)
-    (v,) = plan({"new": [STATE, intro]}, ["stdvga"])
-    assert v.grants == (str(STATE),)
+    (v,) = plan({"new": [NAME, intro]}, ["stdvga"])
+    assert v.grants == (str(NAME),)
+
+
+def test_the_json_shows_the_derived_set_and_what_was_granted() -> None:
+    doc = as_json(DERIVED, [])
+    assert doc["derived"]["new"] == [str(STATE)]
+    assert doc["granted"]["new"] == []
+    assert sorted(doc["derived"]["compat"]) == sorted(str(p) for p in DERIVED["compat"])
+    assert sorted(doc["granted"]["compat"]) == sorted([str(PHYS_R), str(PHYS_W)])
 
 
 def test_the_xl_options_of_a_variant() -> None:
-    v = Variant("compat", "stdvga", RESTORE_STUBDOM, (str(STATE),), ())
+    v = Variant("compat", "stdvga", RESTORE_STUBDOM, (str(PHYS_R),), ())
     assert v.xl_args("create") == []
-    assert v.xl_args("restore") == ["--dm-stubdom", "--dm-grant", str(STATE)]
+    assert v.xl_args("restore") == ["--dm-stubdom", "--dm-grant", str(PHYS_R)]
     assert v.xl_args("save") == []
     bare = Variant("new", "qxl", STUBDOM, (), ())
     assert bare.xl_args("create") == ["--dm-stubdom", "--dm-no-grants"]
@@ -90,4 +106,9 @@ def test_conclusions_follow_the_cells() -> None:
     assert all(found.values()), found
     cells[0] = _cell(new, "intact", 1)
     assert conclusions(DERIVED, cells)["new_passes_in_a_stub_with_exactly_its_set"] is False
+    # A new-mode set that reached into dom0's tree would be caught.
+    dom0_state = Permission("w", f"{DM}/state", True, False)
+    found = conclusions({**DERIVED, "new": [dom0_state]}, cells)
+    assert found["new_set_has_nothing_under_dom0s_tree"] is False
+    assert found["new_set_has_nothing_for_the_physmap"] is True
     assert set(conclusions({}, []).values()) == {None}

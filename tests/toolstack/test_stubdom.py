@@ -72,14 +72,18 @@ async def test_new_mode_stubdom_create_save_restore_destroy(
         f"n{stub}",
         f"r{domid}",
     ]
-    # The one grant: write on the readiness node, which the stub's device model wrote.
-    state = f"/local/domain/0/device-model/{domid}/state"
-    assert await xs_perms(stack, state) == ["n0", f"w{stub}"]
+    # No grant: the device model wrote its readiness node relative to its home, into the
+    # stub's own tree (qemu-physmap.md §2.4, §5.5); dom0's tree holds nothing of it.
+    state = f"/local/domain/{stub}/device-model/{domid}/state"
+    assert (await xs_perms(stack, state))[0] == f"n{stub}"
     assert await xs_read(stack, state) == "running"
+    assert await xs_read(stack, f"/local/domain/0/device-model/{domid}/state") is None
+    assert await xs_perms(stack, f"/local/domain/0/device-model/{domid}") == ["n0"]
     seen = dm_requests(stack.rundir, pid)
     assert seen and all(r["domid"] == stub and not r["priv"] for r in seen)
     assert {r["op"] for r in seen} == {"WRITE"}
     assert all(r["result"] == "OK" for r in seen)
+    assert {r["path"] for r in seen} == {state}
 
     drawn = await draw(xl, domid, 7)
     image = tmp_path / "s1.img"
@@ -94,6 +98,8 @@ async def test_new_mode_stubdom_create_save_restore_destroy(
     assert (await xl("guest", str(new), "fb-hash", *MODE))["sha256"] == drawn
     seen = dm_requests(stack.rundir, new_pid)
     assert seen and all(r["domid"] == new_stub and r["result"] == "OK" for r in seen)
+    new_state = f"/local/domain/{new_stub}/device-model/{new}/state"
+    assert await xs_read(stack, new_state) == "running"
 
     await xl("destroy", str(new))
     assert not devicemodel.pid_alive(new_pid)
@@ -105,7 +111,7 @@ async def test_new_mode_stubdom_create_save_restore_destroy(
     assert sorted(p.name for p in (stack.rundir / "domains").iterdir()) == []
 
 
-async def test_a_stub_without_the_readiness_grant_is_denied_and_rolled_back(
+async def test_a_custom_grant_is_given_to_the_stub_alone_and_goes_with_it(
     stack: Stack, xl: Any
 ) -> None:
     rc, out, _ = await xl.run(
