@@ -8,9 +8,10 @@ N to L until one is free, the option libxl adds for ``vncunused``.
 Each client gets what its FramebufferUpdateRequests ask for.  The server reads the surface
 the device shows (:func:`.console.device_surface`, under the device model's lock), asks its
 :class:`.dirty.DirtyRegionSource` what changed since the frame that client last got, and
-sends those rectangles; a non-incremental request adds the requested area.  While nothing
+sends those rectangles; a non-incremental request adds the requested area.  A mode change
+answers a request with the DesktopSize pseudo-rectangle alone; the next one gets every pixel.  While nothing
 changes it polls on QEMU's refresh schedule (``VNC_REFRESH_INTERVAL_BASE`` 30 ms, growing by
-50 ms to 3 s, back to 30 ms on input).  A mode change goes out as DesktopSize first.
+50 ms to 3 s, back to 30 ms on input).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import trio
 
 from . import rfb
 from .console import Surface
-from .dirty import DirtyRegionSource, FrameDiff, whole
+from .dirty import DirtyRegionSource, FrameDiff
 
 log = logging.getLogger("qemu_model.vnc")
 
@@ -183,10 +184,12 @@ class VncServer:
         try:
             async with stream:
                 await self._converse(client)
-        except rfb.RfbError as exc:
-            log.warning("vnc: client %s: %s; closing", peer, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        except* rfb.RfbError as group:
+            log.warning("vnc: client %s: %s; closing", peer, _first(group))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
+        except* Exception as group:  # a bug must cost this client only, never the device model
+            log.error("vnc: client %s: internal error: %r; closing", peer, _first(group))
         finally:
             del self.clients[id(client)]
 
@@ -242,23 +245,44 @@ class VncServer:
             client.interval = min(client.interval + REFRESH_INC_S, REFRESH_MAX_S)
 
     async def _update(self, client: _Client) -> bool:
-        """Send what changed (and what was asked for); False when there was nothing."""
+        """Answer the pending request with what changed (and what was asked for); False when
+        there was nothing to send."""
         codec = client.codec
         surface = await self.snapshot()
-        out = b""
-        resized = (surface.width, surface.height) != (codec.width, codec.height)
-        if resized and codec.desktop_size:
-            out = codec.desktop_resize(surface.width, surface.height)
-            client.forced = whole(surface)
-        rects = self.dirty.dirty_rects(client.last_sent, surface) + client.forced
+        if (surface.width, surface.height) != (codec.width, codec.height) and codec.desktop_size:
+            # The resize answers this request alone; the client asks again for the pixels,
+            # all of which it must now get (cf. ``vnc_desktop_resize``).
+            client.pending, client.forced, client.last_sent = False, [], None
+            await client.stream.send_all(codec.desktop_resize(surface.width, surface.height))
+            return True
+        rects = _drop_covered(self.dirty.dirty_rects(client.last_sent, surface) + client.forced)
         client.forced = []
-        if not rects and not out:
+        if not rects:
             return False
         client.pending = False
         client.last_sent = surface
-        out += codec.framebuffer_update(surface, rects)
-        await client.stream.send_all(out)
+        await client.stream.send_all(codec.framebuffer_update(surface, rects))
         return True
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _drop_covered(rects: list[rfb.Rect]) -> list[rfb.Rect]:
+    """``rects`` without those another one (earlier, if equal) already covers."""
+    kept: list[rfb.Rect] = []
+    for i, r in enumerate(rects):
+        if not any(_covers(o, r) and (o != r or j < i) for j, o in enumerate(rects) if j != i):
+            kept.append(r)
+    return kept
+
+
+def _covers(o: rfb.Rect, r: rfb.Rect) -> bool:
+    return o.x <= r.x and o.y <= r.y and o.x + o.w >= r.x + r.w and o.y + o.h >= r.y + r.h
 
 
 def _basic_info(name: Any, family: int) -> dict[str, Any]:
