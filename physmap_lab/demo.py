@@ -355,8 +355,9 @@ class DemoRun:
     #: Where QMP ``screendump`` puts a PNG of the guest's screen before save and after
     #: restore (:func:`screenshot_path`); None: no screenshots.
     screenshots: Path | None = None
-    #: Which cases get screenshots (all when None).
-    shoot: Callable[[Case], bool] | None = None
+    #: Which screenshots to take, by case and :data:`BEFORE_SAVE` / :data:`AFTER_RESTORE`
+    #: (all when None).
+    shoot: Callable[[Case, str], bool] | None = None
 
     def __post_init__(self) -> None:
         self.env = Stack(self.rundir).env()
@@ -404,7 +405,7 @@ class DemoRun:
 
     async def screendump(self, case: Case, domid: int, when: str) -> dict[str, Any]:
         """QMP ``screendump`` of the device model's screen, if this case gets screenshots."""
-        if self.screenshots is None or (self.shoot is not None and not self.shoot(case)):
+        if self.screenshots is None or (self.shoot is not None and not self.shoot(case, when)):
             return {}
         path = screenshot_path(self.screenshots.resolve(), case, when)
         path.parent.mkdir(parents=True, exist_ok=True)
