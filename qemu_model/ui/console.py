@@ -18,12 +18,9 @@ binary ``P6`` 8-bit RGB image, or an 8-bit RGB PNG without interlace.
 from __future__ import annotations
 
 import struct
-import sys
 import zlib
-from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Final, Protocol
 
 from hypervisor_sim import vma
@@ -118,29 +115,42 @@ def to_xrgb(packed: bytes, bpp: int) -> bytes:
         out[2::4] = packed[2::3]
         return bytes(out)
     if bpp in (15, 16):
-        words = array("H")
-        words.frombytes(packed)
-        if sys.byteorder == "big":
-            words.byteswap()
-        return b"".join(map(_table16(bpp).__getitem__, words))
+        return _repack16(packed, bpp)
     if bpp == 8:
         # The DAC palette is not modelled: an index shows as that level of grey.
         return b"".join(bytes((v, v, v, 0)) for v in packed)
     raise ValueError(f"unsupported depth {bpp}")
 
 
-@cache
-def _table16(bpp: int) -> tuple[bytes, ...]:
-    """Every 15/16-bit pixel as 4 bytes of ``x8r8g8b8``: each channel's bits at the top of
-    its byte, the low bits zero (QEMU hw/display/vga-helpers.h ``vga_draw_line15/16``)."""
-    out = []
-    for v in range(1 << 16):
-        if bpp == 16:
-            r, g, b = (v >> 8) & 0xF8, (v >> 3) & 0xFC, (v << 3) & 0xF8
-        else:
-            r, g, b = (v >> 7) & 0xF8, (v >> 2) & 0xF8, (v << 3) & 0xF8
-        out.append(bytes((b, g, r, 0)))
-    return tuple(out)
+def _repack16(packed: bytes, bpp: int) -> bytes:
+    """15/16-bit little-endian pixels to ``x8r8g8b8``: each channel's bits at the top of its
+    byte, the low bits zero (QEMU hw/display/vga-helpers.h ``vga_draw_line15/16``).
+
+    Every output byte is a shift-and-mask of the pixel, so it is the OR of one 256-entry
+    translation of each input byte: no per-pixel Python."""
+    channels: tuple[Callable[[int], int], ...]
+    if bpp == 16:
+        channels = (
+            lambda v: (v << 3) & 0xF8,
+            lambda v: (v >> 3) & 0xFC,
+            lambda v: (v >> 8) & 0xF8,
+        )
+    else:
+        channels = (
+            lambda v: (v << 3) & 0xF8,
+            lambda v: (v >> 2) & 0xF8,
+            lambda v: (v >> 7) & 0xF8,
+        )
+    n = len(packed) // 2
+    inputs = (packed[0 : 2 * n : 2], packed[1 : 2 * n : 2])
+    out = bytearray(n * 4)
+    for k, channel in enumerate(channels):  # B, G, R
+        acc = 0
+        for j, data in enumerate(inputs):
+            table = bytes(channel(x << (8 * j)) for x in range(256))
+            acc |= int.from_bytes(data.translate(table), "little")
+        out[k::4] = acc.to_bytes(n, "little")
+    return bytes(out)
 
 
 # ------------------------------------------------------------------------------ image files

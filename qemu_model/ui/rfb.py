@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Final, Literal
+from typing import Final
 
 from .console import Surface
 
@@ -372,45 +372,33 @@ def crop(surface: Surface, r: Rect) -> bytes:
 
 def convert(xrgb: bytes, fmt: PixelFormat) -> bytes:
     """``x8r8g8b8`` little-endian pixels in the client's format (cf. ``vnc_convert_pixel``:
-    each 8-bit channel keeps as many top bits as the client's max has)."""
+    each 8-bit channel keeps as many top bits as the client's max has).
+
+    Byte-wise rather than pixel-wise: every byte of an output pixel is the OR of what each
+    channel puts into it, and what a channel puts into a byte depends on that channel alone,
+    so it is one 256-entry translation of the channel's bytes."""
     if fmt == SERVER_FORMAT:
         return xrgb
-    if fmt.bits_per_pixel == 32 and _byte_aligned(fmt):
-        # Each channel is a whole byte: a permutation of bytes.
-        out = bytearray(len(xrgb))
-        for src, shift in ((2, fmt.red_shift), (1, fmt.green_shift), (0, fmt.blue_shift)):
-            dst = 3 - shift // 8 if fmt.big_endian else shift // 8
-            out[dst::4] = xrgb[src::4]
-        return bytes(out)
     size = fmt.bits_per_pixel // 8
-    order: Literal["big", "little"] = "big" if fmt.big_endian else "little"
-    rbits, gbits, bbits = (m.bit_length() for m in (fmt.red_max, fmt.green_max, fmt.blue_max))
-    cache: dict[bytes, bytes] = {}
-    out_parts = []
-    for i in range(0, len(xrgb), 4):
-        px = xrgb[i : i + 4]
-        got = cache.get(px)
-        if got is None:
-            b, g, r = px[0], px[1], px[2]
-            v = (
-                _scale(r, rbits) << fmt.red_shift
-                | _scale(g, gbits) << fmt.green_shift
-                | _scale(b, bbits) << fmt.blue_shift
-            )
-            got = cache[px] = v.to_bytes(size, order)
-        out_parts.append(got)
-    return b"".join(out_parts)
+    n = len(xrgb) // 4
+    channels = (
+        (xrgb[2::4], fmt.red_max, fmt.red_shift),
+        (xrgb[1::4], fmt.green_max, fmt.green_shift),
+        (xrgb[0::4], fmt.blue_max, fmt.blue_shift),
+    )
+    out = bytearray(n * size)
+    for k in range(size):  # k-th least significant byte of the pixel value
+        acc = 0
+        for data, mx, shift in channels:
+            bits = mx.bit_length()
+            table = bytes(((_scale(c, bits) << shift) >> (8 * k)) & 0xFF for c in range(256))
+            if any(table):
+                acc |= int.from_bytes(data.translate(table), "little")
+        at = size - 1 - k if fmt.big_endian else k
+        out[at::size] = acc.to_bytes(n, "little")
+    return bytes(out)
 
 
 def _scale(channel: int, bits: int) -> int:
     """An 8-bit channel at ``bits`` bits: its top bits, or widened."""
     return channel >> (8 - bits) if bits <= 8 else channel << (bits - 8)
-
-
-def _byte_aligned(fmt: PixelFormat) -> bool:
-    shifts = {fmt.red_shift, fmt.green_shift, fmt.blue_shift}
-    return (
-        fmt.red_max == fmt.green_max == fmt.blue_max == 255
-        and len(shifts) == 3
-        and all(s % 8 == 0 and s <= 24 for s in shifts)
-    )
