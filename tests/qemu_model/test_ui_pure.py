@@ -327,3 +327,34 @@ def test_vnc_arg_is_built_as_libxl_builds_it(cfg: dict[str, object], want: str |
     assert got == want
     if got is not None:
         assert parse_vnc(got) is not None
+
+
+def test_qemu_model_refuses_a_bad_vnc_argument_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from qemu_model.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--domid", "1", "--rundir", "/tmp/x", "--vnc", "5901"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("qemu-model: error: vnc: '5901' is not HOST:DISPLAY")
+    cfg = parse_args(["--domid", "1", "--rundir", "/tmp/x", "--vnc", "unix:/tmp/x/v.sock"])
+    assert cfg.vnc == VncAddress(unix="/tmp/x/v.sock")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("vncdisplay = 70000", "vncdisplay must be an integer from 0 to"),
+        ("vnclisten = 'a,b'", "vnclisten 'a,b' must be an address"),
+        ("vnclisten = ''", "vnclisten '' must be an address"),
+        ("vnc = 2", "vnc must be 0 or 1"),
+        ("vncdisplay = '3'", "vncdisplay must be an integer"),
+    ],
+)
+def test_bad_vnc_settings_name_the_key(text: str, why: str) -> None:
+    from toolstack.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=why):
+        parse_config(text, "guest.cfg")
