@@ -146,5 +146,5 @@ def test_the_report_shows_the_intact_and_the_corrupt_qxl_screen(audit: Audit) ->
     )
     with Image.open(intact) as a, Image.open(corrupt) as b:
         assert a.size == b.size == (800, 600)
-        assert len(set(a.getdata())) > 1000  # the guest's pattern
+        assert len(set(a.tobytes())) > 200  # the guest's pattern uses every byte value
         assert a.tobytes() != b.tobytes()  # pointer-fixup shows something else
