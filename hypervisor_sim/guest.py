@@ -105,9 +105,11 @@ class Guest:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                self._stack = stack
-                with self._cancel:
+            # The cancel scope encloses the exit stack: the xenstore connection a job opens
+            # (its client's nursery) must close before the scope that stop() cancels exits.
+            with self._cancel:
+                async with contextlib.AsyncExitStack() as stack:
+                    self._stack = stack
                     task_status.started()
                     async for job in self._recv:
                         await self._run_job(job)
