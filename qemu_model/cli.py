@@ -5,6 +5,7 @@
     qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--vga stdvga|cirrus|qxl]
                [--incoming FILE|defer] [--restrict] [-S] [--rundir DIR] [--xenstore PATH]
                [--memory-mib M] [--vram-mib V] [--vnc HOST:N|:N|unix:PATH|none]
+    qemu-model --hostile SCRIPT --domid N [--xenstore PATH] [--restrict] [--stubdom] ...
 
 Exit status: 0 after ``quit`` or SIGTERM; 1 with a ``qemu-model: ...`` message when QEMU would
 ``exit(1)`` (a bad image for ``--incoming``, "xen: failed to restrict"); death by SIGABRT where
@@ -103,6 +104,11 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--hostile" or a.startswith("--hostile=") for a in args):
+        from .hostile import run  # a compromised device model: the attacks, no devices
+
+        return run.main(args)
     cfg = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
