@@ -177,3 +177,22 @@ def touched(step: Mapping[str, Any], p: Principal) -> list[str]:
     if attack in ("xs-read", "xs-write", "xs-set-perms", "quota-fill", "watch"):
         return [absolute(p, str(step["path"]))]
     return []
+
+
+def visible(mode: str, stubdom: bool, attack: str, succeeded: bool) -> bool:
+    """Whether an attack that did what :func:`predict` says shows on the victim's side.
+
+    A refused attack changes nothing.  Filling nodes starves nobody: each domain's node quota
+    is its own, and dom0's fill is unbounded but leaves the victims theirs.  Physmap keys
+    matter only to a compat device model, and only if the toolstack carries them: libxl saves
+    them from the device model's own directory (qemu-physmap.md §2.1), which for a stub device
+    model is the stub's, so the keys a stub writes under dom0's path never reach its image.
+    The victims' device models run in dom0.
+    """
+    if not succeeded or attack == "quota-fill":
+        return False
+    if attack == "physmap-plant":
+        return mode == "compat"
+    if attack == "physmap-own":
+        return mode == "compat" and not stubdom
+    return True

@@ -30,7 +30,7 @@ from ...demo import BAR_ADDR, BPP, GUEST_MEMORY_MIB, HEIGHT, WIDTH, DemoRun, Ste
 from ...stack import Stack, executable, open_stack
 from . import evidence
 from .configs import HostileConfig
-from .predict import Prediction, Principal, predict, touched
+from .predict import Prediction, Principal, predict, touched, visible
 from .script import DEVICE, SECRET_GPA, SECRET_SEEDS, SEEDS, Host, secret_node, steps
 
 #: xenstored-sim's default node quota (C 4.17's), which the attacker's fill overruns.
@@ -49,12 +49,16 @@ class AttackCell:
     #: What the victim's side shows, and whether it shows the attack's effect.
     victim: str = ""
     effect: bool = False
+    #: Whether the victim's side should show it (:func:`.predict.visible`).
+    expected_effect: bool = False
 
     @property
     def as_predicted(self) -> bool:
+        """The request's outcome and its visibility to the victim, as predicted."""
         p = self.predicted
-        return (self.result == "succeeded") == p.succeeded and (
-            p.succeeded or self.errno == p.errno
+        same = (self.result == "succeeded") == p.succeeded
+        return (
+            same and (p.succeeded or self.errno == p.errno) and self.effect == self.expected_effect
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -69,6 +73,7 @@ class AttackCell:
             "detail": self.detail,
             "victim": self.victim,
             "effect": self.effect,
+            "expected_effect": self.expected_effect,
         }
 
 
@@ -260,6 +265,7 @@ async def _run(v: Victims, cfg: HostileConfig, out: ConfigRun, live: set[int]) -
     )
     for s, r in zip(script, results, strict=True):
         pred = predict(principal, s, acls, NODE_QUOTA)
+        seen_effect = visible(cfg.mode, cfg.stubdom, str(s["attack"]), pred.succeeded)
         out.cells.append(
             AttackCell(
                 cfg.name,
@@ -269,6 +275,7 @@ async def _run(v: Victims, cfg: HostileConfig, out: ConfigRun, live: set[int]) -
                 r.get("errno"),
                 pred,
                 dict(r.get("detail") or {}),
+                expected_effect=seen_effect,
             )
         )
     await evidence.after(v, cfg, host, out, before, seen, live)

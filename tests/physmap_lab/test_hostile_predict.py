@@ -1,0 +1,115 @@
+"""The hostile audit's predictor: C xenstored's permission rules and privcmd restriction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from physmap_lab.audit.hostile.configs import CONFIGS
+from physmap_lab.audit.hostile.predict import (
+    NO_EVENT,
+    Principal,
+    learns_of,
+    perm_for,
+    predict,
+    touched,
+)
+from physmap_lab.audit.hostile.script import Host, steps
+
+DOM0 = Principal("dom0")
+STUB = Principal("domain", 7, target=6, hypervisor_to=6)
+CLOSED = Principal("none", hypervisor_to=6)
+
+ACLS = {
+    "/": ["n0"],
+    "/local": ["n0"],
+    "/local/domain": ["n0"],
+    "/local/domain/1": ["n0", "r1"],
+    "/local/domain/1/data": ["b1"],
+    "/local/domain/1/data/secret": ["n1"],
+    "/local/domain/6": ["n0", "r6"],
+    "/local/domain/6/data/secret": ["n6"],
+    "/local/domain/0": ["n0"],
+    "/local/domain/0/device-model": ["n0"],
+    "/local/domain/0/device-model/6": ["n0"],
+    "/local/domain/0/device-model/6/physmap": ["n0", "b7"],
+    "/local/domain/0/device-model/6/physmap/2000000": ["n0", "b7"],
+    "/local/domain/0/device-model/6/physmap/2000000/start_addr": ["n0", "b7"],
+    "/local/domain/7": ["n0", "r7"],
+    "/local/domain/7/device-model": ["n0", "r7"],
+    "/local/domain/7/device-model/6": ["n7", "r6"],
+    "@introduceDomain": ["n0"],
+}
+
+
+def _p(p: Principal, step: dict[str, Any]) -> tuple[bool, str | None]:
+    got = predict(p, step, ACLS, node_quota=1000)
+    return got.succeeded, got.errno
+
+
+def test_perm_for_follows_c_perm_for_conn() -> None:
+    assert perm_for(DOM0, ["n5"]) == 7
+    assert perm_for(STUB, ["n7"]) == 7  # owner
+    assert perm_for(STUB, ["n6"]) == 7  # its SET_TARGET domain's node
+    assert perm_for(STUB, ["n0", "r7", "w7"]) == 1  # the first entry naming it wins
+    assert perm_for(STUB, ["n0", "w6"]) == 2  # an entry for its target counts too
+    assert perm_for(STUB, ["r0", "w3"]) == 1  # nobody named: the owner entry's letter
+    assert perm_for(Principal("domain", 3), ["b0", "n3"]) == 0
+
+
+def test_xenstore_attacks() -> None:
+    read = {"attack": "xs-read", "path": "/local/domain/1/data/secret"}
+    assert _p(DOM0, read) == (True, None)
+    assert _p(STUB, read) == (False, "EACCES")
+    assert _p(CLOSED, read) == (False, "EBADF")
+    # The stub owns its target's nodes.
+    assert _p(STUB, {"attack": "xs-read", "path": "/local/domain/6/data/secret"}) == (True, None)
+    perms = {"attack": "xs-set-perms", "path": "/local/domain/6/data/secret", "perms": ["n7"]}
+    assert _p(STUB, perms) == (True, None)
+    perms["path"] = "/local/domain/1/data/secret"
+    assert _p(STUB, perms) == (False, "EACCES")
+    # A missing node under a directory it may not read is EACCES, not ENOENT.
+    assert _p(STUB, {"attack": "xs-read", "path": "/local/domain/1/nothing"}) == (False, "EACCES")
+    assert _p(STUB, {"attack": "xs-read", "path": "/local/domain/1/data/x"}) == (False, "ENOENT")
+
+
+def test_privileged_only_and_quota() -> None:
+    for attack in ({"attack": "introduce", "domid": 9}, {"attack": "release", "domid": 1}):
+        assert _p(DOM0, attack) == (True, None)
+        assert _p(STUB, attack) == (False, "EACCES")
+        assert _p(CLOSED, attack) == (False, "EBADF")
+    fill = {"attack": "quota-fill", "path": "device-model/6/hostile", "count": 1010}
+    assert _p(DOM0, fill) == (True, None)
+    assert _p(STUB, fill) == (False, "ENOSPC")
+    fill["count"] = 10
+    assert _p(STUB, fill) == (True, None)
+
+
+def test_physmap_and_foreign_map() -> None:
+    entry = {"offset": "2000000", "start_addr": "200000", "size": "1000000", "name": "vga.vram"}
+    own = {"attack": "physmap-own", "domid": 6, "entries": [entry]}
+    other = {"attack": "physmap-plant", "domid": 1, "entries": [entry]}
+    assert _p(STUB, own) == (True, None)  # granted on its own guest's physmap
+    assert _p(STUB, other) == (False, "EACCES")
+    assert _p(DOM0, other) == (True, None)
+    fmap = {"attack": "foreign-map", "domid": 1, "gfn": 0xF0000, "pages": 1}
+    assert _p(DOM0, fmap) == (True, None)
+    assert _p(STUB, fmap) == (False, "EPERM")
+    assert _p(CLOSED, {**fmap, "domid": 6}) == (True, None)
+
+
+def test_watch_learns_only_with_read_on_the_special_node() -> None:
+    assert learns_of(DOM0, ["n0"]) and not learns_of(STUB, ["n0"])
+    assert learns_of(STUB, ["n0", "r7"])
+    watch = {"attack": "watch", "path": "@introduceDomain"}
+    assert _p(STUB, watch) == (False, NO_EVENT)
+    assert _p(DOM0, watch) == (True, None)
+
+
+def test_the_script_touches_what_the_predictor_reads() -> None:
+    host = Host(6, 1, 2, "2000000", 16 << 20, 0xF0000000, 0xF0000, 1920000, 1000)
+    script = steps(host)
+    assert [s["attack"] for s in script][-1] == "release"  # the one that undoes others last
+    for s in script:
+        for path in touched(s, STUB):
+            assert path.startswith(("/", "@"))
+    assert {c.name for c in CONFIGS} >= {"compat-dom0", "new-restrict-2.10", "new-restrict-3.0"}
