@@ -33,6 +33,8 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, bool]]]] = {
     "xen-save-devices-state": {"filename": (_STR, True), "live": (_BOOL, False)},
     "xen-load-devices-state": {"filename": (_STR, True)},
     "x-physmap-info": {},
+    "xen-set-global-dirty-log": {"enable": (_BOOL, True)},
+    "x-vram-dirty": {},
 }
 _PYTYPE: Final = {_STR: str, _BOOL: bool, _LIST: list}
 
