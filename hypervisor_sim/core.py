@@ -376,7 +376,8 @@ class Hypervisor:
 
     def _call_shadow_op(self, conn: int, domid: int, op: str) -> dict[str, Any] | None:
         """``xc_shadow_control``: cf. xen/arch/x86/mm/paging.c ``paging_log_dirty_op``.
-        ``peek`` and ``clean`` return ``{"pages": [gfn], "digests": [bytes], "dirty_count"}``."""
+        ``peek`` and ``clean`` return ``{"pages": [gfn], "digests": [bytes], "dirty_count"}``;
+        ``enable_logdirty`` the same shape for every populated gfn."""
         d = self.domain(domid)
         if op not in SHADOW_OPS:
             raise HypercallError("EINVAL", f"op {op!r} (one of {', '.join(SHADOW_OPS)})")
@@ -384,8 +385,11 @@ class Hypervisor:
             if d.logdirty is not None:
                 # paging_log_dirty_enable: already in log-dirty mode is -EINVAL.
                 raise HypercallError("EINVAL", f"domain {domid} is already in log-dirty mode")
-            d.logdirty = DigestLog(d.digests())
-            return None
+            # The first round of a live save sends every page: the reply lists them all, with
+            # the digests the log starts from.
+            current = d.digests()
+            d.logdirty = DigestLog(current)
+            return {"pages": list(current), "digests": list(current.values()), "dirty_count": 0}
         if d.logdirty is None:
             raise HypercallError("EINVAL", f"domain {domid} is not in log-dirty mode")
         if op == "off":

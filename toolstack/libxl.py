@@ -1035,10 +1035,12 @@ class Libxl:
         path: str | os.PathLike[str],
         *,
         overrides: Mapping[str, Any] | None = None,
+        paused: bool = False,
     ) -> RestoreResult:
         """Check the whole image, then build the domain from it, plant the device model's
         xenstore keys (libxl flavour), start the device model on the saved state and
-        unpause.  On any failure everything made is removed again."""
+        unpause (unless ``paused``: ``xl migrate-receive`` restores paused and unpauses once
+        the sender lets go).  On any failure everything made is removed again."""
         t0 = time.monotonic()
         clock = _Clock()
         image = Path(path)
@@ -1096,8 +1098,9 @@ class Libxl:
             clock.mark("build")
             pid = await self._spawn_dm(config, domid, made, incoming=resume)
             clock.mark("device_model")
-            await self._resume_dm_and_guest(config, domid)
-            clock.mark("unpause")
+            if not paused:
+                await self._resume_dm_and_guest(config, domid)
+                clock.mark("unpause")
         except BaseException:
             await self._rollback(made)
             raise

@@ -72,7 +72,9 @@ async def test_every_write_of_every_writer_is_in_the_dirty_log(hypervisor: Any) 
     rng = random.Random(1606)
     async with open_hypervisor(hypervisor.sock) as hv:
         domid = await _domain(hv)
-        assert await hv.shadow_op(domid, "enable_logdirty") is None
+        first = await hv.shadow_op(domid, "enable_logdirty")
+        assert first is not None and first["pages"] == list(range(PAGES))
+        assert first["dirty_count"] == 0 and len(set(first["digests"])) == 1  # all zero pages
         writers = [Writer(hypervisor.sock, domid, keep) for keep in (True, True, False)]
         try:
             for _round in range(12):
