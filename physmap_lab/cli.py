@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import trio
@@ -100,7 +101,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
     _add_audit(sub)
+    _add_host(sub)
     return parser
+
+
+def _add_host(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "host",
+        help="start or stop one simulated host (a run directory with its own daemons)",
+        description="up: start xenstored-sim and hypervisor-sim for host NAME in the "
+        "background and print its run directory; down: destroy its domains and stop it.",
+    )
+    p.add_argument("action", choices=("up", "down"))
+    p.add_argument("name")
+    p.add_argument(
+        "--rundir",
+        metavar="DIR",
+        help="the host's run directory (default: $PHYSMAP_LAB_HOSTS/NAME or "
+        "<tmp>/physmap-lab-hosts/NAME)",
+    )
+
+
+def _host(args: argparse.Namespace) -> int:
+    from . import host
+
+    try:
+        rundir = (
+            Path(args.rundir) if args.rundir else host.default_rundir(host.check_name(args.name))
+        )
+        if args.action == "up":
+            print(host.up(args.name, rundir))
+        elif not host.down(args.name, rundir):
+            print(f"{PROG}: host {args.name} is not running on {rundir}", file=sys.stderr)
+            return 1
+    except (host.HostError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -264,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--attach needs --rundir: the directory the daemons run on")
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
+    if args.command == "host":
+        return _host(args)
     if args.command == "audit":
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")
