@@ -33,6 +33,7 @@ from .demo import (
     CaseResult,
     DemoOutcome,
     StepError,
+    expected_to_work,
     failed_unexpectedly,
     plan,
     run_demo,
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the xenstored-sim and hypervisor-sim already running on --rundir",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="instead of save/restore, migrate each case live between two hosts (in two "
+        "network namespaces when run as root) while the guest keeps drawing",
+    )
     _add_audit(sub)
     _add_host(sub)
     return parser
@@ -238,7 +245,51 @@ def results_table(results: Sequence[CaseResult]) -> Table:
     return table
 
 
+def _run_migrate(args: argparse.Namespace, err: Console) -> int:
+    import tempfile
+
+    from .migration import run_migrations
+
+    cases = plan(
+        args.modes or DEFAULT_MODES,
+        args.devices or DEFAULT_DEVICES,
+        args.toolstacks or DEFAULT_TOOLSTACKS,
+    )
+    err.print(f"[bold]physmap-lab demo --migrate[/bold]: {len(cases)} cases", highlight=False)
+    base = Path(args.rundir or tempfile.mkdtemp(prefix="physmap-lab-migrate-"))
+    try:
+        results = trio.run(lambda: run_migrations(cases, base))
+    except (RuntimeError, OSError) as exc:
+        err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print(f"[red]{PROG}: interrupted[/red]")
+        return 1
+    finally:
+        if not (args.keep or args.rundir):
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"runs": [r.as_json() for r in results]}, indent=2))
+    bad = 0
+    for case, r in zip(cases, results, strict=True):
+        should = expected_to_work(case)
+        bad += r.ok != should
+        line = (
+            f"{r.mode}/{r.device}/{r.toolstack} {r.source_host}->{r.destination_host} "
+            f"({r.network}): {'ok' if r.ok else 'FAILED'}; {r.precopy_rounds} rounds, "
+            f"{r.pages_sent} pages, {r.frames_drawn} frames drawn, downtime "
+            f"{r.downtime_s or 0:.3f} s, total {r.total_s or 0:.2f} s"
+        )
+        err.print(escape(line) + (f": {escape(r.error)}" if r.error else ""), highlight=False)
+    err.print(f"{len(results)} cases, {len(results) - bad} as expected", highlight=False)
+    return 1 if bad else 0
+
+
 def _run(args: argparse.Namespace, err: Console) -> int:
+    if args.migrate:
+        return _run_migrate(args, err)
     cases = plan(
         args.modes or DEFAULT_MODES,
         args.devices or DEFAULT_DEVICES,

@@ -25,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import trio
 
@@ -311,23 +312,23 @@ async def _resume(lx: Libxl, domid: int, suspended: bool) -> None:
 
 
 async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
-    """Receive one domain over ``s``: spool, restore paused, report, unpause on permission."""
+    """Receive one domain over ``s``: spool, restore paused, report, unpause on permission.
+
+    The spool is an unnamed file in ``RUNDIR/migrate`` (``O_TMPFILE``), so a receiver that is
+    killed leaves nothing behind; the restore reads it through ``/proc/self/fd``."""
     ch = _Channel(s)
     t0 = time.monotonic()
-    spool = lx.run.root / "migrate" / f"incoming.{os.getpid()}.{id(ch):x}"
-    spool.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    spool_dir = lx.run.root / "migrate"
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=spool_dir) as spool:
         await ch.send(RECEIVER_BANNER)
         follower = await _spool(ch, spool)
         try:
-            restored = await lx.restore(spool, paused=True)
+            restored = await lx.restore(f"/proc/self/fd/{spool.fileno()}", paused=True)
         except ToolstackError:
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await ch.send(RECEIVER_REPORT + b"\x01")
             raise
-    finally:
-        with suppress(FileNotFoundError):
-            spool.unlink()
     try:
         await ch.send(RECEIVER_REPORT + b"\x00")
         await ch.expect(PERMISSION_TO_GO, "permission to go")
@@ -344,16 +345,16 @@ async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
     return out
 
 
-async def _spool(ch: _Channel, path: Path) -> StreamFollower:
+async def _spool(ch: _Channel, f: IO[bytes]) -> StreamFollower:
     follower = StreamFollower()
-    with open(path, "wb") as f:
-        while not follower.done:
-            data = await ch.receive_some(min(follower.wants(), _RECV_CHUNK))
-            if not data:
-                raise ToolstackError(
-                    f"the sender closed the connection after {follower.offset} bytes, "
-                    "before the END record"
-                )
-            follower.feed(data)
-            await trio.to_thread.run_sync(f.write, data)
+    while not follower.done:
+        data = await ch.receive_some(min(follower.wants(), _RECV_CHUNK))
+        if not data:
+            raise ToolstackError(
+                f"the sender closed the connection after {follower.offset} bytes, "
+                "before the END record"
+            )
+        follower.feed(data)
+        await trio.to_thread.run_sync(f.write, data)
+    await trio.to_thread.run_sync(f.flush)
     return follower
