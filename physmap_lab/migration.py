@@ -146,9 +146,14 @@ class Drawer:
                 seed = self.last_seed + 1
                 try:
                     await hv.guest_driver(self.domid, self.device, "draw", {**params, "seed": seed})
-                except (HypercallError, HypervisorDisconnected):
-                    return  # paused for the suspend, or gone
-                self.last_seed, self.frames = seed, self.frames + 1
+                except HypercallError as exc:
+                    if exc.errno_name != "EBUSY":
+                        return  # the domain is gone
+                    # Paused for the suspend: the frame was not drawn; the vCPU may resume.
+                except HypervisorDisconnected:
+                    return
+                else:
+                    self.last_seed, self.frames = seed, self.frames + 1
                 await trio.sleep(FRAME_INTERVAL_S)
 
 
