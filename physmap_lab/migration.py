@@ -181,7 +181,8 @@ async def _finish(proc: trio.Process) -> dict[str, Any]:
         err = await proc.stderr.receive_some(65536)
         await proc.wait()
     if proc.returncode:
-        raise RuntimeError(err.decode(errors="replace").strip() or "migrate-receive failed")
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else "migrate-receive failed")
     return dict(json.loads(out.decode().strip().splitlines()[-1]))
 
 
@@ -212,21 +213,33 @@ async def _migrate_case(case: Case, src: Host, dst: Host, r: MigrationCase) -> N
     receiver, where = await start_receiver(dst)
     drawer = Drawer(src, domid, case.device, case.seed)
     stop = trio.Event()
+    failure: RuntimeError | None = None
+    sent: dict[str, Any] = {}
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drawer.run, stop)
             try:
                 sent = await _run(src.xl("migrate", str(domid), where))
+            except RuntimeError as exc:
+                failure = exc
             finally:
                 stop.set()
-        received = await _finish(receiver)
+        try:
+            received = await _finish(receiver)
+        except RuntimeError as exc:
+            failure = RuntimeError(f"{failure or 'migration failed'}; destination: {exc}")
     finally:
         if receiver.returncode is None:
             receiver.kill()
             with trio.CancelScope(shield=True):
                 await receiver.wait()
-    r.migrated = True
     r.frames_drawn = drawer.frames
+    if failure is not None:
+        # The source domain ran on: it goes, so that the next case starts on a clean host.
+        with suppress(RuntimeError):
+            await _run(src.xl("destroy", str(domid)))
+        raise failure
+    r.migrated = True
     r.fb_sha256_expected = pattern_sha256(case.device, drawer.last_seed)
     for k in ("precopy_rounds", "pages_sent", "pages_per_round", "downtime_s", "total_s"):
         setattr(r, k, sent[k])
