@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import attack, migration, saverestore, scale, throughput
+from . import attack, migration, saverestore, scale, screen, throughput
 from .daemons import BenchError, oracle_present
 from .results import SECTIONS, Results, print_comparison, print_targets
 
@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif section == "migration":
                 results.sections[section] = migration.measure(
                     results, migration.QUICK if args.quick else migration.FULL
+                )
+            elif section == "screen":
+                results.sections[section] = screen.measure(
+                    results, screen.QUICK if args.quick else screen.FULL
                 )
             elif section == "attack":
                 results.sections[section] = attack.measure(

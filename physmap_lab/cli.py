@@ -3,7 +3,9 @@
 ::
 
     physmap-lab demo [--json] [--mode M ...] [--device D ...] [--toolstack T ...]
-                     [--rundir DIR] [--attach] [--keep]
+                     [--rundir DIR] [--attach] [--keep] [--screenshots DIR]
+    physmap-lab demo --migrate [--json] [--mode M ...] [--device D ...] [--rundir DIR] [--keep]
+    physmap-lab host up|down NAME [--rundir DIR]
 
 Progress goes to stderr as the demo runs; then a table (or, with ``--json``, only
 ``{"runs": [...]}``) goes to stdout.  The exit status is 1 if a case that should work did not,
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of save/restore, migrate each case live between two hosts (in two "
         "network namespaces when run as root) while the guest keeps drawing",
+    )
+    p.add_argument(
+        "--screenshots",
+        metavar="DIR",
+        help="write a PNG of each guest's screen before save and after restore (QMP "
+        "screendump) to DIR",
     )
     _add_audit(sub)
     _add_host(sub)
@@ -303,7 +311,12 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     try:
         outcome: DemoOutcome = trio.run(
             lambda: run_demo(
-                cases, rundir=args.rundir, attach=args.attach, keep=args.keep, report=report
+                cases,
+                rundir=args.rundir,
+                attach=args.attach,
+                keep=args.keep,
+                screenshots=args.screenshots,
+                report=report,
             )
         )
     except StepError as exc:
@@ -342,6 +355,8 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         )
     if args.keep or args.rundir:
         err.print(f"run directory: {outcome.rundir}", highlight=False)
+    if args.screenshots:
+        err.print(f"screenshots: {Path(args.screenshots).resolve()}", highlight=False)
     return outcome.exit_status
 
 
@@ -350,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "attach", False) and not args.rundir:
         parser.error("--attach needs --rundir: the directory the daemons run on")
+    if getattr(args, "migrate", False) and (args.attach or args.screenshots):
+        parser.error("--migrate starts its own two hosts and takes no --attach or --screenshots")
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
     if args.command == "host":
