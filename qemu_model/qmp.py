@@ -41,6 +41,8 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, bool]]]] = {
         "head": (_INT, False),
         "format": (_STR, False),
     },
+    "xen-set-global-dirty-log": {"enable": (_BOOL, True)},
+    "x-vram-dirty": {},
 }
 _PYTYPE: Final = {_STR: str, _BOOL: bool, _LIST: list, _INT: int}
 

@@ -59,10 +59,13 @@ class Config:
     memory_mib: int
     vram_mib: int
     vnc: vnc.VncAddress | None = None
+    #: The hypercall socket: ``RUNDIR/hypervisor.sock`` unless the toolstack gave the device
+    #: models one of their own (``--hypervisor``).
+    hypervisor: Path | None = None
 
     @property
     def hypervisor_path(self) -> Path:
-        return self.rundir / "hypervisor.sock"
+        return self.hypervisor or self.rundir / "hypervisor.sock"
 
     @property
     def qmp_path(self) -> Path:
@@ -131,6 +134,13 @@ class PrivcmdHypercalls:
 
     def relocate_memory(self, domid: int, src_gfn: int, dst_gfn: int, nr: int) -> None:
         self._p.call("relocate_memory", domid=domid, src_gfn=src_gfn, dst_gfn=dst_gfn, nr=nr)
+
+    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int) -> bytes:
+        result = self._p.call("track_dirty_vram", domid=domid, first_pfn=first_pfn, nr=nr)
+        return bytes(result["bitmap"])
+
+    def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
+        self._p.call("modified_memory", domid=domid, first_pfn=first_pfn, nr=nr)
 
 
 class _QmpClient:
@@ -205,6 +215,7 @@ class DeviceModel:
                 vram_size=cfg.vram_mib << 20,
                 fmem=ForeignMemory(privcmd),
                 hypercalls=PrivcmdHypercalls(privcmd),
+                dirty=PrivcmdHypercalls(privcmd),
                 xenstore=bridge,
                 incoming=cfg.incoming is not None,
             )
@@ -443,6 +454,9 @@ class DeviceModel:
                 info: dict[str, Any] = await trio.to_thread.run_sync(machine.info)
             info["requested_mode"] = self.cfg.xen_mode
             return info
+        if name in ("xen-set-global-dirty-log", "x-vram-dirty"):
+            async with self.bql:
+                return await trio.to_thread.run_sync(vram_dirty_command, machine, name, args)
         if name == "xen-save-devices-state":
             return await self._save(args["filename"])
         if name == "screendump":
@@ -527,6 +541,20 @@ class DeviceModel:
             await nursery.start(server.serve, listener)
             self._vnc = server
             task_status.started()
+
+
+def vram_dirty_command(machine: Machine, name: str, args: dict[str, Any]) -> Any:
+    """``xen-set-global-dirty-log`` (what libxl sends around a live save) and the project's
+    ``x-vram-dirty``: the framebuffer pages changed since the last ask (dirty_vram.py)."""
+    dv = machine.dirty_vram
+    if name == "xen-set-global-dirty-log":
+        if args["enable"]:
+            dv.log_global_start()
+        else:
+            dv.log_global_stop()
+        return {}
+    start = None if dv.logging is None else dv.logging[0]
+    return {"start_addr": start, "page_size": 4096, "pages": dv.get_and_clear()}
 
 
 def state_is(machine: Machine, state: RunState) -> bool:

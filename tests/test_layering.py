@@ -36,6 +36,7 @@ NO_TRIO_MODULES = [
     "toolstack.emulator_xenstore",
     "toolstack.image",
     "toolstack.memory_stream",
+    "toolstack.migration_stream",
     "toolstack.savefile",
     "toolstack.stream",
     "toolstack.streamio",

@@ -170,6 +170,11 @@ _HV_TEMPLATES: Final[tuple[tuple[str, dict[str, object]], ...]] = (
     ("guest", {"domid": 0, "ops": [{"op": "pio_read", "port": 0x1CE, "size": 2}]}),
     ("guest_driver", {"domid": 0, "device": "stdvga", "action": "framebuffer", "params": {}}),
     ("restrict", {"domid": 0}),
+    ("shadow_op", {"domid": 0, "op": "enable_logdirty"}),
+    ("shadow_op", {"domid": 0, "op": "clean"}),
+    ("shadow_op", {"domid": 0, "op": "off"}),
+    ("track_dirty_vram", {"domid": 0, "first_pfn": 16, "nr": 3}),
+    ("modified_memory", {"domid": 0, "first_pfn": 16, "nr": 2}),
     ("no_such_call", {}),
 )
 

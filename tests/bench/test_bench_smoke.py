@@ -28,7 +28,7 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
         [sys.executable, str(RUN), "--quick", "--output", str(out), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     return proc.returncode, json.loads(out.read_text()), proc.stdout + proc.stderr
@@ -71,6 +71,16 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
     assert set(modes) == {"new", "compat"}
     for m in modes.values():
         assert m["image_bytes"] > 16 << 20 and m["downtime_s"] > 0
+    cases = doc["sections"]["migration"]["cases"]
+    assert {k for k in cases if k != "network"} == {"new@2000", "compat@2000"}
+    for c in (cases["new@2000"], cases["compat@2000"]):
+        [run] = c["runs"]
+        assert 0 < run["downtime_s"] <= run["total_s"] and run["precopy_rounds"] >= 1
+        assert (
+            run["pages_per_round"][0] >= 16 * 256
+            and sum(run["pages_per_round"]) == run["pages_sent"]
+        )
+    assert len(by_section["migration"]) == 6
     assert "physmap-lab issue 7: targets" in log
 
 
