@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz clean image compose
+.PHONY: setup test demo bench lint fuzz clean image compose audit-hostile
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 
@@ -47,6 +47,10 @@ bench: setup
 
 fuzz: setup
 	$(PY) -m physmap_lab.fuzz --frames 1000000
+
+# The attack matrix of a compromised device model, every configuration (a few minutes).
+audit-hostile: setup
+	$(VENV)/bin/physmap-lab audit --hostile --out docs/audit
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -113,3 +113,24 @@ def test_the_script_touches_what_the_predictor_reads() -> None:
         for path in touched(s, STUB):
             assert path.startswith(("/", "@"))
     assert {c.name for c in CONFIGS} >= {"compat-dom0", "new-restrict-2.10", "new-restrict-3.0"}
+
+
+def test_screendump_corner_is_a_png_of_the_corner() -> None:
+    import zlib
+
+    from physmap_lab.audit.hostile.screens import corner_png, ppm_corner
+
+    w, h = 4, 3
+    pixels = bytes(range(w * h * 3))
+    ppm = f"P6\n{w} {h}\n255\n".encode() + pixels
+    cw, ch, rgb = ppm_corner(ppm, 2, 2)
+    assert (cw, ch) == (2, 2) and rgb == pixels[0:6] + pixels[12:18]
+    data = corner_png(ppm)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
+    raw = zlib.decompress(idat)
+    assert raw == b"\0" + pixels[0:12] + b"\0" + pixels[12:24] + b"\0" + pixels[24:36]
+    import pytest
+
+    with pytest.raises(ValueError):
+        ppm_corner(b"P5\n1 1\n255\n\0", 1, 1)

@@ -8,7 +8,6 @@ knows, and what a victim can still write while the attacker holds its nodes.
 
 from __future__ import annotations
 
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -16,6 +15,7 @@ from toolstack.libxl import STORE_GFN, STORE_PORT
 from toolstack.qmp import QmpError, QmpProtocolError, open_qmp
 
 from ...demo import StepError, pattern_sha256
+from .screens import corner_png
 from .script import DEVICE, SCRATCH_DOMID, SECRET_GPA, SECRET_SEEDS, SEEDS, Host, secret_node
 
 if TYPE_CHECKING:
@@ -91,8 +91,8 @@ async def after(
     put("foreign-map", mapped == fb, f"V2 reads its framebuffer as {str(fb)[:12]}")
     events = cells["watch"].detail.get("events") or []
     put("watch", bool(events), f"toolstack introduced d{WATCHED_DOMID}: {len(events)} event(s)")
-    fill = seen.write_during_fill
-    put("quota-fill", fill != "ok", f"V1 writes during the fill: {fill}")
+    fill, made = seen.write_during_fill, cells["quota-fill"].detail.get("created")
+    put("quota-fill", fill != "ok", f"attacker made {made} nodes; V1 writes meanwhile: {fill}")
     await _domains(v, host, seen, put)
     for attack, role, domid in (
         ("physmap-plant", "V1", host.v1),
@@ -145,7 +145,8 @@ async def _restore_screen(
         new = int(restored["domid"])
         live.add(new)
         shown = (await v.run.physmap_info(new)).get("display_sha256")
-        await _screendump(v, new, f"{cfg.name}-{role}", out)
+        if role == "V1":
+            await _screendump(v, new, cfg.name, out)
     finally:
         image.unlink(missing_ok=True)
     if shown == pattern_sha256(DEVICE, SEEDS[role]):
@@ -156,11 +157,19 @@ async def _restore_screen(
 
 
 async def _screendump(v: Victims, domid: int, name: str, out: ConfigRun) -> None:
+    """QMP ``screendump`` of the restored screen; its corner goes to the report's screens."""
     if v.shots is None:
         return
-    path = (v.shots / f"hostile-{name}-after-restore.png").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with suppress(QmpError, QmpProtocolError, OSError):
+    dump = (v.run.rundir / f"screendump-{domid}.ppm").resolve()
+    try:
         async with open_qmp(v.run.rundir / "qmp" / f"{domid}.sock") as qmp:
-            await qmp.execute("screendump", {"filename": str(path), "format": "png"})
-        out.screens[name] = str(path)
+            await qmp.execute("screendump", {"filename": str(dump), "format": "ppm"})
+        corner = corner_png(dump.read_bytes())
+    except (QmpError, QmpProtocolError, OSError, ValueError):
+        return
+    finally:
+        dump.unlink(missing_ok=True)
+    path = v.shots / f"hostile-{name}-after-restore.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(corner)
+    out.screens[name] = str(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from html import escape
+from pathlib import Path
 from typing import Final
 
 from rich.table import Table
@@ -80,6 +81,22 @@ def markdown(runs: Sequence[ConfigRun], command: str) -> list[str]:
             c = _cell(r, attack)
             row.append("-" if c is None else verdict(c) + ("" if c.as_predicted else " ≠"))
         lines.append("| " + " | ".join(row) + " |")
+    shots = [r for r in runs if r.config.name in r.screens]
+    if shots:
+        lines += [
+            "",
+            "V1's screen after its save and restore (top-left corner, QMP `screendump`), "
+            "once the attacker had planted its physmap keys:",
+            "",
+            "| " + " | ".join(r.config.name for r in shots) + " |",
+            "|" + " --- |" * len(shots),
+            "| "
+            + " | ".join(
+                f"![V1 in {r.config.name}](screens/{Path(r.screens[r.config.name]).name})"
+                for r in shots
+            )
+            + " |",
+        ]
     lines += ["", "What each configuration's device model holds after init:", ""]
     for r in runs:
         err = f" (error: {r.error})" if r.error else ""
