@@ -58,6 +58,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a, _ignored = p.parse_known_args(argv)  # the device model's other options do not matter
     if not a.rundir:
         p.error("--rundir is required (or set PHYSMAP_LAB_RUNDIR)")
+    if a.domid < 1:
+        p.error("--domid must be a guest domain (>= 1)")
     return a
 
 

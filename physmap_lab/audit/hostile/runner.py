@@ -33,6 +33,8 @@ from .configs import HostileConfig
 from .predict import Prediction, Principal, predict, touched, visible
 from .script import DEVICE, SECRET_GPA, SECRET_SEEDS, SEEDS, Host, secret_node, steps
 
+#: A configuration that takes longer than this has hung (a normal one takes about 25 s).
+CONFIG_LIMIT_S: Final = 300.0
 #: xenstored-sim's default node quota (C 4.17's), which the attacker's fill overruns.
 NODE_QUOTA: Final = 1000
 
@@ -213,8 +215,9 @@ async def run_config(v: Victims, cfg: HostileConfig) -> ConfigRun:
     t0 = time.monotonic()
     live: set[int] = set()
     try:
-        await _run(v, cfg, out, live)
-    except (StepError, XsError, trio.TooSlowError) as exc:
+        with trio.fail_after(CONFIG_LIMIT_S):
+            await _run(v, cfg, out, live)
+    except (StepError, XsError, HypercallError, trio.TooSlowError) as exc:
         out.error = str(exc) or type(exc).__name__
     finally:
         with trio.CancelScope(shield=True):
