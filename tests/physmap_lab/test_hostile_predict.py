@@ -134,3 +134,23 @@ def test_screendump_corner_is_a_png_of_the_corner() -> None:
 
     with pytest.raises(ValueError):
         ppm_corner(b"P5\n1 1\n255\n\0", 1, 1)
+
+
+def test_a_cell_off_the_prediction_is_flagged() -> None:
+    from physmap_lab.audit.hostile.predict import OK, Prediction, visible
+    from physmap_lab.audit.hostile.report import verdict
+    from physmap_lab.audit.hostile.runner import AttackCell
+
+    cell = AttackCell("c", "xs-read", "read", "succeeded", None, OK, {}, effect=True)
+    cell.expected_effect = visible("new", False, "xs-read", True)
+    assert cell.as_predicted and verdict(cell) == "succeeded"
+    cell.effect = False  # allowed, but the victim's side does not show it
+    assert not cell.as_predicted and verdict(cell) == "allowed, no effect"
+    refused = AttackCell(
+        "c", "xs-read", "read", "refused", "EPERM", Prediction(False, "EACCES"), {}
+    )
+    assert not refused.as_predicted  # the wrong errno
+    assert not visible("compat", True, "physmap-own", True)
+    assert visible("compat", False, "physmap-own", True)
+    assert not visible("new", False, "physmap-plant", True)
+    assert not visible("compat", False, "quota-fill", True)

@@ -91,8 +91,9 @@ async def after(
     put("foreign-map", mapped == fb, f"V2 reads its framebuffer as {str(fb)[:12]}")
     events = cells["watch"].detail.get("events") or []
     put("watch", bool(events), f"toolstack introduced d{WATCHED_DOMID}: {len(events)} event(s)")
-    fill, made = seen.write_during_fill, cells["quota-fill"].detail.get("created")
-    put("quota-fill", fill != "ok", f"attacker made {made} nodes; V1 writes meanwhile: {fill}")
+    fill, made = seen.write_during_fill, cells["quota-fill"].detail.get("created", 0)
+    starved = fill is not None and fill != "ok"
+    put("quota-fill", starved, f"attacker made {made} nodes; V1 writes meanwhile: {fill or '-'}")
     await _domains(v, host, seen, put)
     for attack, role, domid in (
         ("physmap-plant", "V1", host.v1),
