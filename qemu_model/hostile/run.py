@@ -40,6 +40,9 @@ XENSTORE_CLOSED_FROM: tuple[int, int] = (3, 0)
 
 
 def qemu_version(text: str) -> tuple[int, int]:
+    """``X.Y`` (``2.10``, ``3.0``...) or ``current``, the newest behaviour."""
+    if text == "current":
+        return (99, 0)
     parts = text.split(".")
     if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
         raise argparse.ArgumentTypeError(f"bad QEMU version {text!r} (want e.g. 2.10)")
@@ -52,6 +55,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--rundir", default=os.environ.get("PHYSMAP_LAB_RUNDIR"))
     p.add_argument("--xenstore", metavar="PATH")
+    p.add_argument("--hypervisor", metavar="PATH", help="default RUNDIR/hypervisor.sock")
     p.add_argument("--restrict", action="store_true")
     p.add_argument("--stubdom", action="store_true", help="the device model is a stub domain")
     p.add_argument("--qemu-version", type=qemu_version, default=(2, 10))
@@ -74,7 +78,8 @@ async def _wait_trigger(path: str) -> None:
 
 async def attack(a: argparse.Namespace, steps: list[dict[str, Any]]) -> None:
     rundir = Path(a.rundir)
-    privcmd = await trio.to_thread.run_sync(Privcmd, rundir / "hypervisor.sock")
+    hv_path = Path(a.hypervisor) if a.hypervisor else rundir / "hypervisor.sock"
+    privcmd = await trio.to_thread.run_sync(Privcmd, hv_path)
     try:
         if a.restrict or a.stubdom:
             await trio.to_thread.run_sync(privcmd.restrict, a.domid)

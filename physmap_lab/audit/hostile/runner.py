@@ -27,7 +27,7 @@ from xenstored_sim.client import XsClient, open_xenstore
 from xenstored_sim.wire import XsError
 
 from ...demo import BAR_ADDR, BPP, GUEST_MEMORY_MIB, HEIGHT, WIDTH, DemoRun, StepError
-from ...stack import Stack, executable, open_stack
+from ...stack import executable, open_stack
 from . import evidence
 from .configs import HostileConfig
 from .predict import Prediction, Principal, predict, touched, visible
@@ -100,12 +100,20 @@ class Victims:
         self.xs = xs
         self.hv = hv
         self.shots = shots
+        #: Each domain's device-model pid, as ``xl-sim create`` or ``restore`` reported it.
+        self.dm_pids: dict[int, int] = {}
+
+    def started(self, out: dict[str, Any]) -> int:
+        domid = int(out["domid"])
+        if isinstance(out.get("dm_pid"), int):
+            self.dm_pids[domid] = int(out["dm_pid"])
+        return domid
 
     async def guest(self, role: str, name: str, extra: Sequence[str]) -> int:
         out = await self.run.xl(
             "create", "--name", name, "--memory", str(GUEST_MEMORY_MIB), "--vga", DEVICE, *extra
         )
-        domid = int(out["domid"])
+        domid = self.started(out)
         await self.draw(role, domid)
         return domid
 
@@ -148,39 +156,36 @@ class Victims:
         return out
 
 
-async def _principal(v: Victims, cfg: HostileConfig, domid: int) -> tuple[Principal, str]:
-    """The attacker's credentials: those of domain ``domid``'s device model after init."""
-    sock = str(Stack(v.run.rundir).xenstored_socket)
-    if cfg.stubdom:
-        s = int(await v.xs.read(f"/local/domain/{domid}/image/device-model-domid"))
-        return Principal("domain", s, domid, domid), str(v.run.rundir / "domains" / f"{s}.sock")
+def dm_arguments(pid: int) -> list[str]:
+    """The options a running device model was started with (``/proc/PID/cmdline``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError as exc:
+        raise StepError(f"device model pid {pid}: {exc.strerror}") from None
+    args = [a.decode(errors="replace") for a in argv if a]
+    first = next((i for i, a in enumerate(args) if a.startswith("-") and i > 0), len(args))
+    return args[first:]
+
+
+def _principal(cfg: HostileConfig, domid: int, stub: int | None) -> Principal:
+    """The credentials of domain ``domid``'s device model after init, for the predictor."""
+    if stub is not None:
+        return Principal("domain", stub, domid, domid)
     hv = domid if cfg.restrict else None
     closed = cfg.restrict and tuple(int(x) for x in cfg.qemu_version.split(".")[:2]) >= (3, 0)
-    return Principal("none" if closed else "dom0", 0, None, hv), sock
+    return Principal("none" if closed else "dom0", 0, None, hv)
 
 
 async def _attacker(
     v: Victims,
     cfg: HostileConfig,
-    a: int,
-    xs_path: str,
+    dm_args: Sequence[str],
     script: list[dict[str, Any]],
     trigger: Callable[[str], Any],
 ) -> list[dict[str, Any]]:
     path = v.run.rundir / f"hostile-{cfg.name}.json"
     path.write_text(json.dumps(script))
-    argv = [
-        executable("qemu-model"),
-        "--hostile",
-        str(path),
-        "--domid",
-        str(a),
-        "--rundir",
-        str(v.run.rundir),
-        "--xenstore",
-        xs_path,
-        *cfg.attacker_args(),
-    ]
+    argv = [executable("qemu-model"), "--hostile", str(path), *dm_args, *cfg.attacker_args()]
     results: list[dict[str, Any]] = []
     proc = await trio.lowlevel.open_process(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -240,12 +245,15 @@ async def _run(v: Victims, cfg: HostileConfig, out: ConfigRun, live: set[int]) -
         image.parent.mkdir(parents=True, exist_ok=True)
         await v.run.xl("save", str(a), str(image))
         live.discard(a)
-        a = int((await v.run.xl("restore", str(image), *cfg.stub_args()))["domid"])
+        a = v.started(await v.run.xl("restore", str(image), *cfg.stub_args()))
         live.add(a)
         image.unlink(missing_ok=True)
     out.domids["A"] = a
-    principal, xs_path = await _principal(v, cfg, a)
+    stub = int(await v.xs.read(f"/local/domain/{a}/image/device-model-domid")) or None
+    principal = _principal(cfg, a, stub)
     out.principal = principal
+    # The attacker takes the device model's own options: its sockets, its restriction.
+    dm_args = dm_arguments(v.dm_pids[a])
     info = await v.run.physmap_info(out.domids["V1"])
     fb_gfn, fb_bytes = BAR_ADDR >> 12, WIDTH * HEIGHT * BPP // 8
     host = Host(
@@ -263,9 +271,7 @@ async def _run(v: Victims, cfg: HostileConfig, out: ConfigRun, live: set[int]) -
     acls = await v.acls([p for s in script for p in touched(s, principal)])
     before = await evidence.before(v, host)
     seen = evidence.Seen()
-    results = await _attacker(
-        v, cfg, a, xs_path, script, lambda t: evidence.trigger(v, host, t, seen)
-    )
+    results = await _attacker(v, cfg, dm_args, script, lambda t: evidence.trigger(v, host, t, seen))
     for s, r in zip(script, results, strict=True):
         pred = predict(principal, s, acls, NODE_QUOTA)
         seen_effect = visible(cfg.mode, cfg.stubdom, str(s["attack"]), pred.succeeded)
