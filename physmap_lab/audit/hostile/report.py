@@ -56,6 +56,14 @@ def describe(cfg: HostileConfig, p: Principal | None) -> str:
     return f"{xs}; privcmd: {hv}"
 
 
+def short(p: Principal | None) -> str:
+    """The credentials in a column header: xenstore identity · privcmd reach."""
+    if p is None:
+        return ""
+    xs = {"dom0": "xs dom0", "domain": "xs stub", "none": "no xs"}[p.xenstore]
+    return f"{xs} · hv {'any' if p.hypervisor_to is None else 'own'}"
+
+
 def markdown(runs: Sequence[ConfigRun], command: str) -> list[str]:
     names = [r.config.name for r in runs]
     lines = [
@@ -131,7 +139,7 @@ def table(runs: Sequence[ConfigRun]) -> Table:
 def svg(runs: Sequence[ConfigRun]) -> str:
     """Rows: attacks; columns: configurations; each cell coloured by what it bought."""
     rows = attacks(runs)
-    left, top, cw, ch = 190, 80, 118, 30
+    left, top, cw, ch = 190, 96, 118, 30
     width = left + cw * len(runs) + 20
     height = top + ch * len(rows) + 70
     body = [
@@ -142,7 +150,8 @@ def svg(runs: Sequence[ConfigRun]) -> str:
     ]
     for i, r in enumerate(runs):
         x = left + cw * (i + 0.5)
-        body.append(_t(x, top - 14, r.config.name, 'text-anchor="middle" font-weight="bold"'))
+        body.append(_t(x, top - 30, r.config.name, 'text-anchor="middle" font-weight="bold"'))
+        body.append(_t(x, top - 10, short(r.principal), 'text-anchor="middle" font-size="10"'))
     for j, (attack, label) in enumerate(rows):
         y = top + ch * j
         body.append(_t(10, y + ch * 0.65, label, ""))
