@@ -104,14 +104,19 @@ class Guest:
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # The xenstore connection (a client with a nursery of its own) is entered into the
+        # exit stack from inside the cancel scope, so the stack must close inside it too:
+        # scopes nest, the connection's closes before the vCPU's.
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                self._stack = stack
-                with self._cancel:
+            with self._cancel:
+                async with contextlib.AsyncExitStack() as stack:
+                    self._stack = stack
                     task_status.started()
                     async for job in self._recv:
                         await self._run_job(job)
         finally:
+            self._stack = None
+            self._xs = None
             self._recv.close()
             while True:
                 try:

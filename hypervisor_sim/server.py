@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket as stdsocket
 import struct
 import time
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 import trio
+
+from xenstored_sim.startup import listen_unix
 
 from . import guest_drivers
 from .core import DomainCreated, DomainDestroyed, Hypervisor, IoreqDone, all_ones
@@ -121,13 +124,16 @@ class HypervisorServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``RUNDIR/hypervisor.sock`` until cancelled; then remove the socket and
         every domain's frame file."""
-        os.makedirs(self.mem_dir, exist_ok=True)
-        listener_sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
-            if os.path.lexists(self.sock_path):
-                os.unlink(self.sock_path)
-            await listener_sock.bind(self.sock_path)
-            listener_sock.listen(64)
+            os.makedirs(self.mem_dir, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create {self.mem_dir}: {exc.strerror}") from None
+        owned = listen_unix(self.sock_path, backlog=64)
+        listener_sock = trio.socket.from_stdlib_socket(owned.sock)
+        try:
+            # Nobody else serves this run directory: frame files left by a hypervisor that
+            # was killed belong to domains that no longer exist.
+            self._remove_stale_frames()
             listener = trio.SocketListener(listener_sock)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -139,8 +145,13 @@ class HypervisorServer:
                 g.stop()
             self.core.destroy_all()
             self.core.take_effects()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.sock_path)
+            owned.remove()
+
+    def _remove_stale_frames(self) -> None:
+        for entry in os.scandir(self.mem_dir):
+            if re.fullmatch(r"dom\d+\.mem", entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
     # ---------------------------------------------------------------- connections
 

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolstack.config import DM_MODES, FLAVOURS, VGA_CHOICES
+from xenstored_sim.startup import OneLineParser
 
 from .demo import (
     DEFAULT_DEVICES,
@@ -50,7 +51,7 @@ RECORD_ABBREV: Final = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="A simulated Xen host that saves and restores QEMU's VRAM."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     from .audit.runner import DEVICES, DMS, MODES, TOOLSTACKS
 
     p = sub.add_parser(

@@ -34,6 +34,7 @@ import trio
 from hypervisor_sim import guest_drivers
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import XsDisconnected
+from xenstored_sim.startup import OneLineParser
 from xenstored_sim.wire import XsError
 
 from .config import DM_MODES, FLAVOURS, VGA_CHOICES, ConfigError, DomainConfig, parse_config
@@ -90,7 +91,7 @@ def _grant_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument(
         "--rundir",
         default=argparse.SUPPRESS,
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, parents=[common], description="A toolstack for the simulated Xen host."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
