@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     audit: AuditLog | None = None
     try:
         if args.audit_log:
-            audit = AuditLog(args.audit_log)
+            try:
+                audit = AuditLog(args.audit_log)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot open the audit log {args.audit_log}: {exc.strerror}"
+                ) from None
         trio.run(_run, HypervisorServer(args.rundir, args.xen_libs, audit))
     except KeyboardInterrupt:
         return 130

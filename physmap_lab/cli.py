@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -258,11 +259,26 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     return outcome.exit_status
 
 
+def _unusable_dir(path: str) -> str | None:
+    """Why ``path`` cannot serve as a directory to write into (created if missing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "attach", False) and not args.rundir:
         parser.error("--attach needs --rundir: the directory the daemons run on")
+    for flag, path in ((f, getattr(args, f[2:], None)) for f in ("--rundir", "--out")):
+        if path and (problem := _unusable_dir(path)):
+            print(f"{PROG}: error: {flag} {path}: {problem}", file=sys.stderr)
+            return 1
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
     if args.command == "audit":

@@ -10,6 +10,7 @@ timeout (xenstore-facts.md §7.1, §4.8; C 4.17's usage text).  Like C (``xs_lib
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -117,6 +118,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
             quotas.soft_memory = value
     except XsErrno:
         parser.error("invalid quota name or value")
+    if args.journal_max < 1:
+        parser.error(f"--journal-max {args.journal_max}: must be at least 1")
+    if args.live_update_state is not None:
+        try:
+            os.fstat(args.live_update_state)
+        except OSError as exc:
+            parser.error(f"--live-update-state {args.live_update_state}: {exc.strerror}")
     watch_event_timeout = 20.0
     for name, value in args.timeout:
         if name != "watch-event":
@@ -153,6 +161,8 @@ def _prepare(config: DaemonConfig) -> None:
     if config.audit_log:
         dirs.append(os.path.dirname(os.path.abspath(config.audit_log)))
     for d in dirs:
+        if os.path.lexists(d) and not os.path.isdir(d):
+            raise NotADirectoryError(errno.ENOTDIR, f"{d} is not a directory")
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
