@@ -132,7 +132,9 @@ def save(w: Walk) -> None:
     if not path.exists() or path.with_name(path.name + ".tmp").exists():
         raise WalkFailure(f"save reported success but {path} is missing or half-written")
     w.images.append(Image(path, replace(dom)))
-    if not checkpoint:
+    if checkpoint:
+        dom.paused = False  # a checkpoint resumes the domain (libxl__domain_resume)
+    else:
         del w.domains[domid]
 
 

@@ -588,6 +588,9 @@ class Libxl:
         # The device model's directory, made as libxl__spawn_local_dm does: a plain mkdir,
         # so it inherits /local/domain/0/device-model's permissions (dom0 only).
         root = dm_root(domid)
+        # A directory left by an earlier domain with this domid (one that died with the
+        # hypervisor, never destroyed) must not let its "running" pass for the new model's.
+        await self.xs_rm(root)
         await self._xs("mkdir", root, self.xs.mkdir(root))
         xenstore = self.run.xenstore_socket
         dm_domid = 0

@@ -73,12 +73,22 @@ def answering_pid(path: str) -> int | None:
 
 @dataclass
 class OwnedSocket:
-    """A listening socket and the identity of the file this process bound it to."""
+    """A listening socket and the identity of the file this process bound it to.
+
+    A duplicate of the descriptor is held until :meth:`remove`: while the socket lives, its
+    file's inode cannot be freed and its number reused by a successor's socket, so the
+    (device, inode) check is sound even after the daemon closed its listener.
+    """
 
     sock: socket.socket
     path: str
     dev: int
     ino: int
+    hold: int = -1
+
+    def __post_init__(self) -> None:
+        if self.hold < 0:
+            self.hold = os.dup(self.sock.fileno())
 
     @classmethod
     def adopt(cls, sock: socket.socket, path: str) -> OwnedSocket:
@@ -99,6 +109,9 @@ class OwnedSocket:
         if self.is_ours():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        if self.hold >= 0:
+            os.close(self.hold)
+            self.hold = -1
 
 
 def listen_unix(path: str, *, backlog: int = 128, mode: int = 0o600) -> OwnedSocket:
