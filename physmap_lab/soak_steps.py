@@ -13,12 +13,24 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any, Final
 
 from toolstack.config import DM_MODES, VGA_CHOICES
 
-from .soak import CORRUPTS, MAX_DOMAINS, MODE, Domain, Image, Walk, WalkFailure, device_models
+from .soak import (
+    CORRUPTS,
+    MAX_DOMAINS,
+    MODE,
+    Domain,
+    Image,
+    Run,
+    Walk,
+    WalkFailure,
+    device_model_domains,
+    device_models,
+)
 from .stack import executable
 
 
@@ -29,10 +41,7 @@ def create(w: Walk) -> None:
     name = f"g{w.counter}"
     vga, mode = w.rng.choice(VGA_CHOICES), w.rng.choice(DM_MODES)
     out = w.must("create", "--name", name, "--memory", "16", "--vga", vga, "--dm-mode", mode)
-    domid = int(out["domid"])
-    if domid in w.domains:
-        raise WalkFailure(f"create gave domid {domid}, which the model already has")
-    w.domains[domid] = Domain(name, vga, mode)
+    w.add(int(out["domid"]), Domain(name, vga, mode))
     return None
 
 
@@ -146,11 +155,9 @@ def restore(w: Walk) -> None:
         w.must_fail("restore", str(image.path))
         return None
     domid = int(w.must("restore", str(image.path))["domid"])
-    if domid in w.domains:
-        raise WalkFailure(f"restore gave domid {domid}, which the model already has")
     intact = (image.dom.mode, image.dom.vga) not in CORRUPTS and image.dom.dm_alive
     dom = replace(image.dom, paused=False, dm_alive=True, fb=image.dom.fb if intact else None)
-    w.domains[domid] = dom
+    w.add(domid, dom)
     w.check_fb(domid, dom)
     return None
 
@@ -237,7 +244,7 @@ def kill(w: Walk) -> None:
     proc.wait()
     if which == "hypervisor":
         # The domains die with it, and so do their device models (lost the hypervisor).
-        w.domains.clear()
+        w.lose_domains()
         _wait_for_device_models_to_exit(w)
     w.start(which)
 
@@ -248,6 +255,87 @@ def _wait_for_device_models_to_exit(w: Walk) -> None:
         if time.monotonic() > deadline:
             raise WalkFailure(f"device models outlived the hypervisor: {device_models(w.run)}")
         time.sleep(0.05)
+
+
+def _command(w: Walk) -> tuple[str, list[str], Any]:
+    """A long command to interrupt: a create, a save of a running domain or a restore."""
+    running = [(i, d) for i, d in w.domains.items() if not d.paused and d.dm_alive]
+    free = [im for im in w.images if all(d.name != im.dom.name for d in w.domains.values())]
+    kind = w.rng.choice(["create", "save", "restore"])
+    w.counter += 1
+    if kind == "save" and running:
+        domid, _ = w.rng.choice(running)
+        path = w.root / f"img{w.counter}.img"
+        checkpoint = ["--checkpoint"] if w.rng.random() < 0.4 else []
+        return "save", ["save", *checkpoint, str(domid), str(path)], (domid, path, checkpoint)
+    if kind == "restore" and free and len(w.domains) < MAX_DOMAINS:
+        image = w.rng.choice(free)
+        return "restore", ["restore", str(image.path)], image
+    if len(w.domains) >= MAX_DOMAINS:
+        return "none", ["list"], None
+    vga, mode = w.rng.choice(VGA_CHOICES), w.rng.choice(DM_MODES)
+    args = ["create", "--name", f"g{w.counter}", "--memory", "16", "--vga", vga]
+    return "create", [*args, "--dm-mode", mode], Domain(f"g{w.counter}", vga, mode)
+
+
+def kill_during(w: Walk) -> None:
+    """SIGKILL one process at a random point of a long command; the command succeeds or
+    fails cleanly, and the model follows what it says."""
+    kind, args, ctx = _command(w)
+    target = w.rng.choice(["xenstored", "hypervisor", "dm"])
+    delay = w.rng.uniform(0.0, 1.0)
+    killed: list[int] = []
+
+    def during() -> None:
+        time.sleep(delay)
+        if target != "dm":
+            proc = w.procs[target]
+            proc.kill()
+            proc.wait()
+            return
+        dms = device_model_domains(w.run)
+        if dms:
+            pid = w.rng.choice(sorted(dms))
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(dms[pid])
+
+    run = w.xl(*args, during=during)
+    w.history[-1] += f"({' '.join(args[:2])}, {target} at {delay:.2f} s: {run.rc})"
+    if target == "hypervisor":
+        w.procs.pop("hypervisor")
+        _wait_for_device_models_to_exit(w)
+        w.start("hypervisor")
+    elif target == "xenstored":
+        w.procs.pop("xenstored")
+        w.start("xenstored")
+    _follow(w, kind, run, ctx)
+    if target == "hypervisor":
+        w.lose_domains()
+    for domid in killed:
+        if domid in w.domains:
+            w.domains[domid].dm_alive = False
+
+
+def _follow(w: Walk, kind: str, run: Run, ctx: Any) -> None:
+    if kind == "create" and run.rc == 0:
+        w.add(int(run.out["domid"]), ctx)
+    elif kind == "restore" and run.rc == 0:
+        image: Image = ctx
+        intact = (image.dom.mode, image.dom.vga) not in CORRUPTS and image.dom.dm_alive
+        dom = replace(image.dom, paused=False, dm_alive=True, fb=image.dom.fb if intact else None)
+        w.add(int(run.out["domid"]), dom)
+    elif kind == "save":
+        domid, path, checkpoint = ctx
+        dom = w.domains[domid]
+        if run.rc != 0:
+            dom.paused = True
+            return
+        w.images.append(Image(path, replace(dom)))
+        if checkpoint:
+            dom.paused = False
+        else:
+            del w.domains[domid]
 
 
 STEPS: Final[dict[str, tuple[int, Callable[[Walk], None]]]] = {
@@ -262,4 +350,5 @@ STEPS: Final[dict[str, tuple[int, Callable[[Walk], None]]]] = {
     "qmp": (2, qmp),
     "second_daemon": (1, second_daemon),
     "kill": (1, kill),
+    "kill_during": (2, kill_during),
 }

@@ -485,6 +485,9 @@ class Libxl:
                 await self._xs("write", path, t.write(path, value), tx=True)
 
             await rm(dom)
+            # Left by an earlier domain with this domid that was never destroyed (it died
+            # with the hypervisor): its "running" must not pass for the new device model's.
+            await rm(dm_root(domid))
             await mknod(dom, ro)
             await rm(vm)
             await mknod(vm, ro)
@@ -571,6 +574,10 @@ class Libxl:
             )["domid"]
         )
         made.domid = domid
+        # The hypervisor gave out this domid: any configuration recorded under it belongs to
+        # a domain that no longer exists (libxl keys userdata by domid).
+        for stale in self.run.userdata_files(domid):
+            stale.unlink(missing_ok=True)
         made.files.append(
             self._store_userdata(domid, uuid, config.with_overrides(name=name, uuid=uuid))
         )
@@ -588,9 +595,6 @@ class Libxl:
         # The device model's directory, made as libxl__spawn_local_dm does: a plain mkdir,
         # so it inherits /local/domain/0/device-model's permissions (dom0 only).
         root = dm_root(domid)
-        # A directory left by an earlier domain with this domid (one that died with the
-        # hypervisor, never destroyed) must not let its "running" pass for the new model's.
-        await self.xs_rm(root)
         await self._xs("mkdir", root, self.xs.mkdir(root))
         xenstore = self.run.xenstore_socket
         dm_domid = 0
