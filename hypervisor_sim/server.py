@@ -23,7 +23,7 @@ from typing import IO, Any, Final
 
 import trio
 
-from xenstored_sim.startup import listen_unix
+from xenstored_sim.startup import answering_pid, listen_unix
 
 from . import guest_drivers
 from .core import DomainCreated, DomainDestroyed, Hypervisor, IoreqDone, all_ones
@@ -128,12 +128,14 @@ class HypervisorServer:
             os.makedirs(self.mem_dir, exist_ok=True)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot create {self.mem_dir}: {exc.strerror}") from None
+        # Unless another hypervisor answers here (then this one must not start), frame files
+        # left by a killed one belong to domains that no longer exist: removed before the
+        # socket appears, so none of them can be a new domain's.
+        answering_pid(self.sock_path)
+        self._remove_stale_frames()
         owned = listen_unix(self.sock_path, backlog=64)
         listener_sock = trio.socket.from_stdlib_socket(owned.sock)
         try:
-            # Nobody else serves this run directory: frame files left by a hypervisor that
-            # was killed belong to domains that no longer exist.
-            self._remove_stale_frames()
             listener = trio.SocketListener(listener_sock)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

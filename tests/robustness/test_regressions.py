@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import trio
 
-from physmap_lab.stack import Stack, start_daemon
+from physmap_lab.stack import Stack, open_stack, start_daemon
 from toolstack import devicemodel
-from xenstored_sim.startup import listen_unix
 
 from .conftest import BIN, Xl
 
@@ -109,6 +108,8 @@ def _accepts(path: Path) -> bool:
 
 
 def test_a_socket_replaced_after_bind_is_not_removed(tmp_path: Path) -> None:
+    from xenstored_sim.startup import listen_unix
+
     path = str(tmp_path / "s.sock")
     mine = listen_unix(path)
     mine.sock.close()
@@ -178,3 +179,63 @@ async def test_create_after_a_hypervisor_restart_waits_for_the_new_device_model(
     assert (stack.rundir / "qmp" / f"{new['domid']}.sock").is_socket()
     await xl("pause", str(new["domid"]))
     assert [d["paused"] for d in (await xl("list"))["domains"]] == [True]
+
+
+async def test_a_reused_domid_saves_the_new_domains_configuration(
+    stack: Stack, xl: Xl, tmp_path: Path
+) -> None:
+    """A domain that died with the hypervisor leaves its userdata; the next domain given its
+    domid must not be saved (or listed) with the dead one's configuration."""
+    old = await xl("create", "--memory", "16", "--vga", "stdvga")
+    hv = stack.daemons["hypervisor"]
+    assert hv.process is not None
+    hv.process.kill()
+    await hv.process.wait()
+    with trio.fail_after(30):
+        while devicemodel.pid_alive(old["dm_pid"]):
+            await trio.sleep(0.02)
+    await start_daemon(hv, env=stack.env())
+    new = await xl("create", "--name", "new", "--memory", "16", "--vga", "cirrus")
+    assert new["domid"] == old["domid"]
+    assert [d["vga"] for d in (await xl("list"))["domains"]] == ["cirrus"]
+    image = str(tmp_path / "new.img")
+    await xl("save", str(new["domid"]), image)
+    restored = await xl("restore", image)
+    assert [(d["name"], d["vga"]) for d in (await xl("list"))["domains"]] == [("new", "cirrus")]
+    await xl("destroy", str(restored["domid"]))
+
+
+async def test_the_guest_reaches_xenstore_after_a_xenstored_restart(
+    rundir: Path, tmp_path: Path
+) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    async with open_stack(rundir, xenstored_args=state) as stack:
+        xl = Xl(stack)
+        domid = str((await xl("create", "--name", "g", "--memory", "16"))["domid"])
+        assert (await xl("guest", domid, "xs-read", "name"))["value"] == "g"
+        xs = stack.daemons["xenstored"]
+        assert xs.process is not None
+        xs.process.kill()
+        await xs.process.wait()
+        await start_daemon(xs)
+        assert (await xl("guest", domid, "xs-read", "name"))["value"] == "g"
+        await xl("destroy", domid)
+
+
+async def test_a_hypervisor_answers_only_after_removing_a_killed_ones_frames(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    (run / "mem").mkdir(parents=True)
+    stale = run / "mem" / "dom3.mem"
+    stale.write_bytes(b"\0" * 4096)
+    with subprocess.Popen([str(BIN / "hypervisor-sim"), "--rundir", str(run)]) as proc:
+        try:
+            with trio.fail_after(30):
+                while not _accepts(run / "hypervisor.sock"):
+                    assert proc.poll() is None
+                    await trio.sleep(0.005)
+            assert not stale.exists()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
