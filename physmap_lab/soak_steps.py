@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Final
 
 from toolstack.config import DM_MODES, VGA_CHOICES
@@ -130,21 +131,28 @@ def save(w: Walk) -> None:
     w.counter += 1
     path = w.root / f"img{w.counter}.img"
     args = ["save", *(["--checkpoint"] if checkpoint else []), str(domid), str(path)]
-    if dom.paused or not dom.dm_alive:
-        run = w.xl(*args)
-        if run.rc != 0:
-            # A failed save leaves the domain paused.
-            dom.paused = True
-            return
-    else:
-        w.must(*args)
-    if not path.exists() or path.with_name(path.name + ".tmp").exists():
-        raise WalkFailure(f"save reported success but {path} is missing or half-written")
+    run = w.xl(*args)
+    if run.rc != 0 and not dom.paused and dom.dm_alive:
+        raise WalkFailure(f"xl-sim {' '.join(args)} failed: {run.err.strip()}")
+    _saved(w, domid, path, bool(checkpoint), run)
+
+
+def _saved(w: Walk, domid: int, path: Path, checkpoint: bool, run: Run) -> None:
+    """The model after a save.  The image is complete under its name, or not there at all;
+    once it is, the save is done even if the domain's destroy or resume after it failed."""
+    dom = w.domains[domid]
+    if path.with_name(path.name + ".tmp").exists():
+        raise WalkFailure(f"save left {path}.tmp behind")
+    if not path.exists():
+        if run.rc == 0:
+            raise WalkFailure(f"save reported success but {path} is missing")
+        dom.paused = True  # a failed save leaves the domain paused
+        return
     w.images.append(Image(path, replace(dom)))
-    if checkpoint:
-        dom.paused = False  # a checkpoint resumes the domain (libxl__domain_resume)
+    if not checkpoint:
+        del w.domains[domid]  # destroyed by the save (what a failed destroy left, list shows)
     else:
-        del w.domains[domid]
+        dom.paused = run.rc != 0  # a checkpoint resumes the domain (libxl__domain_resume)
 
 
 def restore(w: Walk) -> None:
@@ -327,15 +335,7 @@ def _follow(w: Walk, kind: str, run: Run, ctx: Any) -> None:
         w.add(int(run.out["domid"]), dom)
     elif kind == "save":
         domid, path, checkpoint = ctx
-        dom = w.domains[domid]
-        if run.rc != 0:
-            dom.paused = True
-            return
-        w.images.append(Image(path, replace(dom)))
-        if checkpoint:
-            dom.paused = False
-        else:
-            del w.domains[domid]
+        _saved(w, domid, path, bool(checkpoint), run)
 
 
 STEPS: Final[dict[str, tuple[int, Callable[[Walk], None]]]] = {
