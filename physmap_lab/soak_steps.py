@@ -146,7 +146,10 @@ def _saved(w: Walk, domid: int, path: Path, checkpoint: bool, run: Run) -> None:
     if not path.exists():
         if run.rc == 0:
             raise WalkFailure(f"save reported success but {path} is missing")
-        dom.paused = True  # a failed save leaves the domain paused
+        # A save that failed after pausing the domain leaves it paused, and says so; one
+        # that failed before (xenstored gone at the start) leaves it as it was.
+        if "left paused" in run.err:
+            dom.paused = True
         return
     w.images.append(Image(path, replace(dom)))
     if not checkpoint:
