@@ -3,6 +3,9 @@ names what is wrong, with exit status 2 (usage) or 1 (run time): never a traceba
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +109,29 @@ CASES: list[tuple[str, int, str]] = [
 ]
 
 
+def run_in_own_group(argv: list[str]) -> tuple[int, str]:
+    """Run a command in a process group of its own; whatever it started (a daemon that
+    should have refused to start) is killed with it."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        stderr += "\n(still running after 60 s)"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stderr
+
+
 @pytest.mark.parametrize(("command", "status", "names"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(tmp_path: Path, command: str, status: int, names: str) -> None:
     d = tmp_path / "d"
@@ -115,11 +141,9 @@ def test_bad_input_is_one_line(tmp_path: Path, command: str, status: int, names:
     values = {"d": str(d), "f": str(f)}
     argv = [part.format(**values) for part in command.split()]
     argv[0] = str(BIN / argv[0])
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-    )
-    lines = proc.stderr.splitlines()
-    assert "Traceback" not in proc.stderr and "ExceptionGroup" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    assert proc.returncode == status, proc.stderr
+    returncode, stderr = run_in_own_group(argv)
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr and "ExceptionGroup" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    assert returncode == status, stderr
     assert names.format(**values) in lines[0]
