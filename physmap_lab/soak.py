@@ -256,6 +256,9 @@ def run_forked(
             try:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
+                # sys.stdout may not be fd 1 (pytest captures it): print to the files.
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
                 os.environ.clear()
                 os.environ.update(env)
                 main(argv)
