@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz clean image compose
+.PHONY: setup test demo bench lint fuzz soak clean image compose
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 
@@ -47,6 +47,13 @@ bench: setup
 
 fuzz: setup
 	$(PY) -m physmap_lab.fuzz --frames 1000000
+
+# The whole-stack random walk, long: `make soak SEED=7 STEPS=5000` replays one (no SEED: a new
+# one, printed first).
+SEED ?=
+STEPS ?= 2000
+soak: setup
+	$(PY) -m physmap_lab.soak $(if $(SEED),--seed $(SEED)) --steps $(STEPS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

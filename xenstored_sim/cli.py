@@ -10,6 +10,7 @@ timeout (xenstore-facts.md §7.1, §4.8; C 4.17's usage text).  Like C (``xs_lib
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from .core import Quotas
 from .core.errors import XsErrno
 from .server import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
+from .startup import OneLineParser, answering_pid, os_errors
 
 
 def _quota_arg(text: str) -> tuple[str, int]:
@@ -32,7 +34,7 @@ def _quota_arg(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="xenstored-sim", description="A xenstore daemon speaking the real wire protocol."
     )
     p.add_argument(
@@ -124,6 +126,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
             quotas.soft_memory = value
     except XsErrno:
         parser.error("invalid quota name or value")
+    if args.journal_max < 1:
+        parser.error(f"--journal-max {args.journal_max}: must be at least 1")
+    if args.live_update_state is not None:
+        try:
+            os.fstat(args.live_update_state)
+        except OSError as exc:
+            parser.error(f"--live-update-state {args.live_update_state}: {exc.strerror}")
     watch_event_timeout = 20.0
     for name, value in args.timeout:
         if name != "watch-event":
@@ -135,8 +144,6 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         parser.error(str(exc))
     if any(path == socket_path for _, path in principal_sockets):
         parser.error(f"--principal-socket: {socket_path} is the privileged socket itself")
-    if args.state_dir:
-        os.makedirs(args.state_dir, exist_ok=True)
     return DaemonConfig(
         rundir=rundir,
         socket_path=socket_path,
@@ -160,30 +167,44 @@ async def _main(config: DaemonConfig) -> None:
                 break
 
 
+def _prepare(config: DaemonConfig) -> None:
+    """Create the directories the daemon writes into (the run directory with ``domains/``,
+    the state directory, the audit log's directory); refuse a socket a live daemon serves."""
+    dirs = [os.path.join(config.rundir, "domains")]
+    if config.state_dir:
+        dirs.append(config.state_dir)
+    if config.audit_log:
+        dirs.append(os.path.dirname(os.path.abspath(config.audit_log)))
+    for d in dirs:
+        if os.path.lexists(d) and not os.path.isdir(d):
+            raise NotADirectoryError(errno.ENOTDIR, f"{d} is not a directory")
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create directory {d}: {exc.strerror}") from None
+    if config.live_update_state is None:
+        # Before the state directory is opened: a second daemon must not touch the journal
+        # of a live first one.
+        answering_pid(config.socket_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
-    os.makedirs(config.rundir, exist_ok=True)
     try:
+        _prepare(config)
         trio.run(_main, config)
-    except OSError as exc:
-        print(f"xenstored-sim: {exc}", file=sys.stderr)
-        return 1
-    except BaseExceptionGroup as group:
-        # Start-up failures (a socket that cannot be bound, an unreadable state directory)
-        # reach here wrapped by the nurseries.
-        errors, rest = group.split(OSError)
-        if errors is None or rest is not None:
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        # Start-up failures (a socket in use or that cannot be bound, an unreadable state
+        # directory) may reach here wrapped by the nurseries.
+        lines = os_errors(exc)
+        if lines is None:
             raise
-        for leaf in _leaves(errors):
-            print(f"xenstored-sim: {leaf}", file=sys.stderr)
+        for line in lines:
+            print(f"xenstored-sim: {line}", file=sys.stderr)
         return 1
     return 0
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ new process then adopts the sockets instead of binding them.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -29,6 +28,7 @@ import trio
 
 from ..core import ConnKind, Outbox, Quotas, XenstoreEngine
 from ..core.journal import touches_domains
+from ..startup import OwnedSocket, listen_unix
 from ..wire import Op, Packet, encode
 from .audit import AuditLog
 from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
@@ -68,22 +68,12 @@ _CONTROL = int(Op.CONTROL)
 _WATCH_EVENT = int(Op.WATCH_EVENT)
 
 
-def _listen_unix(path: str) -> socket.socket:
-    """Bind a non-blocking Unix stream socket with mode 0600 (no window where it is wider)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
+def _adopted(listener: socket.socket, path: str) -> OwnedSocket | None:
+    """The file of a listener handed over by a live update (gone: nothing to remove)."""
     try:
-        sock.bind(path)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
+        return OwnedSocket.adopt(listener, path)
+    except OSError:
+        return None
 
 
 class XenstoredServer:
@@ -97,7 +87,8 @@ class XenstoredServer:
         self._nursery = nursery
         self._clients: dict[int, ClientConnection] = {}
         self._guest_scopes: dict[int, trio.CancelScope] = {}
-        self._paths: list[str] = []
+        #: path -> the socket file bound (or adopted) here, removed at exit if still ours
+        self._owned: dict[str, OwnedSocket | None] = {}
         #: domid -> listening socket (0: the privileged socket), for a live update
         self.listeners: dict[int, socket.socket] = {}
         self.principal_listeners: dict[str, socket.socket] = {}
@@ -126,37 +117,46 @@ class XenstoredServer:
             # The principals' sockets first: the daemon is ready when the main one accepts.
             for name, path in self.config.principal_sockets:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                self.adopt_principal_listener(name, _listen_unix(path))
-            self.adopt_listener(_listen_unix(self.config.socket_path))
+                owned_principal = listen_unix(path)
+                self.adopt_principal_listener(name, owned_principal.sock, owned_principal)
+            owned = listen_unix(self.config.socket_path)
+            self.adopt_listener(owned.sock, owned)
             for domid in sorted(self.engine.domains):
                 self._open_guest(domid)  # restored from the state directory
         if self._durable is not None and self._durable.sync is SyncPolicy.BATCH:
             self._nursery.start_soon(self._committer)
 
-    def adopt_listener(self, listener: socket.socket) -> None:
+    def adopt_listener(self, listener: socket.socket, owned: OwnedSocket | None = None) -> None:
         """Accept on the privileged socket (bound here, or handed over by a live update)."""
+        path = self.config.socket_path
         self.listeners[0] = listener
-        self._paths.append(self.config.socket_path)
+        self._owned[path] = owned or _adopted(listener, path)
         self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0)
 
-    def adopt_principal_listener(self, name: str, listener: socket.socket) -> None:
+    def adopt_principal_listener(
+        self, name: str, listener: socket.socket, owned: OwnedSocket | None = None
+    ) -> None:
         """Accept on ``name``'s own privileged socket; its connections are ``name``'s."""
         self.principal_listeners[name] = listener
         path = dict(self.config.principal_sockets).get(name)
         if path is not None:
-            self._paths.append(path)
+            self._owned[path] = owned or _adopted(listener, path)
         self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0, name)
 
     def _open_guest(self, domid: int, listener: socket.socket | None = None) -> None:
         path = self.guest_socket_path(domid)
         if listener is None:
             try:
-                listener = _listen_unix(path)
+                owned: OwnedSocket | None = listen_unix(path)
             except OSError as exc:
-                print(f"xenstored-sim: cannot serve {path}: {exc}", file=sys.stderr)
+                print(f"xenstored-sim: {exc.strerror}", file=sys.stderr)
                 return
+            assert owned is not None
+            listener = owned.sock
+        else:
+            owned = _adopted(listener, path)
         self.listeners[domid] = listener
-        self._paths.append(path)
+        self._owned[path] = owned
         scope = trio.CancelScope()
         self._guest_scopes[domid] = scope
         self._nursery.start_soon(self._guest_loop, scope, listener, domid)
@@ -172,11 +172,9 @@ class XenstoredServer:
         if scope is not None:
             scope.cancel()
         self.listeners.pop(domid, None)
-        path = self.guest_socket_path(domid)
-        if path in self._paths:
-            self._paths.remove(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        owned = self._owned.pop(self.guest_socket_path(domid), None)
+        if owned is not None:
+            owned.remove()
 
     async def _accept_loop(
         self, listener: socket.socket, kind: ConnKind, domid: int, principal: str | None = None
@@ -198,10 +196,10 @@ class XenstoredServer:
                 self._nursery.start_soon(self._serve_client, sock, kind, domid, None, principal)
 
     def remove_sockets(self) -> None:
-        for path in self._paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._paths.clear()
+        for owned in self._owned.values():
+            if owned is not None:
+                owned.remove()
+        self._owned.clear()
         self._flush_audit()
 
     # -------------------------------------------------------------- connections
