@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from ..wire import DOMID_SELF, PAYLOAD_MAX, Op, Packet
+from ..wire import DOMID_SELF, PAYLOAD_MAX, REL_PATH_MAX, Op, Packet
 from . import control
 from .domains import Connection, ConnKind, Domain
 from .errors import XsErrno
@@ -40,6 +40,8 @@ from .perms import (
     DEFAULT_PERMS,
     LETTERS,
     PERM_ALL,
+    PERM_BOTH,
+    PERM_IGNORE,
     PERM_OWNER,
     PERM_READ,
     PERM_WRITE,
@@ -69,6 +71,8 @@ _TX_FREE: Final = frozenset({int(Op.WATCH), int(Op.UNWATCH)})
 _TX_FAILING: Final = frozenset({"ENOSPC", "ENOMEM", "EIO"})
 # Replies up to this size use C's built-in buffer and are never refused for memory.
 _REPLY_BUFFER: Final = 16
+#: ``DOMID_FIRST_RESERVED`` (xen/include/public/xen.h): ids from here on name no domain.
+DOMID_FIRST_RESERVED: Final = 0x7FF0
 _log = logging.getLogger("xenstored_sim")
 _ATOI: Final = re.compile(rb"\s*([+-]?[0-9]+)")
 _ERRNO_PAYLOAD: dict[str, bytes] = {}
@@ -111,6 +115,19 @@ def _strings(payload: bytes) -> list[bytes]:
     if not payload or payload[-1] != 0:
         raise XsErrno("EINVAL")
     return payload[:-1].split(b"\0")
+
+
+def _c_strings(payload: bytes) -> list[bytes]:
+    """C get_strings(): the NUL-terminated strings; an unterminated tail does not count."""
+    return payload.split(b"\0")[: payload.count(b"\0")]
+
+
+def _two_strings(payload: bytes) -> tuple[bytes, bytes]:
+    """Exactly two NUL-terminated strings (C do_watch(), do_unwatch()), else EINVAL."""
+    args = _c_strings(payload)
+    if len(args) != 2:
+        raise XsErrno("EINVAL")
+    return args[0], args[1]
 
 
 def _nothing_unsent(conn_id: int) -> int:
@@ -351,11 +368,11 @@ class XenstoreEngine:
             return PERM_ALL
         for i in range(1, len(perms)):
             mask, who = perms[i]
-            if who in (domid, target):
+            if who in (domid, target) and not mask & PERM_IGNORE:
                 self._rule = "acl:" + entry_string(mask, who)
                 return mask
-        self._rule = "default:" + LETTERS[perms[0][0]]
-        return perms[0][0]
+        self._rule = "default:" + LETTERS[perms[0][0] & PERM_BOTH]
+        return perms[0][0] & PERM_BOTH
 
     def _get(self, txn: Transaction | None, path: str) -> Node | None:
         """The node as the request sees it; inside a transaction, its private copy."""
@@ -380,34 +397,40 @@ class XenstoreEngine:
         return copy
 
     def _get_chk(self, conn: Connection, txn: Transaction | None, path: str, need: int) -> Node:
+        """C get_node(): a missing or forbidden node asks the parents what to say."""
         node = self._get(txn, path)
         if node is None:
             raise XsErrno(self._errno_from_parents(conn, txn, path, need))
         if conn.privileged:
             self._rule = "privileged"
         elif self._perm(conn, node.perms) & need != need:
+            rule = self._rule  # the node's own rule refused it; the parents still get read
+            self._errno_from_parents(conn, txn, path, need, "EACCES")
+            self._rule = rule
             raise XsErrno("EACCES")
         return node
 
     def _errno_from_parents(
-        self, conn: Connection, txn: Transaction | None, path: str, need: int
+        self, conn: Connection, txn: Transaction | None, path: str, need: int, errno: str = "ENOENT"
     ) -> str:
-        """ENOENT only if the nearest existing ancestor grants the right asked for, so a
-        guest cannot probe for nodes under a directory it may not use (§3.8)."""
-        if conn.privileged:
-            self._rule = "privileged"
-            return "ENOENT"
+        """C errno_from_parents(): the error stands only if the nearest existing ancestor
+        grants any of the rights asked for, so a guest cannot probe for nodes under a
+        directory it may not use (§3.8).  Each ancestor looked at counts as read by the
+        transaction (C ask_parents() reads them), privileged or not."""
         p = path
         while p != "/":
             p = parent_of(p)
             node = self._get(txn, p)
             if node is not None:
-                if self._perm(conn, node.perms) & need == need:
+                if conn.privileged:
+                    self._rule = "privileged"
+                    return errno
+                if self._perm(conn, node.perms) & need:
                     self._rule = "ancestor-enoent"
-                    return "ENOENT"
+                    return errno
                 self._rule = "ancestor-eacces"
                 return "EACCES"
-        return "ENOENT"  # pragma: no cover - the root always exists
+        return errno  # pragma: no cover - the root always exists
 
     def _put(self, txn: Transaction | None, path: str, node: Node) -> None:
         node.generation = self.store.next_generation()
@@ -731,10 +754,19 @@ class XenstoreEngine:
     def _op_set_perms(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        args = _strings(p.payload)
-        if len(args) < 2:
+        # C do_set_perms(): as many strings as NULs (an unterminated tail is ignored), the
+        # perms quota, the parse, the owner's existence, and only then the node.
+        payload = p.payload
+        count = payload.count(b"\0")
+        if count < 2:
             raise XsErrno("EINVAL")
-        perms = parse_perms(args[1:])
+        args = payload.split(b"\0")[:count]
+        priv = conn.privileged
+        if not priv and count - 1 > self.quotas.permissions:
+            raise XsErrno("ENOSPC")
+        perms = self._existing(parse_perms(args[1:]))
+        if perms[0][0] & PERM_IGNORE:
+            raise XsErrno("ENOENT")  # the owner domain does not exist
         raw = args[0]
         if raw[:1] == b"@":
             name = self._path(conn, raw, special=True)
@@ -744,9 +776,6 @@ class XenstoreEngine:
             self.special_perms[name] = perms
             return OK
         path = self._path(conn, raw)
-        priv = conn.privileged
-        if not priv and len(perms) > self.quotas.permissions:
-            raise XsErrno("ENOSPC")
         node = self._get_chk(conn, txn, path, PERM_WRITE | PERM_OWNER)
         old = node.perms
         if not priv:
@@ -771,14 +800,30 @@ class XenstoreEngine:
         self._changed(out, txn, path, node, old)
         return OK
 
+    def _existing(self, perms: Perms) -> Perms:
+        """C domain_alloc_permrefs(): an entry naming a domain that does not exist (past
+        the last ordinary domid and not introduced) is marked to be ignored."""
+        if all(who < DOMID_FIRST_RESERVED or who in self.domains for _, who in perms):
+            return perms
+        return tuple(
+            (m, who) if who < DOMID_FIRST_RESERVED or who in self.domains else (m | PERM_IGNORE, who)
+            for m, who in perms
+        )
+
     # ------------------------------------------------------------------ watches
 
     def _op_watch(self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox) -> bytes:
-        args = _strings(p.payload)
-        if len(args) != 2:
-            raise XsErrno("EINVAL")
-        raw, token = args
-        path = self._path(conn, raw, special=True)
+        raw, token = _two_strings(p.payload)
+        # C check_watch_path(): an @ name is only limited in length; then duplicates, then
+        # the quota (do_watch()).
+        if raw[:1] == b"@":
+            if len(raw) > REL_PATH_MAX:
+                raise XsErrno("EINVAL")
+            path = self._apath = raw.decode("latin-1")
+        else:
+            path = self._path(conn, raw)
+        if self.watches.has(conn.id, path, token):
+            raise XsErrno("EEXIST")
         if not conn.privileged and self._domain_watches(conn.domid) > self.quotas.watches:
             raise XsErrno("E2BIG")  # 4.17: E2BIG once a domain has more than the quota
         relative = raw[:1] not in (b"/", b"@")
@@ -806,14 +851,16 @@ class XenstoreEngine:
     def _op_unwatch(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        args = _strings(p.payload)
-        if len(args) != 2:
-            raise XsErrno("EINVAL")
-        path = self._path(conn, args[0], special=True)
-        if not self.watches.remove(conn.id, path, args[1]):
+        raw, token = _two_strings(p.payload)
+        # C do_unwatch() canonicalizes without validating: a bad path matches no watch.
+        path = raw.decode("latin-1")
+        if raw[:1] not in (b"/", b"@"):
+            path = conn.implicit + "/" + path
+        self._apath = path
+        if not self.watches.remove(conn.id, path, token):
             raise XsErrno("ENOENT")
         if not conn.privileged:
-            conn.watch_mem -= len(path) + len(args[1])
+            conn.watch_mem -= len(path) + len(token)
         return OK
 
     def _op_reset_watches(
@@ -851,11 +898,15 @@ class XenstoreEngine:
     def _op_transaction_end(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        if txn is None:
-            raise XsErrno("ENOENT")
-        arg = _onearg(p.payload)
+        # C do_transaction_end(): an unknown id was refused by transaction_lookup() already;
+        # the argument is checked before the missing transaction of tx_id 0.
+        if not p.payload or p.payload.find(b"\0") != len(p.payload) - 1:
+            raise XsErrno("EINVAL")
+        arg = p.payload[:-1]
         if arg not in (b"T", b"F"):
             raise XsErrno("EINVAL")  # the transaction stays open
+        if txn is None:
+            raise XsErrno("ENOENT")
         del conn.transactions[txn.id]
         if arg == b"F":
             return OK
@@ -908,19 +959,19 @@ class XenstoreEngine:
     def _op_is_domain_introduced(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        domid = atoi(_onearg(p.payload))
+        domid = atoi(_onearg(p.payload)) & 0xFFFFFFFF  # C: an unsigned int
         known = domid == 0 or domid == DOMID_SELF or domid in self.domains
         return b"T\0" if known else b"F\0"
 
     def _op_introduce(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        args = p.args()
+        args = _c_strings(p.payload)
         if len(args) < 3:
             raise XsErrno("EINVAL")
         domid = atoi(args[0]) & 0xFFFFFFFF
-        port = atoi(args[2])
-        if port <= 0 or domid > 0xFFFF:
+        port = atoi(args[2]) & 0xFFFFFFFF  # C do_introduce(): an unsigned evtchn_port_t
+        if port == 0:
             raise XsErrno("EINVAL")
         self._rule = "privileged"
         if domid == 0:
@@ -941,7 +992,7 @@ class XenstoreEngine:
 
     def _domain_arg(self, p: Packet) -> Domain:
         """RELEASE/RESUME argument: EINVAL for dom0, ENOENT if not introduced."""
-        domid = atoi(_onearg(p.payload))
+        domid = atoi(_onearg(p.payload)) & 0xFFFFFFFF  # C onearg_domain(): unsigned
         if domid == 0:
             raise XsErrno("EINVAL")
         self._rule = "privileged"
@@ -970,8 +1021,8 @@ class XenstoreEngine:
 
         Its connections are dropped first, so its own node removals do not wake it.  Every
         node it owns goes, with its subtree and normal RM events (XSA-419); its ACL
-        entries are removed from every other node and from the special names (XSA-322, as
-        newer Xen does, so a re-introduced domid inherits nothing); ``@releaseDomain``
+        entries on other nodes stay listed but are ignored from now on, and are removed from
+        the special names (XSA-322: a re-introduced domid inherits nothing); ``@releaseDomain``
         fires last.  Returns the removed subtree tops.
         """
         dom = self.domains.pop(domid)
@@ -1003,15 +1054,17 @@ class XenstoreEngine:
         for path in stripped:
             node = nodes[path]
             perms = node.perms
+            # 4.17 keeps the released domain's ACL entries, listed but ignored (C
+            # domain_adjust_node_perms(), XSA-322), without rewriting the node.
+            acl = tuple((m | PERM_IGNORE, w) if w == domid else (m, w) for m, w in perms[1:])
             if perms[0][1] == domid:
                 # Only `/` can survive its owner's release; dom0 takes it over.
                 self.store.uncharge(node)
-                owner = (perms[0][0], 0)
                 self.store.count_owner(0, 1)
+                node.perms = ((perms[0][0], 0), *acl)
+                self._put(None, path, node)
             else:
-                owner = perms[0]
-            node.perms = (owner, *(e for e in perms[1:] if e[1] != domid))
-            self._put(None, path, node)
+                node.perms = (perms[0], *acl)
         for name, perms in self.special_perms.items():
             self.special_perms[name] = (perms[0], *(e for e in perms[1:] if e[1] != domid))
         self.store.owned.pop(domid, None)
@@ -1023,15 +1076,19 @@ class XenstoreEngine:
     def _op_set_target(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        args = p.args()
+        args = _c_strings(p.payload)
         if len(args) < 2:
             raise XsErrno("EINVAL")
-        domid = atoi(args[0])
-        target = atoi(args[1])
+        domid = atoi(args[0]) & 0xFFFFFFFF
+        target = atoi(args[1]) & 0xFFFFFFFF
         self._rule = "privileged"
         dom = self.domains.get(domid)
-        if dom is None or (target != 0 and target not in self.domains):
+        # C do_set_target(): both must be connected domains; dom0 always is, and its own
+        # ring is no socket, so setting its target changes nothing here.
+        if (dom is None and domid != 0) or (target != 0 and target not in self.domains):
             raise XsErrno("ENOENT")
+        if dom is None:
+            return OK
         dom.target = target
         for cid in dom.conn_ids:
             self.conns[cid].target = target

@@ -1,0 +1,409 @@
+"""Random differential run: seeded scenarios (``diffgen.py``) against C xenstored 4.17 and
+xenstored-sim, compared reply for reply and watch event for watch event.
+
+    python tests/xenstored_sim/oracle/diffrun.py --seed 1 --n 1000     # C against xenstored-sim
+    python tests/xenstored_sim/oracle/diffrun.py --against c --fresh    # self-check: C against C
+
+Determinism: after every step each open connection gets a pipelined GET_DOMAIN_PATH and is read
+up to that reply, so everything a step caused is in the transcript of that step (both daemons
+queue an event before the reply of the request causing it).  The one order C itself leaves open,
+a RELEASE's reply against its own events (it depends on C's connection list), is normalised.
+
+Daemons are reused across scenarios: before every scenario, fresh or not, ``prepare`` releases
+the scenario's domains, removes every node but the initial three and rewrites those, so the store
+is the initial one; DIRECTORY_PART generations are printed relative to the generation of ``/``
+right after that (C's counter only ever grows).  Transaction ids count per connection and every
+scenario has new connections and new domids.  ``--fresh`` starts new daemons per scenario
+instead; C reused against C fresh is the check that this reuse changes nothing.  A daemon is
+restarted after any difference.  When C dies (Debian's 4.17.5 aborts in
+conn_delete_all_transactions()), the scenario is counted apart and C restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import struct
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import diffdaemons  # noqa: E402
+from diffgen import (  # noqa: E402
+    DIRECTORY,
+    DIRECTORY_PART,
+    ERROR,
+    GET_PERMS,
+    MKDIR,
+    READ,
+    GET_DOMAIN_PATH,
+    OP_NAMES,
+    RELEASE,
+    RM,
+    SET_PERMS,
+    TRANSACTION_START,
+    WATCH_EVENT,
+    WRITE,
+    Scenario,
+    Step,
+    args,
+    scenario,
+)
+
+HEADER = struct.Struct("=IIII")
+SYNC_ID = 0x5EED0000
+RECV_LIMIT = 10.0  # seconds a reply may take before the connection counts as hung
+
+
+class Conn:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(RECV_LIMIT)
+        self.sock.connect(path)
+        self.buf = b""
+        self.req_id = 0
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass  # the daemon dropped us: the reads say so
+
+    def recv(self) -> tuple[int, int, int, bytes] | None:
+        while True:
+            if len(self.buf) >= 16:
+                op, rid, tx, n = HEADER.unpack_from(self.buf)
+                if len(self.buf) >= 16 + n:
+                    body = self.buf[16 : 16 + n]
+                    self.buf = self.buf[16 + n :]
+                    return op, rid, tx, body
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                return None
+            self.buf += chunk
+
+    def read_until(self, req_id: int) -> list[tuple[int, int, int, bytes]]:
+        got = []
+        while True:
+            pkt = self.recv()
+            if pkt is None:
+                return got
+            got.append(pkt)
+            if pkt[0] != WATCH_EVENT and pkt[1] == req_id:
+                return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def frame(op: int, req_id: int, tx: int, payload: bytes) -> bytes:
+    return HEADER.pack(op, req_id, tx, len(payload)) + payload
+
+
+def sync_frame() -> bytes:
+    return frame(GET_DOMAIN_PATH, SYNC_ID, 0, b"0\0")
+
+
+@dataclass
+class Run:
+    """One daemon's transcript of one scenario."""
+
+    lines: list[str] = field(default_factory=list)
+    died: bool = False
+
+
+def _exchange(conn: Conn, data: bytes, expect: int | None) -> list[tuple[int, int, int, bytes]]:
+    conn.send(data + sync_frame())
+    got = conn.read_until(SYNC_ID)
+    if conn.closed or not got or got[-1][1] != SYNC_ID:
+        conn.closed = True
+    return got
+
+
+_ONEARG_OPS = frozenset((DIRECTORY, READ, GET_PERMS, MKDIR, RM))
+
+
+def stale_errno(step: Step) -> bool:
+    """Requests C answers with whatever errno an earlier call left behind (or dies on, when
+    that is 0): onearg() failing in the get_node_canonicalized() callers, and SET_PERMS on an
+    ``@`` name refused by set_perms_special().  Any error is right for these."""
+    p = step.payload
+    if step.op in _ONEARG_OPS:
+        return not p or p.find(b"\0") != len(p) - 1
+    return step.op == SET_PERMS and p.startswith(b"@")
+
+
+def _fmt(pkt: tuple[int, int, int, bytes], step: Step | None, base: int) -> str:
+    op, rid, tx, body = pkt
+    if op == ERROR and step is not None and rid != SYNC_ID and stale_errno(step):
+        body = b"(any errno)"
+    if op == WATCH_EVENT:
+        return f"event {body!r}"
+    if rid == SYNC_ID:
+        return f"sync {OP_NAMES.get(op, op)} {body!r}"
+    if op == DIRECTORY_PART and step is not None and step.op == DIRECTORY_PART:
+        gen, sep, rest = body.partition(b"\0")
+        if gen.isdigit():
+            body = b"gen%+d" % (int(gen) - base) + sep + rest
+    return f"{OP_NAMES.get(op, f'OP{op}')} req={rid} tx={tx} {body!r}"
+
+
+def prepare(daemon: diffdaemons.Daemon, sc: Scenario | None) -> int:
+    """Back to the initial store; returns the generation of ``/`` afterwards."""
+    c = Conn(daemon.socket)
+    rid = 0
+
+    def req(op: int, payload: bytes) -> tuple[int, bytes]:
+        nonlocal rid
+        rid += 1
+        c.send(frame(op, rid, 0, payload))
+        for pkt in c.read_until(rid):
+            if pkt[1] == rid and pkt[0] != WATCH_EVENT:
+                return pkt[0], pkt[3]
+        raise ConnectionError(f"{daemon.kind} daemon stopped answering")
+
+    try:
+        if sc is not None:
+            for d in sorted(sc.domids, key=lambda d: d in sc.targets):
+                req(RELEASE, args(str(d)))
+        for path in ("/", "/tool", "/tool/xenstored"):
+            req(SET_PERMS, args(path, "n0"))
+        for parent, keep in (("/", b"tool"), ("/tool", b"xenstored"), ("/tool/xenstored", None)):
+            _, kids = req(DIRECTORY, args(parent))
+            for kid in kids.split(b"\0"):
+                if kid and kid != keep:
+                    req(RM, args(parent.rstrip("/") + "/" + kid.decode()))
+        for path in ("/tool/xenstored", "/tool", "/"):
+            req(WRITE, path.encode() + b"\0")
+        typ, body = req(DIRECTORY_PART, args("/", "0"))
+        assert typ == DIRECTORY_PART and body.endswith(b"\0tool\0\0"), body
+        return int(body.split(b"\0")[0])
+    finally:
+        c.close()
+
+
+def _wait_guest(daemon: diffdaemons.Daemon, domid: int) -> Conn | None:
+    path = daemon.guest_socket(domid)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            return Conn(path)
+        except OSError:
+            time.sleep(0.005)
+    return None
+
+
+def play(daemon: diffdaemons.Daemon, sc: Scenario, base: int) -> Run:
+    """Run ``sc`` on ``daemon`` (already prepared) and record everything received."""
+    run = Run()
+    conns: dict[str, Conn | None] = {}
+    txids: dict[str, int] = {}
+    tx_starts = 0
+    try:
+        for step in sc.steps:
+            name = step.conn
+            if name not in conns:
+                if name.startswith("p"):
+                    conns[name] = Conn(daemon.socket)
+                else:
+                    conns[name] = _wait_guest(daemon, int(name[1:]))
+                    if conns[name] is None:
+                        run.lines.append(f"[{name}] no guest socket")
+            run.lines.append(f">> {step.describe()}")
+            conn = conns[name]
+            if conn is None or conn.closed:
+                run.lines.append(f"[{name}] closed")
+            else:
+                if step.oversize:
+                    data = frame(WRITE, 1, 0, b"x" * 4097)
+                else:
+                    tx = step.tx if isinstance(step.tx, int) else txids.get(step.tx, 4242)
+                    conn.req_id += 1
+                    data = frame(step.op, conn.req_id, tx, step.payload)
+                got = _exchange(conn, data, conn.req_id)
+                if step.op == TRANSACTION_START and not step.oversize:
+                    ref = f"t{tx_starts}"
+                    tx_starts += 1
+                    for op, rid, _, body in got:
+                        if op == TRANSACTION_START and rid == conn.req_id:
+                            txids[ref] = int(body.rstrip(b"\0") or b"0")
+                lines = [_fmt(p, step, base) for p in got]
+                if step.op == RELEASE:  # C's own order of reply and events varies
+                    lines.sort(key=lambda s: not s.startswith("event"))
+                run.lines += [f"[{name}] {line}" for line in lines]
+                if conn.closed:
+                    run.lines.append(f"[{name}] connection closed")
+            for other, oc in conns.items():
+                if other == name or oc is None or oc.closed:
+                    continue
+                got = _exchange(oc, b"", None)
+                run.lines += [f"[{other}] {_fmt(p, None, base)}" for p in got]
+                if oc.closed:
+                    run.lines.append(f"[{other}] connection closed")
+            if any(c is not None and c.closed for c in conns.values()):
+                deadline = time.monotonic() + 0.5  # a dropped connection: did it die?
+                while daemon.alive() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            if not daemon.alive():
+                run.died = True
+                return run
+    except OSError as exc:
+        run.died = not daemon.alive()
+        run.lines.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        for oc in conns.values():
+            if oc is not None:
+                oc.close()
+    return run
+
+
+@dataclass
+class Tally:
+    total: int = 0
+    same: int = 0
+    differ: int = 0
+    c_died: int = 0
+    seconds: float = 0.0
+    reports: list[str] = field(default_factory=list)
+
+
+def first_difference(sc: Scenario, a: Run, b: Run, names: tuple[str, str]) -> str:
+    i = 0
+    while i < min(len(a.lines), len(b.lines)) and a.lines[i] == b.lines[i]:
+        i += 1
+    steps_done = sum(1 for line in a.lines[: i + 1] if line.startswith(">>"))
+    head = [line for line in a.lines[:i] if line.startswith(">>")][-1:] or ["(start)"]
+    out = [f"seed {sc.seed} scenario {sc.index}: first difference after {head[0]}"]
+    out.append(f"  {names[0]}: {a.lines[i] if i < len(a.lines) else '(end)'}")
+    out.append(f"  {names[1]}: {b.lines[i] if i < len(b.lines) else '(end)'}")
+    out.append(f"  reproduce: make diff-c SEED={sc.seed} ONLY={sc.index}; steps:")
+    out += [f"    {s.describe()}" for s in sc.steps[: max(steps_done, 1)]]
+    return "\n".join(out)
+
+
+class Side:
+    """One side of the comparison: a daemon kind, restarted when it must be."""
+
+    def __init__(self, kind: str, fresh: bool) -> None:
+        self.kind, self.fresh = kind, fresh
+        self.daemon: diffdaemons.Daemon | None = None
+
+    def run(self, sc: Scenario) -> Run:
+        if self.daemon is None or self.fresh or not self.daemon.alive():
+            self.restart()
+        assert self.daemon is not None
+        try:
+            try:
+                base = prepare(self.daemon, None)
+            except (OSError, ConnectionError, AssertionError):
+                self.restart()  # the previous scenario left it dead or hung
+                base = prepare(self.daemon, None)
+            return play(self.daemon, sc, base)
+        finally:
+            if self.daemon.alive():
+                try:
+                    prepare(self.daemon, sc)
+                except (OSError, ConnectionError, AssertionError):
+                    self.restart()
+
+    def restart(self) -> None:
+        self.stop()
+        self.daemon = diffdaemons.start(self.kind)
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+
+
+def run_seed(
+    seed: int,
+    n: int,
+    against: str = "sim",
+    fresh: bool = False,
+    only: int | None = None,
+    out: object = None,
+) -> Tally:
+    """Compare C with ``against`` (``sim``, or ``c`` for the self-check) over ``n`` scenarios."""
+    tally = Tally()
+    left, right = Side("c", False), Side(against, fresh)
+    names = ("C", "xenstored-sim" if against == "sim" else "C (second)")
+    start = time.monotonic()
+    indices = [only] if only is not None else list(range(n))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for index in indices:
+                sc = scenario(seed, index)
+                fa, fb = pool.submit(left.run, sc), pool.submit(right.run, sc)
+                a, b = fa.result(), fb.result()
+                tally.total += 1
+                if a.died or (against == "c" and b.died):
+                    tally.c_died += 1
+                    left.restart()
+                    right.restart()
+                    continue
+                if a.lines == b.lines:
+                    tally.same += 1
+                    continue
+                tally.differ += 1
+                report = first_difference(sc, a, b, names)
+                tally.reports.append(report)
+                if out is not None:
+                    print(report, file=out, flush=True)  # type: ignore[call-overload]
+                left.restart()
+                right.restart()
+    finally:
+        left.stop()
+        right.stop()
+    tally.seconds = time.monotonic() - start
+    return tally
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, action="append", help="seed (repeatable; default 1)")
+    ap.add_argument("--n", type=int, default=200, help="scenarios per seed (default 200)")
+    ap.add_argument("--only", type=int, help="run scenario ONLY of the seed alone")
+    ap.add_argument("--against", choices=("sim", "c"), default="sim")
+    ap.add_argument("--fresh", action="store_true", help="a new daemon per scenario")
+    ap.add_argument("--show", action="store_true", help="print the scenario's C transcript")
+    opts = ap.parse_args()
+    if not diffdaemons.oracle_present():
+        print(f"diffrun: no C xenstored oracle at {diffdaemons.ORACLE}", file=sys.stderr)
+        return 2
+    if opts.show and opts.only is not None:
+        side = Side("c", True)
+        try:
+            for line in side.run(scenario((opts.seed or [1])[0], opts.only)).lines:
+                print(line)
+        finally:
+            side.stop()
+        return 0
+    bad = 0
+    for seed in opts.seed or [1]:
+        t = run_seed(seed, opts.n, opts.against, opts.fresh, opts.only, sys.stdout)
+        counted = t.total - t.c_died
+        pct = 100.0 * t.same / counted if counted else 100.0
+        print(
+            f"seed {seed}: {t.total} scenarios, {t.same} identical ({pct:.1f} %), "
+            f"{t.differ} differing, {t.c_died} left out (C died); "
+            f"{t.seconds:.1f} s, {t.total / t.seconds:.1f} scenarios/s",
+            flush=True,
+        )
+        bad += t.differ
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
