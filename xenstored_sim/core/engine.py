@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from ..wire import DOMID_SELF, PAYLOAD_MAX, REL_PATH_MAX, Op, Packet
 from . import control
@@ -108,13 +108,6 @@ def _onearg(payload: bytes) -> bytes:
     if n == 0 or payload[-1] != 0 or payload.find(b"\0") != n - 1:
         raise XsErrno("EINVAL")
     return payload[:-1]
-
-
-def _strings(payload: bytes) -> list[bytes]:
-    """NUL-terminated strings; EINVAL if the payload does not end with a NUL."""
-    if not payload or payload[-1] != 0:
-        raise XsErrno("EINVAL")
-    return payload[:-1].split(b"\0")
 
 
 def _c_strings(payload: bytes) -> list[bytes]:
@@ -404,11 +397,15 @@ class XenstoreEngine:
         if conn.privileged:
             self._rule = "privileged"
         elif self._perm(conn, node.perms) & need != need:
-            rule = self._rule  # the node's own rule refused it; the parents still get read
-            self._errno_from_parents(conn, txn, path, need, "EACCES")
-            self._rule = rule
-            raise XsErrno("EACCES")
+            self._deny(conn, txn, path, need)
         return node
+
+    def _deny(self, conn: Connection, txn: Transaction | None, path: str, need: int) -> NoReturn:
+        """EACCES for an existing node; C get_node() still reads the parents."""
+        rule = self._rule  # the node's own rule refused it
+        self._errno_from_parents(conn, txn, path, need, "EACCES")
+        self._rule = rule
+        raise XsErrno("EACCES")
 
     def _errno_from_parents(
         self, conn: Connection, txn: Transaction | None, path: str, need: int, errno: str = "ENOENT"
@@ -571,7 +568,7 @@ class XenstoreEngine:
                 self._rule = "privileged"
             else:
                 if not self._perm(conn, node.perms) & PERM_WRITE:
-                    raise XsErrno("EACCES")
+                    self._deny(conn, txn, path, PERM_WRITE)
                 if node.size() - len(node.value) + len(value) >= self.quotas.node_size:
                     raise XsErrno("ENOSPC")
             grow = len(value) - len(node.value)
@@ -590,7 +587,7 @@ class XenstoreEngine:
             if conn.privileged:
                 self._rule = "privileged"
             elif not self._perm(conn, node.perms) & PERM_WRITE:
-                raise XsErrno("EACCES")
+                self._deny(conn, txn, path, PERM_WRITE)
             return OK
         node = self._create(conn, txn, path, b"")
         self._changed(out, txn, path, node)
@@ -667,7 +664,7 @@ class XenstoreEngine:
         if conn.privileged:
             self._rule = "privileged"
         elif not self._perm(conn, node.perms) & PERM_WRITE:
-            raise XsErrno("EACCES")
+            self._deny(conn, txn, path, PERM_WRITE)
         if path == "/":
             raise XsErrno("EINVAL")
         self._delete_tree(out, txn, path, node)
@@ -726,12 +723,14 @@ class XenstoreEngine:
     def _op_directory_part(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        args = _strings(p.payload)
-        if len(args) != 2:
+        # C send_directory_part(): exactly two NULs (an unterminated tail is ignored); the
+        # offset is atoi() taken as unsigned, so a negative one lies past the list.
+        if p.payload.count(b"\0") != 2:
             raise XsErrno("EINVAL")
+        args = _c_strings(p.payload)
         path = self._path(conn, args[0])
         node = self._get_chk(conn, txn, path, PERM_READ)
-        offset = max(atoi(args[1]), 0)
+        offset = atoi(args[1]) & 0xFFFFFFFF
         head = b"%d\0" % node.generation
         blob = node.children_blob()
         if offset >= len(blob):
@@ -806,7 +805,9 @@ class XenstoreEngine:
         if all(who < DOMID_FIRST_RESERVED or who in self.domains for _, who in perms):
             return perms
         return tuple(
-            (m, who) if who < DOMID_FIRST_RESERVED or who in self.domains else (m | PERM_IGNORE, who)
+            (m, who)
+            if who < DOMID_FIRST_RESERVED or who in self.domains
+            else (m | PERM_IGNORE, who)
             for m, who in perms
         )
 
@@ -827,12 +828,11 @@ class XenstoreEngine:
         if not conn.privileged and self._domain_watches(conn.domid) > self.quotas.watches:
             raise XsErrno("E2BIG")  # 4.17: E2BIG once a domain has more than the quota
         relative = raw[:1] not in (b"/", b"@")
-        cost = 0
-        if not conn.privileged:
-            # C add_watch charges path + token to the domain: ENOMEM over the quota (§4.11).
-            cost = len(path) + len(token)
-            if self._over_memory(conn.domid, cost):
-                raise XsErrno("ENOMEM")
+        # C add_watch charges path + token to the domain, dom0 included: ENOMEM over the
+        # quota (§4.11).
+        cost = len(path) + len(token)
+        if not conn.privileged and self._over_memory(conn.domid, cost):
+            raise XsErrno("ENOMEM")
         if self.watches.add(conn.id, path, token, relative) is None:
             raise XsErrno("EEXIST")
         conn.watch_mem += cost
@@ -859,8 +859,7 @@ class XenstoreEngine:
         self._apath = path
         if not self.watches.remove(conn.id, path, token):
             raise XsErrno("ENOENT")
-        if not conn.privileged:
-            conn.watch_mem -= len(path) + len(token)
+        conn.watch_mem -= len(path) + len(token)
         return OK
 
     def _op_reset_watches(
@@ -1100,7 +1099,11 @@ class XenstoreEngine:
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
         self._rule = "privileged"
-        args = _strings(p.payload)
+        # C do_control(): the command must be NUL-terminated; the arguments are the
+        # NUL-terminated strings after it (an unterminated tail is ignored).
+        if b"\0" not in p.payload:
+            raise XsErrno("EINVAL")
+        args = _c_strings(p.payload)
         if self.audit is not None:
             self._aargs = [a.decode("latin-1") for a in args]
         return control.run(self, args)
@@ -1114,11 +1117,22 @@ class XenstoreEngine:
             memory = self.domain_memory(domid)
         else:
             # dom0 is never charged as it goes; its figure is computed on demand.
+            # dom0 is never charged as it goes; its figure is computed on demand: its nodes,
+            # and the watches and transaction copies of the sockets (C conn->id 0).
             memory = sum(
                 node.size() + len(path)
                 for path, node in self.store.nodes.items()
                 if node.perms[0][1] == 0
             )
+            for c in self.conns.values():
+                if c.domid == 0:
+                    memory += c.watch_mem
+                    for t in c.transactions.values():
+                        memory += sum(
+                            n.size() + len(path) + t.key_extra
+                            for path, n in t.nodes.items()
+                            if n is not None
+                        )
         dom = self.domains.get(domid)
         watches = transactions = outstanding = 0
         if dom is not None:

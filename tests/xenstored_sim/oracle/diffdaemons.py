@@ -107,8 +107,16 @@ class CDaemon(Daemon):
             shim_dir = Path(tempfile.mkdtemp(prefix="xsdiff-shim-"))
             shim = shim_dir / "xsshim-rings.so"
             subprocess.run(
-                ["gcc", "-O2", "-shared", "-fPIC", "-o", str(shim)]
-                + [str(ORACLE / "guests" / "xsshim-rings.c"), "-ldl"],
+                [
+                    "gcc",
+                    "-O2",
+                    "-shared",
+                    "-fPIC",
+                    "-o",
+                    str(shim),
+                    str(ORACLE / "guests" / "xsshim-rings.c"),
+                    "-ldl",
+                ],
                 check=True,
             )
             cls._shim, cls._root = shim, root

@@ -110,7 +110,9 @@ class _Gen:
             return self.rnd.choice(("r", "r/x", "r/x/y"))
         if r < 0.32 and self.guests:
             d = self.rnd.choice(self.guests)
-            return self.rnd.choice((f"/local/domain/{d}", f"/local/domain/{d}/h", f"/local/domain/{d}/h/x"))
+            return self.rnd.choice(
+                (f"/local/domain/{d}", f"/local/domain/{d}/h", f"/local/domain/{d}/h/x")
+            )
         return self.rnd.choice(
             ("/s", "/s/a", "/s/a/b", "/s/a/b/c", "/s/b", "/s/b/x", "/s/c", "/s/c/d/e", "/local")
         )

@@ -22,6 +22,7 @@ conn_delete_all_transactions()), the scenario is counted apart and C restarted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import struct
@@ -32,16 +33,16 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import diffdaemons  # noqa: E402
-from diffgen import (  # noqa: E402
+import diffdaemons
+from diffgen import (
     DIRECTORY,
     DIRECTORY_PART,
     ERROR,
+    GET_DOMAIN_PATH,
     GET_PERMS,
     MKDIR,
-    READ,
-    GET_DOMAIN_PATH,
     OP_NAMES,
+    READ,
     RELEASE,
     RM,
     SET_PERMS,
@@ -69,10 +70,8 @@ class Conn:
         self.closed = False
 
     def send(self, data: bytes) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the daemon dropped us: the reads say so
             self.sock.sendall(data)
-        except OSError:
-            pass  # the daemon dropped us: the reads say so
 
     def recv(self) -> tuple[int, int, int, bytes] | None:
         while True:
