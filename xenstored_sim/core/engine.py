@@ -163,6 +163,8 @@ class XenstoreEngine:
         #: How many messages the shell holds unsent for a connection (CONTROL ``quota
         #: <domid>`` reports the sum over a domain's connections as ``outstanding``).
         self.unsent: Callable[[int], int] = _nothing_unsent
+        #: C -K/--keep-orphans: RELEASE gives the domain's nodes to dom0 instead.
+        self.keep_orphans = False
         #: audit records not yet taken by the shell (None when auditing is off)
         self.audit: list[dict[str, Any]] | None = [] if audit else None
         self._clock = clock
@@ -1046,6 +1048,9 @@ class XenstoreEngine:
             if any(who == domid for _, who in node.perms[1:]) or node.perms[0][1] == domid:
                 stripped.append(path)
             stack.extend(child_path(path, name) for name in reversed(node.children))
+        if self.keep_orphans:
+            self._adopt_orphans(domid)
+            tops = []
         for path in tops:
             top = nodes.get(path)
             if top is not None:
@@ -1071,6 +1076,18 @@ class XenstoreEngine:
         out.released += (domid,)
         self._fire(out, RELEASE_DOMAIN, None, False, None)
         return tops
+
+    def _adopt_orphans(self, domid: int) -> None:
+        """C -K (domain_tree_remove() with keep_orphans): every node the domain owns passes
+        to dom0 in place, no generation taken and no watch fired."""
+        store = self.store
+        for node in store.nodes.values():
+            perms = node.perms
+            if perms[0][1] == domid:
+                store.uncharge(node)
+                store.count_owner(domid, -1)
+                store.count_owner(0, 1)
+                node.perms = ((perms[0][0], 0), *perms[1:])
 
     def _op_set_target(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
