@@ -302,7 +302,12 @@ class XenstoreEngine:
                 result = "OK"
         except XsErrno as exc:
             result = exc.errno
-            if txn is not None and result in _TX_FAILING and op != Op.TRANSACTION_END:
+            if (
+                txn is not None
+                and result in _TX_FAILING
+                and op != Op.TRANSACTION_END
+                and exc.fails_transaction
+            ):
                 txn.failed = True
             out.append(
                 (conn_id, Packet(_ERROR, packet.req_id, packet.tx_id, _errno_payload(result)))
@@ -499,6 +504,8 @@ class XenstoreEngine:
             self._fire(out, path, node, exact, old_perms)
         elif path not in txn.events:
             txn.events[path] = TxEvent(path, node, exact, old_perms)
+        elif not exact:
+            txn.events[path].exact = False  # C queue_watches(): non-exact replaces exact
 
     def _fire(
         self, out: Outbox, path: str, node: Node | None, exact: bool, old_perms: Perms | None
@@ -675,20 +682,21 @@ class XenstoreEngine:
     def _delete_tree(self, out: Outbox, txn: Transaction | None, top: str, node: Node) -> None:
         """Remove a subtree (no per-child permission checks, §3.9) and fire its watches:
         each removed descendant fires the watches set exactly on it, in post-order, then
-        the top fires its own watches and its ancestors' (§4.4)."""
-        order: list[tuple[str, Node]] = []
-        stack: list[tuple[str, Node, bool]] = [(top, node, False)]
-        while stack:
-            path, n, expanded = stack.pop()
-            if expanded or not n.children:
-                order.append((path, n))
-                continue
-            stack.append((path, n, True))
-            for name in reversed(n.children):
-                cp = child_path(path, name)
-                cn = self._get(txn, cp)
-                if cn is not None:
-                    stack.append((cp, cn, False))
+        the top fires its own watches and its ancestors' (§4.4).
+
+        C rm_node(): the parent is read first (EINVAL if a transaction no longer sees it);
+        walk_node_tree() reads each child as it descends and stops with EIO at one that a
+        transaction's view lists but cannot read, the nodes removed so far staying removed.
+        """
+        anc = parent_of(top)
+        parent = self._get(txn, anc)
+        if parent is None:
+            raise XsErrno("EINVAL")
+        order, complete = self._walk(txn, top, node)
+        if not complete:
+            assert txn is not None  # outside a transaction the tree is whole
+            self._delete_partly(out, txn, order)
+            raise XsErrno("EIO", fails_transaction=False)
         for path, n in order[:-1]:
             self._changed(out, txn, path, n, exact=True)
         store = self.store
@@ -704,17 +712,50 @@ class XenstoreEngine:
                     store.uncharge(n)
         else:
             for path, n in order:
-                txn.nodes[path] = None
-                txn.modified[path] = None
-                self._count(txn, n.perms[0][1], -1)
-                txn.memory -= n.acc
-                n.acc = 0
-        anc = parent_of(top)
-        parent = self._get(txn, anc)
-        assert parent is not None
+                self._tx_forget(txn, path, n)
         parent.remove_child(basename(top))
         self._put(txn, anc, parent)
         self._changed(out, txn, top, node)
+
+    def _walk(
+        self, txn: Transaction | None, top: str, node: Node
+    ) -> tuple[list[tuple[str, Node]], bool]:
+        """The subtree in C walk_node_tree() post-order; False if a child was unreadable."""
+        order: list[tuple[str, Node]] = []
+        stack: list[tuple[str, Node, tuple[str, ...], int]] = [(top, node, tuple(node.children), 0)]
+        while stack:
+            path, n, kids, i = stack[-1]
+            if i == len(kids):
+                stack.pop()
+                order.append((path, n))
+                continue
+            stack[-1] = (path, n, kids, i + 1)
+            cp = child_path(path, kids[i])
+            cn = self._get(txn, cp)
+            if cn is None:
+                return order, False
+            stack.append((cp, cn, tuple(cn.children), 0))
+        return order, True
+
+    def _delete_partly(self, out: Outbox, txn: Transaction, order: list[tuple[str, Node]]) -> None:
+        """What an interrupted walk leaves: each node finished so far removed (a generation),
+        and its entry taken out of its parent (a write, another generation)."""
+        for path, n in order:
+            self.store.generation += 1
+            self._changed(out, txn, path, n, exact=True)
+            self._tx_forget(txn, path, n)
+            pp = parent_of(path)
+            pn = txn.nodes.get(pp)
+            if pn is not None:
+                pn.remove_child(basename(path))
+                self._put(txn, pp, pn)
+
+    def _tx_forget(self, txn: Transaction, path: str, n: Node) -> None:
+        txn.nodes[path] = None
+        txn.modified[path] = None
+        self._count(txn, n.perms[0][1], -1)
+        txn.memory -= n.acc
+        n.acc = 0
 
     def _op_directory(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
@@ -946,7 +987,14 @@ class XenstoreEngine:
                     store.charge(path, new)
                 nodes[path] = new
                 store.count_owner(new.perms[0][1], 1)
-        for ev in txn.events.values():
+        # C finalize_transaction() fires in the order the nodes were first accessed.
+        events = txn.events
+        if len(events) > 1:
+            first = {path: i for i, path in enumerate(txn.recorded)}
+            order = sorted(events.values(), key=lambda ev: first.get(ev.path, len(first)))
+        else:
+            order = list(events.values())
+        for ev in order:
             self._fire(out, ev.path, ev.node, ev.exact, ev.old_perms)
 
     # ------------------------------------------------------------------ domains

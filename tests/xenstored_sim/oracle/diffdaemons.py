@@ -24,7 +24,7 @@ def oracle_present() -> bool:
     return (ORACLE / "guests" / "xsshim-rings.c").is_file()
 
 
-def _accepts(path: str) -> bool:
+def accepts(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(path)
@@ -58,7 +58,7 @@ class Daemon:
 
     def _wait_socket(self) -> None:
         deadline = time.monotonic() + 20
-        while not _accepts(self.socket):
+        while not accepts(self.socket):
             if not self.alive() or time.monotonic() > deadline:
                 log = (self.workdir / "daemon.log").read_text(errors="replace")
                 self.stop()

@@ -27,6 +27,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -192,6 +193,22 @@ def prepare(daemon: diffdaemons.Daemon, sc: Scenario | None) -> int:
         c.close()
 
 
+def responsive(daemon: diffdaemons.Daemon) -> bool:
+    """Does the daemon still answer a request on a new connection?  (An aborting C may
+    still hold its listening socket open while it dumps core.)"""
+    try:
+        c = Conn(daemon.socket)
+    except OSError:
+        return False
+    try:
+        c.sock.settimeout(2.0)
+        c.send(frame(GET_DOMAIN_PATH, 1, 0, b"0\0"))
+        got = c.read_until(1)
+        return bool(got) and got[-1][1] == 1
+    finally:
+        c.close()
+
+
 def _wait_guest(daemon: diffdaemons.Daemon, domid: int) -> Conn | None:
     path = daemon.guest_socket(domid)
     deadline = time.monotonic() + 5
@@ -211,6 +228,7 @@ def play(daemon: diffdaemons.Daemon, sc: Scenario, base: int) -> Run:
     tx_starts = 0
     try:
         for step in sc.steps:
+            was_closed = {n for n, c in conns.items() if c is not None and c.closed}
             name = step.conn
             if name not in conns:
                 if name.startswith("p"):
@@ -250,8 +268,9 @@ def play(daemon: diffdaemons.Daemon, sc: Scenario, base: int) -> Run:
                 run.lines += [f"[{other}] {_fmt(p, None, base)}" for p in got]
                 if oc.closed:
                     run.lines.append(f"[{other}] connection closed")
-            if any(c is not None and c.closed for c in conns.values()):
-                deadline = time.monotonic() + 0.5  # a dropped connection: did it die?
+            closed = {n for n, c in conns.items() if c is not None and c.closed}
+            if closed - was_closed and not responsive(daemon):
+                deadline = time.monotonic() + 5  # a dropped connection and no answer: dying
                 while daemon.alive() and time.monotonic() < deadline:
                     time.sleep(0.01)
             if not daemon.alive():
@@ -326,6 +345,43 @@ class Side:
             self.daemon = None
 
 
+_TALLY_LOCK = threading.Lock()
+
+
+class Lane:
+    """A C daemon and the daemon compared with it, running scenarios one after the other."""
+
+    def __init__(self, against: str, fresh: bool) -> None:
+        self.against = against
+        self.left, self.right = Side("c", False), Side(against, fresh)
+        self.pool = ThreadPoolExecutor(2)
+
+    def run(self, sc: Scenario, tally: Tally, out: object) -> None:
+        fa, fb = self.pool.submit(self.left.run, sc), self.pool.submit(self.right.run, sc)
+        a, b = fa.result(), fb.result()
+        with _TALLY_LOCK:
+            tally.total += 1
+            if a.died or (self.against == "c" and b.died):
+                tally.c_died += 1
+            elif a.lines == b.lines:
+                tally.same += 1
+                return
+            else:
+                tally.differ += 1
+                names = ("C", "xenstored-sim" if self.against == "sim" else "C (second)")
+                report = first_difference(sc, a, b, names)
+                tally.reports.append(report)
+                if out is not None:
+                    print(report, file=out, flush=True)  # type: ignore[call-overload]
+        self.left.restart()  # nothing that differed or died is trusted further
+        self.right.restart()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.left.stop()
+        self.right.stop()
+
+
 def run_seed(
     seed: int,
     n: int,
@@ -333,39 +389,28 @@ def run_seed(
     fresh: bool = False,
     only: int | None = None,
     out: object = None,
+    jobs: int = 1,
 ) -> Tally:
-    """Compare C with ``against`` (``sim``, or ``c`` for the self-check) over ``n`` scenarios."""
+    """Compare C with ``against`` (``sim``, or ``c`` for the self-check) over ``n`` scenarios,
+    on ``jobs`` lanes of daemons at once (C's guest rings wait on a polling bridge)."""
     tally = Tally()
-    left, right = Side("c", False), Side(against, fresh)
-    names = ("C", "xenstored-sim" if against == "sim" else "C (second)")
     start = time.monotonic()
     indices = [only] if only is not None else list(range(n))
+    lanes = [Lane(against, fresh) for _ in range(max(1, min(jobs, len(indices))))]
+
+    def work(k: int) -> None:
+        for index in indices[k :: len(lanes)]:
+            lanes[k].run(scenario(seed, index), tally, out)
+
     try:
-        with ThreadPoolExecutor(2) as pool:
-            for index in indices:
-                sc = scenario(seed, index)
-                fa, fb = pool.submit(left.run, sc), pool.submit(right.run, sc)
-                a, b = fa.result(), fb.result()
-                tally.total += 1
-                if a.died or (against == "c" and b.died):
-                    tally.c_died += 1
-                    left.restart()
-                    right.restart()
-                    continue
-                if a.lines == b.lines:
-                    tally.same += 1
-                    continue
-                tally.differ += 1
-                report = first_difference(sc, a, b, names)
-                tally.reports.append(report)
-                if out is not None:
-                    print(report, file=out, flush=True)  # type: ignore[call-overload]
-                left.restart()
-                right.restart()
+        with ThreadPoolExecutor(len(lanes)) as pool:
+            for f in [pool.submit(work, k) for k in range(len(lanes))]:
+                f.result()
     finally:
-        left.stop()
-        right.stop()
+        for lane in lanes:
+            lane.close()
     tally.seconds = time.monotonic() - start
+    tally.reports.sort()
     return tally
 
 
@@ -376,6 +421,7 @@ def main() -> int:
     ap.add_argument("--only", type=int, help="run scenario ONLY of the seed alone")
     ap.add_argument("--against", choices=("sim", "c"), default="sim")
     ap.add_argument("--fresh", action="store_true", help="a new daemon per scenario")
+    ap.add_argument("--jobs", type=int, default=4, help="daemon pairs at once (default 4)")
     ap.add_argument("--show", action="store_true", help="print the scenario's C transcript")
     opts = ap.parse_args()
     if not diffdaemons.oracle_present():
@@ -391,7 +437,7 @@ def main() -> int:
         return 0
     bad = 0
     for seed in opts.seed or [1]:
-        t = run_seed(seed, opts.n, opts.against, opts.fresh, opts.only, sys.stdout)
+        t = run_seed(seed, opts.n, opts.against, opts.fresh, opts.only, sys.stdout, opts.jobs)
         counted = t.total - t.c_died
         pct = 100.0 * t.same / counted if counted else 100.0
         print(

@@ -26,7 +26,7 @@ SEED = int(os.environ.get("XSDIFF_SEED", "1"))
     not diffdaemons.oracle_present(), reason=f"no C xenstored oracle at {diffdaemons.ORACLE}"
 )
 def test_c_and_sim_agree_on_random_scenarios() -> None:
-    tally = diffrun.run_seed(SEED, 200)
+    tally = diffrun.run_seed(SEED, 200, jobs=3)
     assert tally.total == 200
     assert tally.same + tally.c_died == 200, "\n\n".join(tally.reports[:5])
     assert tally.c_died < 20, "C died too often to say much"
