@@ -167,3 +167,44 @@ def test_directory_part_offsets(h) -> None:
     assert h.req(p, Op.DIRECTORY_PART, b"/\x00-1\0") == head + b"\0\0"  # past the end
     assert h.req(p, Op.DIRECTORY_PART, b"/\x000\0tail") == head + b"\0tool\0\0"
     assert h.req(p, Op.DIRECTORY_PART, b"/\x000\0x\0") == "EINVAL"
+
+
+# -- rm_node() / walk_node_tree() inside a transaction -------------------------------------
+def test_rm_in_transaction_of_a_child_removed_outside_is_eio(h) -> None:
+    p = h.socket()
+    for path in (b"/a/b/x", b"/a/c", b"/a/d"):
+        h.req(p, Op.WRITE, path + b"\0v")
+    tx = int(h.req(p, Op.TRANSACTION_START, b"\0")[:-1])
+    assert h.req(p, Op.DIRECTORY, b"/a\0", tx=tx) == b"b\0c\0d\0"
+    h.req(p, Op.RM, b"/a/c\0")  # outside, after the transaction copied /a
+    assert h.req(p, Op.RM, b"/a\0", tx=tx) == "EIO"
+    # the walk stopped at c: b (done before) is gone, /a and d stay, the tx is not failed
+    assert h.req(p, Op.DIRECTORY, b"/a\0", tx=tx) == b"c\0d\0"
+    assert h.req(p, Op.READ, b"/a/b\0", tx=tx) == "ENOENT"
+    assert h.req(p, Op.READ, b"/a/d\0", tx=tx) == b"v"
+    assert h.req(p, Op.TRANSACTION_END, b"T\0", tx=tx) == "EAGAIN"
+
+
+def test_rm_in_transaction_without_the_parent_is_einval(h) -> None:
+    p = h.socket()
+    h.req(p, Op.WRITE, b"/q/x\0v")
+    tx = int(h.req(p, Op.TRANSACTION_START, b"\0")[:-1])
+    assert h.req(p, Op.READ, b"/q/r\0", tx=tx) == "ENOENT"  # /q/r: missing for the tx
+    h.req(p, Op.WRITE, b"/q/r/s\0v")  # outside
+    assert h.req(p, Op.READ, b"/q/r/s\0", tx=tx) == b"v"  # first seen now: copied
+    assert h.req(p, Op.RM, b"/q/r/s\0", tx=tx) == "EINVAL"
+
+
+# -- finalize_transaction(): events in the order the nodes were first accessed -------------
+def test_commit_fires_in_first_access_order(h) -> None:
+    p, w = h.socket(), h.socket()
+    h.req(p, Op.WRITE, b"/q\0")
+    tx = int(h.req(p, Op.TRANSACTION_START, b"\0")[:-1])
+    h.req(p, Op.READ, b"/q\0", tx=tx)
+    h.req(p, Op.WRITE, b"/z\0v", tx=tx)
+    h.req(p, Op.WRITE, b"/q\0v", tx=tx)
+    h.req(p, Op.WRITE, b"/z/y\0v", tx=tx)
+    h.out(w, Op.WATCH, b"/\0all\0")
+    out = h.out(p, Op.TRANSACTION_END, b"T\0", tx=tx)
+    events = [m[2] for m in out if m[0] == w]
+    assert events == [b"/q\0all\0", b"/z\0all\0", b"/z/y\0all\0"]
