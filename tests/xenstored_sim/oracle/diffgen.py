@@ -13,6 +13,7 @@ Pure and deterministic: ``scenario(seed, index)`` is always the same list.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 # xs_wire.h message numbers (xenstored_sim.wire.Op, restated so this module stands alone).
@@ -77,6 +78,12 @@ class Scenario:
     #: domids that may be introduced: released by the cleanup, targets last.
     domids: list[int] = field(default_factory=list)
     targets: set[int] = field(default_factory=set)
+
+
+def c_atoi(text: str) -> int:
+    """C atoi() as an unsigned int: a sign and digits, anything else stops it."""
+    m = re.match(r"\s*([+-]?\d+)", text)
+    return int(m.group(1)) & 0xFFFFFFFF if m else 0
 
 
 def args(*parts: str | bytes) -> bytes:
@@ -255,16 +262,13 @@ class _Gen:
 
     def op_9(self, conn: str) -> None:
         d = self.domid()
-        if d.isdigit() and int(d) in self.targets:
-            d = "0"  # C 4.17 frees a SET_TARGET target's domain too early (README: use-after-free)
+        if c_atoi(d) in self.targets:
+            d = "0"  # C 4.17 frees a SET_TARGET target's domain too early (use after free)
         self.add(conn, RELEASE, args(d))
 
     def op_19(self, conn: str) -> None:
         a, b = self.domid(), self.domid()
-        if b.isdigit():
-            self.targets.add(int(b))
-        if a.isdigit():
-            self.targets.add(int(a))
+        self.targets.update((c_atoi(a), c_atoi(b)))
         self.add(conn, SET_TARGET, args(a, b))
 
     def op_18(self, conn: str) -> None:

@@ -41,12 +41,14 @@ from diffgen import (
     ERROR,
     GET_DOMAIN_PATH,
     GET_PERMS,
+    INTRODUCE,
     MKDIR,
     OP_NAMES,
     READ,
     RELEASE,
     RM,
     SET_PERMS,
+    SET_TARGET,
     TRANSACTION_START,
     WATCH_EVENT,
     WRITE,
@@ -55,6 +57,8 @@ from diffgen import (
     args,
     scenario,
 )
+
+from xenstored_sim.core.engine import atoi
 
 HEADER = struct.Struct("=IIII")
 SYNC_ID = 0x5EED0000
@@ -159,6 +163,20 @@ def _fmt(pkt: tuple[int, int, int, bytes], step: Step | None, base: int) -> str:
     return f"{OP_NAMES.get(op, f'OP{op}')} req={rid} tx={tx} {body!r}"
 
 
+def introduced(sc: Scenario) -> tuple[set[int], set[int]]:
+    """Every domid the scenario may have introduced, and those named by SET_TARGET (C frees
+    a target's domain too early: those are released last)."""
+    domids, targets = set(sc.domids), set(sc.targets)
+    for step in sc.steps:
+        ids = [atoi(a) & 0xFFFFFFFF for a in step.payload.split(b"\0")[:2]]
+        if step.op == INTRODUCE and ids:
+            domids.add(ids[0])
+        elif step.op == SET_TARGET:
+            targets.update(ids)
+    domids.discard(0)
+    return domids, targets
+
+
 def prepare(daemon: diffdaemons.Daemon, sc: Scenario | None) -> int:
     """Back to the initial store; returns the generation of ``/`` afterwards."""
     c = Conn(daemon.socket)
@@ -175,7 +193,8 @@ def prepare(daemon: diffdaemons.Daemon, sc: Scenario | None) -> int:
 
     try:
         if sc is not None:
-            for d in sorted(sc.domids, key=lambda d: d in sc.targets):
+            domids, targets = introduced(sc)
+            for d in sorted(domids, key=lambda d: d in targets):
                 req(RELEASE, args(str(d)))
         for path in ("/", "/tool", "/tool/xenstored"):
             req(SET_PERMS, args(path, "n0"))
