@@ -78,6 +78,8 @@ class Scenario:
     #: domids that may be introduced: released by the cleanup, targets last.
     domids: list[int] = field(default_factory=list)
     targets: set[int] = field(default_factory=set)
+    #: how many steps introduce the guests: their connections open right after
+    prologue: int = 0
 
 
 def c_atoi(text: str) -> int:
@@ -307,6 +309,9 @@ class _Gen:
 def scenario(seed: int, index: int) -> Scenario:
     gen = _Gen(seed, index)
     gen.prologue()
+    prologue = len(gen.steps)
     for _ in range(gen.rnd.randint(10, 60)):
         gen.step()
-    return Scenario(seed, index, gen.conns, gen.guests, gen.steps, gen.domids, gen.targets)
+    return Scenario(
+        seed, index, gen.conns, gen.guests, gen.steps, gen.domids, gen.targets, prologue
+    )

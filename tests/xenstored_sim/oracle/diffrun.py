@@ -246,16 +246,16 @@ def play(daemon: diffdaemons.Daemon, sc: Scenario, base: int) -> Run:
     txids: dict[str, int] = {}
     tx_starts = 0
     try:
-        for step in sc.steps:
+        for i, step in enumerate(sc.steps):
+            if i == sc.prologue:  # the guests connect once introduced, before anything else
+                for domid in sc.guests:
+                    conns[f"g{domid}"] = _wait_guest(daemon, domid)
+                    if conns[f"g{domid}"] is None:
+                        run.lines.append(f"[g{domid}] no guest socket")
             was_closed = {n for n, c in conns.items() if c is not None and c.closed}
             name = step.conn
             if name not in conns:
-                if name.startswith("p"):
-                    conns[name] = Conn(daemon.socket)
-                else:
-                    conns[name] = _wait_guest(daemon, int(name[1:]))
-                    if conns[name] is None:
-                        run.lines.append(f"[{name}] no guest socket")
+                conns[name] = Conn(daemon.socket)
             run.lines.append(f">> {step.describe()}")
             conn = conns[name]
             if conn is None or conn.closed:
