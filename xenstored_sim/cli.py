@@ -24,6 +24,14 @@ from .core.errors import XsErrno
 from .server import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
 
+_IGNORED_C_FLAGS = (
+    "C xenstored 4.17's other flags are accepted so that a harness starting C can start this "
+    "instead: -N/--no-fork (this daemon never forks), -D/--no-domain-init (there is no dom0 "
+    "ring to set up), -R/--no-recovery, -I/--internal-db [on|off] (the store is in memory, or "
+    "in --state-dir), -U/--live-update, --event, --master-domid and --priv-domid have no "
+    "meaning here and are ignored."
+)
+
 
 def _quota_arg(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
@@ -36,11 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xenstored-sim",
         description="A xenstore daemon speaking the real wire protocol.",
-        epilog="C xenstored 4.17's other flags are accepted so that a harness starting C can "
-        "start this instead: -N/--no-fork (this daemon never forks), -D/--no-domain-init "
-        "(there is no dom0 ring to set up), -R/--no-recovery, -I/--internal-db [on|off] "
-        "(the store is in memory, or in --state-dir), -U/--live-update, --event, "
-        "--master-domid and --priv-domid have no meaning here and are ignored.",
+        epilog=_IGNORED_C_FLAGS,
         add_help=False,
     )
     p.add_argument("-h", "-H", "--help", action="help", help="show this help message and exit")

@@ -239,70 +239,97 @@ def _wait_guest(daemon: diffdaemons.Daemon, domid: int) -> Conn | None:
     return None
 
 
+class Player:
+    """Plays one scenario on one daemon and records everything each connection receives."""
+
+    def __init__(self, daemon: diffdaemons.Daemon, base: int) -> None:
+        self.daemon, self.base = daemon, base
+        self.run = Run()
+        self.conns: dict[str, Conn | None] = {}
+        self.txids: dict[str, int] = {}
+        self.tx_starts = 0
+
+    def send(self, step: Step) -> None:
+        """The step on its connection, with a pipelined sync behind it."""
+        name, lines = step.conn, self.run.lines
+        if name not in self.conns:
+            self.conns[name] = Conn(self.daemon.socket)
+        conn = self.conns[name]
+        ref = None
+        if step.op == TRANSACTION_START and not step.oversize:
+            ref, self.tx_starts = f"t{self.tx_starts}", self.tx_starts + 1
+        if conn is None or conn.closed:
+            lines.append(f"[{name}] closed")
+            return
+        if step.oversize:
+            data = frame(WRITE, 1, 0, b"x" * 4097)
+        else:
+            tx = step.tx if isinstance(step.tx, int) else self.txids.get(step.tx, 4242)
+            conn.req_id += 1
+            data = frame(step.op, conn.req_id, tx, step.payload)
+        got = _exchange(conn, data, conn.req_id)
+        for op, rid, _, body in got:
+            if ref is not None and op == TRANSACTION_START and rid == conn.req_id:
+                self.txids[ref] = int(body.rstrip(b"\0") or b"0")
+        replies = [_fmt(p, step, self.base) for p in got]
+        if step.op == RELEASE:  # C's own order of reply and events varies
+            replies.sort(key=lambda s: not s.startswith("event"))
+        lines += [f"[{name}] {line}" for line in replies]
+        if conn.closed:
+            lines.append(f"[{name}] connection closed")
+
+    def fence(self, acting: str) -> None:
+        """A sync on every other open connection: it collects the events the step caused."""
+        for other, oc in self.conns.items():
+            if other == acting or oc is None or oc.closed:
+                continue
+            got = _exchange(oc, b"", None)
+            self.run.lines += [f"[{other}] {_fmt(p, None, self.base)}" for p in got]
+            if oc.closed:
+                self.run.lines.append(f"[{other}] connection closed")
+
+    def closed(self) -> set[str]:
+        return {n for n, c in self.conns.items() if c is not None and c.closed}
+
+    def died(self, newly_closed: bool) -> bool:
+        if newly_closed and not responsive(self.daemon):
+            deadline = time.monotonic() + 5  # a dropped connection and no answer: dying
+            while self.daemon.alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return not self.daemon.alive()
+
+    def connect_guests(self, guests: list[int]) -> None:
+        for domid in guests:
+            self.conns[f"g{domid}"] = _wait_guest(self.daemon, domid)
+            if self.conns[f"g{domid}"] is None:
+                self.run.lines.append(f"[g{domid}] no guest socket")
+
+    def close(self) -> None:
+        for oc in self.conns.values():
+            if oc is not None:
+                oc.close()
+
+
 def play(daemon: diffdaemons.Daemon, sc: Scenario, base: int) -> Run:
     """Run ``sc`` on ``daemon`` (already prepared) and record everything received."""
-    run = Run()
-    conns: dict[str, Conn | None] = {}
-    txids: dict[str, int] = {}
-    tx_starts = 0
+    player = Player(daemon, base)
     try:
         for i, step in enumerate(sc.steps):
             if i == sc.prologue:  # the guests connect once introduced, before anything else
-                for domid in sc.guests:
-                    conns[f"g{domid}"] = _wait_guest(daemon, domid)
-                    if conns[f"g{domid}"] is None:
-                        run.lines.append(f"[g{domid}] no guest socket")
-            was_closed = {n for n, c in conns.items() if c is not None and c.closed}
-            name = step.conn
-            if name not in conns:
-                conns[name] = Conn(daemon.socket)
-            run.lines.append(f">> {step.describe()}")
-            conn = conns[name]
-            if conn is None or conn.closed:
-                run.lines.append(f"[{name}] closed")
-            else:
-                if step.oversize:
-                    data = frame(WRITE, 1, 0, b"x" * 4097)
-                else:
-                    tx = step.tx if isinstance(step.tx, int) else txids.get(step.tx, 4242)
-                    conn.req_id += 1
-                    data = frame(step.op, conn.req_id, tx, step.payload)
-                got = _exchange(conn, data, conn.req_id)
-                if step.op == TRANSACTION_START and not step.oversize:
-                    ref = f"t{tx_starts}"
-                    tx_starts += 1
-                    for op, rid, _, body in got:
-                        if op == TRANSACTION_START and rid == conn.req_id:
-                            txids[ref] = int(body.rstrip(b"\0") or b"0")
-                lines = [_fmt(p, step, base) for p in got]
-                if step.op == RELEASE:  # C's own order of reply and events varies
-                    lines.sort(key=lambda s: not s.startswith("event"))
-                run.lines += [f"[{name}] {line}" for line in lines]
-                if conn.closed:
-                    run.lines.append(f"[{name}] connection closed")
-            for other, oc in conns.items():
-                if other == name or oc is None or oc.closed:
-                    continue
-                got = _exchange(oc, b"", None)
-                run.lines += [f"[{other}] {_fmt(p, None, base)}" for p in got]
-                if oc.closed:
-                    run.lines.append(f"[{other}] connection closed")
-            closed = {n for n, c in conns.items() if c is not None and c.closed}
-            if closed - was_closed and not responsive(daemon):
-                deadline = time.monotonic() + 5  # a dropped connection and no answer: dying
-                while daemon.alive() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-            if not daemon.alive():
-                run.died = True
-                return run
+                player.connect_guests(sc.guests)
+            was_closed = player.closed()
+            player.run.lines.append(f">> {step.describe()}")
+            player.send(step)
+            player.fence(step.conn)
+            if player.died(bool(player.closed() - was_closed)):
+                player.run.died = True
+                break
     except OSError as exc:
-        run.died = not daemon.alive()
-        run.lines.append(f"{type(exc).__name__}: {exc}")
+        player.run.died = not daemon.alive()
+        player.run.lines.append(f"{type(exc).__name__}: {exc}")
     finally:
-        for oc in conns.values():
-            if oc is not None:
-                oc.close()
-    return run
+        player.close()
+    return player.run
 
 
 @dataclass
