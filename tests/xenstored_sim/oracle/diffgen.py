@@ -114,9 +114,29 @@ class _Gen:
         if r < 0.07:
             return self.rnd.choice(("@introduceDomain", "@releaseDomain", "@other"))
         if r < 0.14:
-            return self.rnd.choice(("/s/a/", "/s//a", "/s/a b", "/s/a.b", "/", "/tool", "r/"))
+            return self.rnd.choice(
+                (
+                    "/s/a/",
+                    "/s//a",
+                    "/s/a b",
+                    "/s/a.b",
+                    "/",
+                    "/tool",
+                    "r/",
+                    "/p",
+                    "/d",
+                    "/" + "q" * 2050,
+                )
+            )
         if r < 0.24:
             return self.rnd.choice(("r", "r/x", "r/x/y"))
+        if r < 0.28:  # long names: directories whose listing needs DIRECTORY_PART paging
+            n = self.rnd.choice((1, 2, 3, 5, 8, 13))
+            return "/p/" + "n" * self.rnd.choice((200, 400, 700)) + str(n)
+        if r < 0.30:
+            return "/d/" + "/".join(
+                "x" * self.rnd.randint(1, 9) for _ in range(self.rnd.randint(1, 300))
+            )
         if r < 0.32 and self.guests:
             d = self.rnd.choice(self.guests)
             return self.rnd.choice(
@@ -130,7 +150,9 @@ class _Gen:
         r = self.rnd.random()
         if r < 0.6:
             return str(self.rnd.choice(self.domids))
-        return self.rnd.choice(("0", "32752", "x", "", "-1", "7", str(self.domids[0] + 5)))
+        return self.rnd.choice(
+            ("0", "32752", "32753", "x", "", "-1", "7", str(self.domids[0] + 5), "0x10", " 3")
+        )
 
     def perms(self) -> list[str]:
         n = self.rnd.choice((0, 1, 1, 2, 2, 3, 4, 6))
@@ -142,7 +164,16 @@ class _Gen:
         return out
 
     def value(self) -> bytes:
-        return self.rnd.choice((b"", b"v", b"value-1", b"\x00\x01\xff", b"x" * 100))
+        return self.rnd.choice(
+            (
+                b"",
+                b"v",
+                b"value-1",
+                b"\x00\x01\xff",
+                b"x" * 100,
+                b"y" * self.rnd.randint(4000, 4095),
+            )
+        )
 
     def tx_for(self, conn: str) -> int | TxRef:
         r = self.rnd.random()
@@ -224,7 +255,9 @@ class _Gen:
         self.add(conn, GET_PERMS, args(self.path(conn)), self.tx_for(conn))
 
     def op_22(self, conn: str) -> None:
-        offset = self.rnd.choice(("0", "0", "1", "2", "4", "6", "100", "x", None))
+        offset = self.rnd.choice(
+            ("0", "0", "1", "2", "4", "6", "100", "x", None, "-1", "705", "1404", "2000", "4000")
+        )
         parts = [self.path(conn)] + ([offset] if offset is not None else [])
         self.add(conn, DIRECTORY_PART, args(*parts), self.tx_for(conn))
 
