@@ -421,6 +421,9 @@ class XenstoreEngine:
         grants any of the rights asked for, so a guest cannot probe for nodes under a
         directory it may not use (§3.8).  Each ancestor looked at counts as read by the
         transaction (C ask_parents() reads them), privileged or not."""
+        if txn is None and conn.privileged:
+            self._rule = "privileged"
+            return errno  # nothing to record, and every ancestor grants everything
         p = path
         while p != "/":
             p = parent_of(p)
