@@ -484,7 +484,14 @@ class XenstoreEngine:
     def _mem_check(self, domid: int, grow: int) -> None:
         # A node write over the quota: C's write_node_raw turns the ENOMEM into EIO.
         if domid and self._over_memory(domid, grow):
+            self._refused_write()
             raise XsErrno("EIO")
+
+    def _refused_write(self, nodes: int = 1) -> None:
+        """C write_node(): access_node() takes a generation before write_node_raw() can
+        refuse the write (size or memory quota), so a refused write still uses one; each
+        node create_node() had already written takes two (its write and its removal)."""
+        self.store.generation += 2 * nodes - 1
 
     def _count(self, txn: Transaction | None, owner: int, delta: int) -> None:
         if txn is None:
@@ -582,6 +589,7 @@ class XenstoreEngine:
                 if not self._perm(conn, node.perms) & PERM_WRITE:
                     self._deny(conn, txn, path, PERM_WRITE)
                 if node.size() - len(node.value) + len(value) >= self.quotas.node_size:
+                    self._refused_write()
                     raise XsErrno("ENOSPC")
             grow = len(value) - len(node.value)
             if grow > 0:
@@ -629,10 +637,16 @@ class XenstoreEngine:
             if txn is not None:
                 owned += txn.owned_delta.get(conn.domid, 0)
             if owned + len(missing) > q.nodes:
-                raise XsErrno("ENOSPC")  # checked per created node in C: none is left behind
+                # checked per created node in C: the ones written go again (two generations)
+                self.store.generation += 2 * max(0, q.nodes - owned)
+                raise XsErrno("ENOSPC")
             top = basename(missing[-1])
             leaf = NODE_HEADER_SIZE + PERM_ENTRY_SIZE * len(perms) + len(value)
-            if leaf >= q.node_size or parent.size() + len(top) + 1 >= q.node_size:
+            if leaf >= q.node_size:
+                self._refused_write()  # the deepest node is written first
+                raise XsErrno("ENOSPC")
+            if parent.size() + len(top) + 1 >= q.node_size:
+                self._refused_write(len(missing) + 1)  # the existing ancestor is written last
                 raise XsErrno("ENOSPC")
         owner = txn.domid if txn is not None else perms[0][1]
         top_grow = len(basename(missing[-1])) + 1
@@ -828,6 +842,7 @@ class XenstoreEngine:
                 raise XsErrno("EPERM")  # an unprivileged owner cannot give a node away
             grown = PERM_ENTRY_SIZE * (len(perms) - len(old))
             if node.size() + grown >= self.quotas.node_size:
+                self._refused_write()
                 raise XsErrno("ENOSPC")
         grow = PERM_ENTRY_SIZE * (len(perms) - len(old))
         if txn is not None:

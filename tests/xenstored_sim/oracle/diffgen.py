@@ -65,7 +65,10 @@ class Step:
         if self.oversize:
             return f"{self.conn} oversized frame (len 4097)"
         name = OP_NAMES.get(self.op, f"OP{self.op}")
-        return f"{self.conn} {name} tx={self.tx} {self.payload!r}"
+        shown = repr(self.payload)
+        if len(self.payload) > 80:
+            shown = f"{self.payload[:60]!r}... ({len(self.payload)} bytes)"
+        return f"{self.conn} {name} tx={self.tx} {shown}"
 
 
 @dataclass

@@ -208,3 +208,20 @@ def test_commit_fires_in_first_access_order(h) -> None:
     out = h.out(p, Op.TRANSACTION_END, b"T\0", tx=tx)
     events = [m[2] for m in out if m[0] == w]
     assert events == [b"/q\0all\0", b"/z\0all\0", b"/z/y\0all\0"]
+
+
+# -- write_node(): access_node() takes the generation before the quota refuses ---------------
+def test_refused_writes_use_generations_as_c(h) -> None:
+    p = h.socket()
+    h.introduce(p, 3)
+    g = h.guest(3)
+    h.req(p, Op.WRITE, b"/local/domain/3/h\0")
+    h.req(p, Op.SET_PERMS, b"/local/domain/3/h\0n3\0")
+    store = h.engine.store
+    before = store.generation
+    assert h.req(g, Op.WRITE, b"h/new\0" + b"y" * 4000) == "ENOSPC"  # create_node(): leaf
+    assert store.generation == before + 1
+    h.req(g, Op.WRITE, b"h/x\0v")
+    before = store.generation
+    assert h.req(g, Op.WRITE, b"h/x\0" + b"y" * 4000) == "ENOSPC"  # an existing node
+    assert store.generation == before + 1
