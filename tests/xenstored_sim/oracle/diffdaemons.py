@@ -5,6 +5,7 @@ as with xenstored-sim) and xenstored-sim.  Both are started, watched and stopped
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -105,6 +106,7 @@ class CDaemon(Daemon):
                     [str(ORACLE / "guests" / "stop-cguest.sh"), env["CGUEST_WORKDIR"]], check=False
                 )
             shim_dir = Path(tempfile.mkdtemp(prefix="xsdiff-shim-"))
+            atexit.register(shutil.rmtree, shim_dir, True)
             shim = shim_dir / "xsshim-rings.so"
             subprocess.run(
                 [
