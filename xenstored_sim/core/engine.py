@@ -639,7 +639,7 @@ class XenstoreEngine:
             if owned + len(missing) > q.nodes:
                 # checked per created node in C: the ones written go again (two generations)
                 self.store.generation += 2 * max(0, q.nodes - owned)
-                raise XsErrno("ENOSPC")
+                raise XsErrno("ENOSPC", fails_transaction=False)  # no write_node() failed
             top = basename(missing[-1])
             leaf = NODE_HEADER_SIZE + PERM_ENTRY_SIZE * len(perms) + len(value)
             if leaf >= q.node_size:
@@ -822,7 +822,7 @@ class XenstoreEngine:
         args = payload.split(b"\0")[:count]
         priv = conn.privileged
         if not priv and count - 1 > self.quotas.permissions:
-            raise XsErrno("ENOSPC")
+            raise XsErrno("ENOSPC", fails_transaction=False)  # nothing touched yet
         perms = self._existing(parse_perms(args[1:]))
         if perms[0][0] & PERM_IGNORE:
             raise XsErrno("ENOENT")  # the owner domain does not exist

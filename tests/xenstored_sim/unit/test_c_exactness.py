@@ -225,3 +225,17 @@ def test_refused_writes_use_generations_as_c(h) -> None:
     before = store.generation
     assert h.req(g, Op.WRITE, b"h/x\0" + b"y" * 4000) == "ENOSPC"  # an existing node
     assert store.generation == before + 1
+
+
+def test_quota_refusals_before_any_write_leave_the_transaction_intact(h) -> None:
+    """do_set_perms()'s perms quota and create_node()'s node quota return ENOSPC without
+    fail_transaction(): the commit still succeeds."""
+    p = h.socket()
+    h.introduce(p, 3)
+    g = h.guest(3)
+    h.req(p, Op.WRITE, b"/local/domain/3/h\0")
+    h.req(p, Op.SET_PERMS, b"/local/domain/3/h\0n3\0")
+    tx = int(h.req(g, Op.TRANSACTION_START, b"\0")[:-1])
+    many = b"h\0" + b"".join(b"r%d\0" % d for d in range(6))
+    assert h.req(g, Op.SET_PERMS, many, tx=tx) == "ENOSPC"
+    assert h.req(g, Op.TRANSACTION_END, b"T\0", tx=tx) == b"OK\0"
