@@ -730,6 +730,11 @@ class XenstoreEngine:
         else:
             for path, n in order:
                 self._tx_forget(txn, path, n)
+        if basename(top) not in parent.children:
+            # C delete_child(): the transaction's copy of the parent predates the node, so
+            # the entry is not found: EIO, the subtree staying removed.
+            self._changed(out, txn, top, node)
+            raise XsErrno("EIO", fails_transaction=False)
         parent.remove_child(basename(top))
         self._put(txn, anc, parent)
         self._changed(out, txn, top, node)

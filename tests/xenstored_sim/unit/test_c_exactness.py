@@ -239,3 +239,15 @@ def test_quota_refusals_before_any_write_leave_the_transaction_intact(h) -> None
     many = b"h\0" + b"".join(b"r%d\0" % d for d in range(6))
     assert h.req(g, Op.SET_PERMS, many, tx=tx) == "ENOSPC"
     assert h.req(g, Op.TRANSACTION_END, b"T\0", tx=tx) == b"OK\0"
+
+
+def test_rm_in_transaction_of_a_node_its_parent_copy_does_not_list_is_eio(h) -> None:
+    """delete_child(): the subtree goes, the parent's entry is not found: EIO."""
+    p = h.socket()
+    h.req(p, Op.WRITE, b"/s\0")
+    tx = int(h.req(p, Op.TRANSACTION_START, b"\0")[:-1])
+    assert h.req(p, Op.DIRECTORY, b"/s\0", tx=tx) == b""  # /s copied, no children
+    h.req(p, Op.WRITE, b"/s/b\0v")  # outside
+    assert h.req(p, Op.READ, b"/s/b\0", tx=tx) == b"v"
+    assert h.req(p, Op.RM, b"/s/b\0", tx=tx) == "EIO"
+    assert h.req(p, Op.READ, b"/s/b\0", tx=tx) == "ENOENT"
