@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 from hypervisor_sim import vma
 
 from .cirrus import Cirrus
+from .dirty_vram import DirtyHypercalls, DirtyVram
 from .errors import LoadError, QemuAbort, QemuExit
 from .mapcache import MapCache, RecordingNotifier
 from .memory import RamBlock, RamList
@@ -68,6 +69,7 @@ class Machine:
         xenstore: XenStore | None,
         incoming: bool,
         trace: Callable[[str], None] | None = None,
+        dirty: DirtyHypercalls | None = None,
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}")
@@ -90,6 +92,7 @@ class Machine:
             trace=trace or log.info,
         )
         self.xen.mapcache = self.mapcache
+        self.dirty_vram = DirtyVram(domid, dirty)
         self.ram = RamList(ram_size)
         self.xen.read_physmap()
         self.device: VGAPCIDevice = DEVICES[device](self, vram_size)
@@ -115,10 +118,15 @@ class Machine:
         self.xen.register_framebuffer(block)
 
     def region_add(self, block: RamBlock, start_addr: int, size: int) -> None:
-        """``xen_region_add`` for a RAM section with VGA dirty logging on."""
+        """``xen_region_add`` for a RAM section with VGA dirty logging on; the listener's
+        ``log_start`` follows for the relocated framebuffer (dirty_vram.py)."""
         self.xen.add_to_physmap(start_addr, size, block)
+        if self.xen.get_physmapping(start_addr, size) is not None:
+            self.dirty_vram.log_start(start_addr, size)
 
     def region_del(self, block: RamBlock, start_addr: int, size: int) -> None:
+        if self.dirty_vram.logging is not None and self.dirty_vram.logging[0] == start_addr:
+            self.dirty_vram.log_stop()
         self.xen.remove_from_physmap(start_addr, size)
 
     # ----------------------------------------------------------------------------------------
@@ -264,6 +272,7 @@ class Machine:
                 **self.mapcache.info(),
                 "notifier_calls": [list(c) for c in self.notifier.calls],
             },
+            "dirty_vram": self.dirty_vram.info(),
             "xenstore_physmap_ops": len(xs_ops),
             "xenstore_physmap_log": [{"op": op, "path": path, "ok": ok} for op, path, ok in xs_ops],
         }
