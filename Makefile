@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz soak clean image compose
+.PHONY: setup test demo bench lint fuzz soak clean image compose diff-c
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 
@@ -54,6 +54,13 @@ SEED ?=
 STEPS ?= 2000
 soak: setup
 	$(PY) -m physmap_lab.soak $(if $(SEED),--seed $(SEED)) --steps $(STEPS)
+
+# Random differential run against C xenstored (../shared/oracle): make diff-c SEED="1 2" N=1000;
+# ONLY=I reruns one scenario; AGAINST=c FRESH=1 is the self-check (C reused against C fresh).
+N ?= 1000
+diff-c: setup
+	$(PY) tests/xenstored_sim/oracle/diffrun.py $(foreach s,$(or $(SEED),1),--seed $(s)) --n $(N) \
+		$(if $(ONLY),--only $(ONLY)) $(if $(AGAINST),--against $(AGAINST)) $(if $(FRESH),--fresh)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import signal
 import sys
@@ -25,6 +26,14 @@ from .server import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
 from .startup import OneLineParser, answering_pid, os_errors
 
+_IGNORED_C_FLAGS = (
+    "C xenstored 4.17's other flags are accepted so that a harness starting C can start this "
+    "instead: -N/--no-fork (this daemon never forks), -D/--no-domain-init (there is no dom0 "
+    "ring to set up), -R/--no-recovery, -I/--internal-db [on|off] (the store is in memory, or "
+    "in --state-dir), -U/--live-update, --event, --master-domid and --priv-domid have no "
+    "meaning here and are ignored."
+)
+
 
 def _quota_arg(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
@@ -35,8 +44,13 @@ def _quota_arg(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
-        prog="xenstored-sim", description="A xenstore daemon speaking the real wire protocol."
+        prog="xenstored-sim",
+        description="A xenstore daemon speaking the real wire protocol.",
+        epilog=_IGNORED_C_FLAGS,
+        add_help=False,
     )
+    p.add_argument("-h", "-H", "--help", action="help", help="show this help message and exit")
+    _c_flags(p)
     p.add_argument(
         "--rundir", help=f"run directory (default: $XENSTORED_RUNDIR, else {DEFAULT_RUNDIR})"
     )
@@ -107,6 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _c_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of C xenstored 4.17 (cf. tools/xenstore/xenstored_core.c: options[], usage())
+    beyond the quota ones."""
+    p.add_argument("-F", "--pid-file", metavar="FILE", help="write the daemon's pid to FILE")
+    p.add_argument(
+        "-P", "--output-pid", action="store_true", help="print the daemon's pid on stdout"
+    )
+    p.add_argument(
+        "-T",
+        "--trace-file",
+        metavar="FILE",
+        help="log every request and reply to FILE, in C xenstored's trace format",
+    )
+    p.add_argument("-V", "--verbose", action="store_true", help="log more (debug level)")
+    p.add_argument(
+        "-K",
+        "--keep-orphans",
+        action="store_true",
+        help="on RELEASE, give a domain's nodes to dom0 instead of deleting them",
+    )
+    for short, long in (("-N", "--no-fork"), ("-D", "--no-domain-init"), ("-R", "--no-recovery")):
+        p.add_argument(short, long, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-U", "--live-update", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-I", "--internal-db", nargs="?", const="on", help=argparse.SUPPRESS)
+    for long in ("--event", "--master-domid", "--priv-domid"):
+        p.add_argument(long, type=int, help=argparse.SUPPRESS)
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -154,6 +196,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         journal_max=args.journal_max,
         live_update_state=args.live_update_state,
         watch_event_timeout=watch_event_timeout,
+        trace_file=args.trace_file,
+        keep_orphans=args.keep_orphans,
+        pid_file=args.pid_file,
+        output_pid=args.output_pid,
+        verbose=args.verbose,
         principal_sockets=principal_sockets,
     )
 
@@ -162,6 +209,7 @@ async def _main(config: DaemonConfig) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_xenstored, config)
+            _announce(config)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -188,8 +236,19 @@ def _prepare(config: DaemonConfig) -> None:
         answering_pid(config.socket_path)
 
 
+def _announce(config: DaemonConfig) -> None:
+    """Once serving: C's write_pidfile() (``%ld\\n``) and ``-P``'s pid on stdout."""
+    if config.pid_file:
+        with open(config.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    if config.output_pid:
+        print(os.getpid(), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
+    if config.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="xenstored-sim: %(message)s")
     try:
         _prepare(config)
         trio.run(_main, config)

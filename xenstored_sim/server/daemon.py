@@ -35,6 +35,7 @@ from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
 from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
 from .live_update import LiveUpdater
 from .peer import peer_of
+from .trace import Tracer
 
 
 @dataclass
@@ -55,6 +56,14 @@ class DaemonConfig:
     #: Descriptor of the state a live update handed over (server/live_update.py); the
     #: sockets come from it instead of being bound.
     live_update_state: int | None = None
+    #: C ``-T/--trace-file``: every request and reply, in C's trace format (server/trace.py).
+    trace_file: str | None = None
+    #: C ``-K/--keep-orphans``: RELEASE gives the domain's nodes to dom0.
+    keep_orphans: bool = False
+    #: C ``-F/--pid-file``, ``-P/--output-pid``, ``-V/--verbose`` (handled by the CLI).
+    pid_file: str | None = None
+    output_pid: bool = False
+    verbose: bool = False
     #: (principal, path): further privileged sockets, one per principal the launcher names;
     #: the audit attributes each connection to the socket it came in on (architecture.md,
     #: "Principals in the audit logs").
@@ -83,7 +92,9 @@ class XenstoredServer:
         self.config = config
         self.engine = XenstoreEngine(config.quotas, audit=config.audit_log is not None)
         self.engine.unsent = self._unsent
+        self.engine.keep_orphans = config.keep_orphans
         self._audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._trace = Tracer(config.trace_file) if config.trace_file else None
         self._nursery = nursery
         self._clients: dict[int, ClientConnection] = {}
         self._guest_scopes: dict[int, trio.CancelScope] = {}
@@ -243,12 +254,16 @@ class XenstoredServer:
             client.adopt(adopted[1], adopted[2])
         self._clients[conn_id] = client
         self._flush_audit()
+        if self._trace is not None:
+            self._trace.connection(conn_id, True)
         try:
             await client.run()
         finally:
             del self._clients[conn_id]
             engine.disconnect(conn_id)
             self._flush_audit()
+            if self._trace is not None:
+                self._trace.connection(conn_id, False)
 
     def dispatch(self, conn_id: int, packet: Packet) -> None:
         """Run one request and deliver everything it causes."""
@@ -256,6 +271,8 @@ class XenstoredServer:
             return
         if packet.op == _CONTROL and self.live_update.handles(conn_id, packet):
             return
+        if self._trace is not None:
+            self._trace.io(conn_id, packet, False)
         try:
             out = self.engine.handle(conn_id, packet)
         except Exception:
@@ -271,9 +288,12 @@ class XenstoredServer:
 
     def _deliver(self, out: Outbox) -> None:
         clients = self._clients
+        trace = self._trace
         for target, message in out:
             client = clients.get(target)
             if client is not None:
+                if trace is not None:
+                    trace.io(target, message, True)
                 if message.op == _WATCH_EVENT:
                     client.push_event(encode(message))
                 else:
@@ -336,6 +356,8 @@ class XenstoredServer:
         if self._audit is not None:
             self._audit.write(self.engine.take_audit())
             self._audit.close()
+        if self._trace is not None:
+            self._trace.close()
 
     def _flush_audit(self) -> None:
         if self._audit is not None:
