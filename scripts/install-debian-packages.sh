@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests drive: libxenstore's command-line clients, and
-# docker-compose 1.29, whose `config` validates compose.yaml without a Docker engine.
+# docker-compose 1.29, whose `config` validates compose.yaml without a Docker engine, and
+# strace, which checks that the durable store's file layer records every operation.
 set -euo pipefail
 need=()
 command -v xenstore-read >/dev/null 2>&1 || need+=(xenstore-utils)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

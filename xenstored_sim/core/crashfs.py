@@ -184,7 +184,7 @@ def data_variants(durable: bytes, pending: list[_DataOp], max_subset: int) -> se
             out.add(apply_data(durable, [c for c in combo if c is not None]))
         return out
     for i in range(len(pending) + 1):  # prefixes, the next operation possibly torn
-        for last in choices[i][2:] if i < len(pending) else [None]:
+        for last in [None, *choices[i][2:]] if i < len(pending) else [None]:
             out.add(apply_data(durable, [*pending[:i], *([last] if last else [])]))
     for i in range(len(pending)):  # one operation lost, the others there
         out.add(apply_data(durable, pending[:i] + pending[i + 1 :]))
