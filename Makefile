@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz clean
+.PHONY: setup test demo bench lint fuzz crash-states clean
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 
@@ -37,6 +37,17 @@ bench: setup
 
 fuzz: setup
 	$(PY) -m physmap_lab.fuzz --frames 1000000
+
+# Every crash state of the durable store: the small workload under every --sync, the full one
+# under always and batch, and a seeded sample of the full one's many states under none.
+CRASH_TEST := tests/xenstored_sim/durability/test_crash_states.py
+crash-states: setup
+	XS_CRASH_WORKLOAD=small XS_CRASH_STATES=all $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k every_crash_state
+	XS_CRASH_WORKLOAD=full XS_CRASH_STATES=all $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k "every_crash_state and not none"
+	XS_CRASH_WORKLOAD=full XS_CRASH_STATES=400 $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k "every_crash_state and none"
 
 lint: setup
 	$(VENV)/bin/ruff check .

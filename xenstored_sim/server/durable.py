@@ -17,14 +17,21 @@ leaves the daemon.  What that survives depends on ``--sync``:
     not a crash of the machine.
 
 A read's reply never overtakes the fsync of a change handled before it, so nothing a client
-has seen can be lost under ``always`` and ``batch``.
+has seen can be lost under ``always`` and ``batch``.  Under every policy a restart after a
+power cut holds a prefix of the history of changes.  These are checked on every state a crash
+may leave (``tests/xenstored_sim/durability/test_crash_states.py``, ``make crash-states``);
+every file operation goes through :mod:`.fileio`, which can record them for that purpose.
 
 Files in DIR: ``snapshot`` (one framed msgpack record of the whole state, with the number of
 the journal that follows it) and ``journal.<n>`` (framed records, appended).  When the journal
 grows past ``journal_max`` bytes it is compacted: the state is written to ``snapshot.tmp``,
 fsynced and renamed over ``snapshot``, a new empty journal ``journal.<n+1>`` is started and
-the old one deleted.  Recovery loads the snapshot, replays its journal, drops a torn tail
-(logging it on stderr and truncating the file there) and deletes stale files.
+the old one deleted.  Recovery loads the snapshot, replays its journal up to the first torn
+record (short, over-long, empty or failing its CRC), drops the rest (logging it on stderr and
+truncating the file there) and deletes stale files.  Ordering: the snapshot is fsynced before
+its rename, and the directory is fsynced after it, before the first record of the new journal;
+a journal's creation is made durable by a directory fsync before anything is acknowledged from
+it.
 
 Not restored: connections, watches and open transactions (clients reconnect after a crash
 and start over), and quota limits, which come from the command line at each start.

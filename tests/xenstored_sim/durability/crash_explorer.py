@@ -17,6 +17,7 @@ take and keep a new change.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ from physmap_lab.stack import terminate
 from xenstored_sim.client import XsClient, open_xenstore
 from xenstored_sim.core.crashfs import CrashState, FileOp, explore, ops_before, parse_log
 from xenstored_sim.server.fileio import LOG_ENV
-from xenstored_sim.wire import XsError
+from xenstored_sim.wire import Op, Packet, PacketDecoder, XsError, encode
 
 from .conftest import REPO, wait_connectable
 
@@ -41,7 +42,46 @@ DOMIDS = (7, 8)
 # Bounds the waits of one start; times nothing.
 _START_LIMIT = 30.0
 
-Step = Callable[[XsClient], Awaitable[None]]
+
+@dataclass(frozen=True)
+class Pipelined:
+    """New nodes written by requests that leave in one ``send`` on a connection of their
+    own: the daemon handles them in one wake-up, so under ``--sync batch`` their records
+    share one group commit, and a crash may keep any subset of them."""
+
+    writes: tuple[tuple[str, str], ...]
+
+    async def run(self, sock: Path) -> None:
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(
+                b"".join(
+                    encode(Packet(int(Op.WRITE), i + 1, 0, f"{path}\0{value}".encode()))
+                    for i, (path, value) in enumerate(self.writes)
+                )
+            )
+            decoder = PacketDecoder()
+            replies = 0
+            while replies < len(self.writes):
+                data = await stream.receive_some(65536)
+                assert data, "xenstored-sim hung up"
+                decoder.receive_data(data)
+                while isinstance(reply := decoder.next_packet(), Packet):
+                    assert reply.op == int(Op.WRITE), reply
+                    replies += 1
+
+    def partial(self, done: Observation) -> list[Observation]:
+        """The store with some of the writes lost, from the store with all of them."""
+        nodes, domains = done
+        paths = [path for path, _ in self.writes]
+        out = []
+        for n in range(1, len(paths)):
+            for lost in itertools.combinations(paths, n):
+                out.append((tuple(x for x in nodes if x[0] not in lost), domains))
+        return out
+
+
+Step = Callable[[XsClient], Awaitable[None]] | Pipelined
 Observation = tuple[tuple[tuple[str, bytes, tuple[str, ...]], ...], tuple[int, ...]]
 
 
@@ -54,8 +94,8 @@ async def _tx(xs: XsClient, writes: dict[str, str], removes: tuple[str, ...] = (
 
 
 def small_workload() -> list[Step]:
-    """Writes, a directory, a transaction, permissions, a domain, and one compaction
-    (with ``--journal-max 700``)."""
+    """Writes, a directory, a transaction, permissions, a domain, a batch of writes, and
+    one compaction (with ``--journal-max 700``)."""
     return [
         lambda xs: xs.write(f"{ROOT}/a", "1"),
         lambda xs: xs.mkdir(f"{ROOT}/dir"),
@@ -63,6 +103,7 @@ def small_workload() -> list[Step]:
         lambda xs: xs.set_perms(f"{ROOT}/dir", ["n0", "r7"]),
         lambda xs: xs.introduce(7, 1, 1),
         lambda xs: xs.write(f"{ROOT}/big", "y" * 700),
+        Pipelined(((f"{ROOT}/p1", "one"), (f"{ROOT}/p2", "two"))),
         lambda xs: xs.write(f"{ROOT}/after", "z"),
     ]
 
@@ -79,6 +120,7 @@ def full_workload() -> list[Step]:
         lambda xs: xs.write(f"{ROOT}/a", "2" * 1200),
         lambda xs: xs.set_perms(f"{ROOT}/t1", ["n8"]),
         lambda xs: _tx(xs, {f"{ROOT}/t4": "e", f"{ROOT}/t5": "f"}, (f"{ROOT}/t3",)),
+        Pipelined(((f"{ROOT}/p1", "one"), (f"{ROOT}/p2", "two"), (f"{ROOT}/p3", "three"))),
         lambda xs: xs.write(f"{ROOT}/last", "end"),
     ]
 
@@ -135,6 +177,10 @@ class Recording:
     state_dir: str
     ops: list[FileOp]
     history: list[Observation]
+    #: partial[j]: the stores a crash in the middle of change j may leave besides
+    #: history[j - 1] and history[j] (the writes of a :class:`Pipelined` step are separate
+    #: changes with one acknowledgement point)
+    partial: list[list[Observation]]
     #: acked[j]: number of operations logged when change j's reply had arrived (0 for j=0,
     #: the store before any change)
     acked: list[int]
@@ -167,11 +213,16 @@ async def record(
             await wait_connectable(rundir / "socket", proc)
         async with open_xenstore(rundir / "socket") as xs:
             history = [await observe(xs)]
+            partial: list[list[Observation]] = [[]]
             acked = [0]
             for step in steps:
-                await step(xs)
+                if isinstance(step, Pipelined):
+                    await step.run(rundir / "socket")
+                else:
+                    await step(xs)
                 acked.append(log.stat().st_size)
                 history.append(await observe(xs))
+                partial.append(step.partial(history[-1]) if isinstance(step, Pipelined) else [])
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the daemon, and strace if it runs under it
         proc.wait()
@@ -182,6 +233,7 @@ async def record(
         str(state),
         parse_log(text),
         history,
+        partial,
         [ops_before(text, at) for at in acked],
     )
 
@@ -250,6 +302,7 @@ async def _judge(
         got = await observe(xs)
         need = rec.required(state.point)
         matches = [j for j, h in enumerate(rec.history) if h == got]
+        matches += [j - 1 for j, hs in enumerate(rec.partial) if got in hs]
         if not matches:
             return f"recovered a store that is no prefix of the history: {got!r}"
         if max(matches) < need:
