@@ -128,6 +128,9 @@ class CrashState:
     files: tuple[tuple[str, bytes], ...]
     dirs: tuple[str, ...]
     label: str
+    #: some file holds neither its synced nor its latest content: a torn write, or writes
+    #: kept out of order (what a power cut can leave and SIGKILL cannot)
+    mixed: bool = False
 
     def key(self) -> tuple[tuple[tuple[str, bytes], ...], tuple[str, ...]]:
         return self.files, self.dirs
@@ -311,12 +314,17 @@ class CrashModel:
                 )
                 for _, ino in files
             ]
+            plain = [
+                {self.inodes[ino].durable, bytes(self.inodes[ino].current)} for _, ino in files
+            ]
             for contents in itertools.product(*variants):
+                mixed = any(c not in p for c, p in zip(contents, plain, strict=True))
                 yield CrashState(
                     self.point,
                     tuple(sorted(zip((rel for rel, _ in files), contents, strict=True))),
                     dirs,
-                    f"after op {self.point}",
+                    f"after op {self.point}" + (", writes torn or reordered" if mixed else ""),
+                    mixed,
                 )
 
     def _tree_variants(self, root: str) -> list[list[tuple[str, int]]]:
