@@ -299,6 +299,15 @@ class CrashModel:
         else:
             raise ValueError(f"unknown file operation {kind!r}")
 
+    def live(self, root: str) -> dict[str, bytes]:
+        """The files directly in ``root`` as a process sees them now (no crash)."""
+        entries = self._dir(root.rstrip("/")).current
+        return {
+            name: bytes(self.inodes[ino].current)
+            for name, ino in entries.items()
+            if not self.inodes[ino].is_dir
+        }
+
     def states(self, root: str) -> Iterator[CrashState]:
         """The crash states under directory ``root`` at this point (duplicates possible)."""
         root = root.rstrip("/")
