@@ -341,8 +341,7 @@ class XenstoredServer:
             self._commit_wake = trio.Event()
             batch, self._pending = self._pending, []
             if durable.unsynced:
-                durable.unsynced = False
-                os.fsync(durable.fd)  # blocks the loop: requests pile up for the next batch
+                durable.sync_journal()  # blocks the loop: requests pile up for the next batch
             for out in batch:
                 self._deliver(out)
             if durable.needs_compaction():
@@ -383,8 +382,7 @@ class XenstoredServer:
         """fsync the journal and deliver every held outbox now; flush the audit log."""
         durable = self._durable
         if durable is not None:
-            os.fsync(durable.fd)
-            durable.unsynced = False
+            durable.sync_journal()
         batch, self._pending = self._pending, []
         for out in batch:
             self._deliver(out)
