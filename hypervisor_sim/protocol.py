@@ -274,6 +274,7 @@ CALLS: Final[dict[str, ArgSpec]] = {
     "decrease_reservation": {"domid": "int", "gfns": "ints"},
     "add_to_physmap": {"domid": "int", "space": "str", "idx": "int", "gpfn": "int"},
     "relocate_memory": {"domid": "int", "src_gfn": "int", "dst_gfn": "int", "nr": "int"},
+    "pin_memory_cacheattr": {"domid": "int", "start": "int", "end": "int", "type": "int"},
     "p2m": {"domid": "int"},
     "map_foreign": {"domid": "int", "gfns": "ints"},
     "restrict": {"domid": "int"},

@@ -16,6 +16,7 @@ from hypervisor_sim import guest_drivers
 from qemu_model.errors import CompatMap2Assertion, LoadError, QemuExit
 from qemu_model.machine import Machine
 from qemu_model.testing import FakeHypervisor, FakeXenStore
+from qemu_model.version import QemuVersion
 from qemu_model.xen_hvm import Mode, XenPhysmap, physmap_keys
 from qemu_model.xenforeignmemory import ForeignMemory
 
@@ -35,7 +36,9 @@ class Host:
         self.xs = FakeXenStore()
         self.machines: list[Machine] = []
 
-    def machine(self, domid: int, mode: Mode, device: str, *, incoming: bool) -> Machine:
+    def machine(
+        self, domid: int, mode: Mode, device: str, *, incoming: bool, version: str = "2.10"
+    ) -> Machine:
         m = Machine(
             domid=domid,
             mode=mode,
@@ -46,6 +49,7 @@ class Host:
             hypercalls=self.hv,
             xenstore=self.xs,
             incoming=incoming,
+            version=QemuVersion.parse(version),
         )
         self.machines.append(m)
         return m
@@ -67,9 +71,11 @@ class Host:
             else:
                 raise AssertionError(f"unexpected op {op}")
 
-    def boot_and_draw(self, mode: Mode, device: str, seed: int = 42) -> tuple[Machine, str]:
+    def boot_and_draw(
+        self, mode: Mode, device: str, seed: int = 42, version: str = "2.10"
+    ) -> tuple[Machine, str]:
         """A fresh guest that maps the BAR, sets a mode and draws; returns the pattern hash."""
-        m = self.machine(SRC, mode, device, incoming=False)
+        m = self.machine(SRC, mode, device, incoming=False, version=version)
         m.runstate = "running"
         self.guest(m, device, "map_bar", addr=BAR)
         self.guest(m, device, "set_mode")
@@ -115,13 +121,17 @@ def test_fresh_boot_relocates_vram_and_the_device_sees_the_drawing(
     assert info["physmap"] == [
         {"start_addr": BAR, "size": VRAM, "name": "vga.vram", "phys_offset": RAM}
     ]
-    relocs = [c for c in host.hv.calls if c[0] == "relocate_memory"]
-    assert relocs == [
-        (
-            "relocate_memory",
-            {"domid": SRC, "src_gfn": RAM >> 12, "dst_gfn": BAR >> 12, "nr": VRAM >> 12},
-        )
+    # QEMU 2.10 xen_add_to_physmap: one XENMAPSPACE_gmfn add_to_physmap per page, then the
+    # cache attribute pin.
+    moves = [c[1] for c in host.hv.calls if c[0] == "add_to_physmap"]
+    assert moves == [
+        {"domid": SRC, "idx": (RAM >> 12) + i, "gpfn": (BAR >> 12) + i} for i in range(VRAM >> 12)
     ]
+    assert [c for c in host.hv.calls if c[0] == "relocate_memory"] == []
+    assert (
+        "pin_memory_cacheattr",
+        {"domid": SRC, "start": BAR >> 12, "end": (BAR + VRAM - 1) >> 12, "type": 6},
+    ) in host.hv.calls
     # VRAM was populated at its ram_addr gfns by the device model (§4.1).
     assert ("populate_physmap", {"domid": SRC, "nr": VRAM >> 12}) in host.hv.calls
     assert info["display_sha256"] == want
@@ -180,22 +190,49 @@ def test_k2_failed_relocation_writes_nothing(host: Host) -> None:
     assert [e for e in host.xs.log if e[0] == "write"] == []
 
 
-def test_k2_unmap_keeps_the_keys_and_moves_the_frames_home(host: Host) -> None:
-    m, _ = host.boot_and_draw("compat", "stdvga")
+def test_relocation_in_current_qemu_is_one_relocate_memory(host: Host) -> None:
+    """Later xen_add_to_physmap: xendevicemodel_relocate_memory instead of the 2.10 loop."""
+    host.boot_and_draw("new", "stdvga", version="current")
+    assert [c for c in host.hv.calls if c[0] == "add_to_physmap"] == []
+    assert [c for c in host.hv.calls if c[0] == "relocate_memory"] == [
+        (
+            "relocate_memory",
+            {"domid": SRC, "src_gfn": RAM >> 12, "dst_gfn": BAR >> 12, "nr": VRAM >> 12},
+        )
+    ]
+
+
+@pytest.mark.parametrize("device", ["stdvga", "cirrus"])
+def test_xen_set_memory_never_removes_vram_that_logs_dirty(host: Host, device: str) -> None:
+    """xen_set_memory returns early when log_dirty != add: stdvga and cirrus keep VGA dirty
+    logging on (vga_common_init), so region_del never reaches xen_remove_from_physmap."""
+    m, _ = host.boot_and_draw("compat", device)
     keys = dict(host.xs.nodes)
+    calls = len(host.hv.calls)
     m.handle_ioreq("pci_config", "write", (0x10 << 32) | 0x04, 2, 0)  # memory decoding off
-    assert m.xen.physmap == []
-    assert host.hv.calls[-1] == (
-        "relocate_memory",
-        {"domid": SRC, "src_gfn": BAR >> 12, "dst_gfn": RAM >> 12, "nr": VRAM >> 12},
-    )
+    assert [p.start_addr for p in m.xen.physmap] == [BAR]
+    assert host.hv.calls[calls:] == []  # the frames stay at the old BAR address
+    assert (SRC, BAR >> 12) in host.hv.p2m
+    # A new BAR address gets an entry, but the frames are not at phys_offset to be moved.
+    host.guest(m, device, "map_bar", addr=0xE0000000)
+    if device == "cirrus":
+        host.guest(m, device, "set_mode")
+    assert [p.start_addr for p in m.xen.physmap] == [0xE0000000, BAR]
     assert host.xs.nodes == keys
-    # Mapping again at a new address overwrites the same phys_offset key (§1.2).
-    host.guest(m, "stdvga", "map_bar", addr=0xE0000000)
-    assert (
-        host.xs.nodes[f"/local/domain/0/device-model/{SRC}/physmap/1000000/start_addr"]
-        == "e0000000"
-    )
+    assert (SRC, BAR >> 12) in host.hv.p2m and (SRC, 0xE0000000 >> 12) not in host.hv.p2m
+
+
+def test_xen_set_memory_qxl_native_mode_removes_but_never_adds(host: Host) -> None:
+    """QXL leaves VGA mode (vga_dirty_log_stop) when it creates its primary surface: then a
+    region_del moves the frames home and a region_add is skipped."""
+    m, _ = host.boot_and_draw("new", "qxl")
+    assert not m.device.vga.vram.log_dirty
+    m.handle_ioreq("pci_config", "write", (0x10 << 32) | 0x04, 2, 0)  # decoding off
+    assert m.xen.physmap == []
+    assert (SRC, RAM >> 12) in host.hv.p2m
+    m.handle_ioreq("pci_config", "write", (0x10 << 32) | 0x04, 2, 3)  # decoding on again
+    assert m.xen.physmap == []
+    assert (SRC, BAR >> 12) not in host.hv.p2m
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,18 +314,25 @@ def test_r4_compat_without_keys_aborts_in_the_map2_shim(host: Host) -> None:
         dst.load_devices_state(state)
 
 
-def test_r5_qxl_pointer_fixup_leaves_derived_pointers_stale(host: Host) -> None:
+def test_r5_qxl_pointer_fixup_leaves_d_ram_stale(host: Host) -> None:
+    """The reconstructed fix-up updates block->host and vga.vram_ptr in xen_add_to_physmap,
+    before qxl_post_load, so the SPICE memslots it re-adds are fresh and qxl_phys2virt follows
+    the block; d->ram (init_qxl_ram) still points into the dummy."""
     src, want = host.boot_and_draw("pointer-fixup", "qxl")
     state = migrate(host, src)
     dst = host.machine(DST, "pointer-fixup", "qxl", incoming=True)
     dst.load_devices_state(state)
     info = dst.info()
     assert info["vram_ptr"] != info["vram_ptr_at_init"]
+    assert info["vram_ptr"] == info["block_host"]
     assert not info["derived_ptrs_valid"]
-    assert info["derived_ptrs"]["ram"]["ptr"] == info["vram_ptr_at_init"] + VRAM - 4096
-    # The surface is read through the stale memslot pointer: the zero dummy, not the drawing.
-    assert info["display_sha256"] != want
-    assert info["display_sha256"] == hashlib.sha256(bytes(320 * 200 * 4)).hexdigest()
+    assert info["derived_ptrs"]["ram"]["ptr"] == info["vram_ptr_at_init"] + VRAM - 8192
+    assert info["derived_ptrs"]["ram"]["expected"] == info["vram_ptr"] + VRAM - 8192
+    assert info["derived_ptrs"]["spice_memslot0.virt_start"]["ptr"] == info["vram_ptr"]
+    assert info["display_sha256"] == want
+    # The guest's next request is read through d->ram: the dummy's zeros, not its header.
+    host.guest(dst, "qxl", "set_mode")
+    assert dst.device.last_io_error == "unsupported primary surface"
 
 
 @pytest.mark.parametrize("device", ["stdvga", "cirrus"])
@@ -303,18 +347,40 @@ def test_pointer_fixup_works_for_stdvga_and_cirrus(host: Host, device: str) -> N
     assert info["mapcache"]["replacements"] == 0
 
 
-def test_r6_restrict_fails_in_compat_mode(host: Host) -> None:
+def test_xen_restrict_2_10_compat_starts_unrestricted(host: Host) -> None:
+    """QEMU 2.10 xen_restrict (xen_common.h): the compat stubs answer ENOTTY, which counts as
+    success, so a compat device model with -xen-domid-restrict starts and still writes keys."""
     m = host.machine(SRC, "compat", "stdvga", incoming=False)
+    m.restrict(host.hv)
+    assert m.restricted_handles == () and host.hv.restricted_to is None
+    host.guest(m, "stdvga", "map_bar", addr=BAR)
+    assert f"/local/domain/0/device-model/{SRC}/physmap/1000000/start_addr" in host.xs.nodes
+
+
+@pytest.mark.parametrize("version", ["3.0", "current"])
+def test_xen_setup_post_restrict_all_refuses_compat(host: Host, version: str) -> None:
+    """From QEMU 3.0 xentoolcore_restrict_all is the compat stub (ENOTTY): QEMU exits."""
+    m = host.machine(SRC, "compat", "stdvga", incoming=False, version=version)
     with pytest.raises(QemuExit, match="xen: failed to restrict"):
-        m.restrict(host.hv.restrict)
+        m.restrict(host.hv)
     assert host.hv.restricted_to is None
 
 
-def test_restricted_new_mode_restores_without_xenstore(host: Host) -> None:
+def test_xen_restrict_2_10_keeps_xenstore_open(host: Host) -> None:
+    """2.10 restricts the devicemodel and foreignmemory handles only."""
+    m = host.machine(DST, "new", "stdvga", incoming=True)
+    m.restrict(host.hv)
+    assert host.hv.restricted_handles == ["devicemodel", "foreignmemory"]
+    assert m.xen.xenstore is host.xs
+
+
+@pytest.mark.parametrize("version", ["3.0", "current"])
+def test_restricted_new_mode_restores_without_xenstore(host: Host, version: str) -> None:
     src, want = host.boot_and_draw("new", "stdvga")
     state = migrate(host, src)
-    dst = host.machine(DST, "new", "stdvga", incoming=True)
-    dst.restrict(host.hv.restrict)
+    dst = host.machine(DST, "new", "stdvga", incoming=True, version=version)
+    dst.restrict(host.hv)
+    assert host.hv.restricted_handles == ["all"]
     assert host.hv.restricted_to == DST and dst.xen.xenstore is None
     dst.load_devices_state(state)
     assert dst.info()["display_sha256"] == want
