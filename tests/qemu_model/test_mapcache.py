@@ -251,7 +251,7 @@ def test_xen_remap_bucket_unmaps_then_hints_in_2_10(version: str) -> None:
         unmaps.append(vaddr)
         real_unmap(vaddr, npages)
 
-    r.mc._fmem = SimpleNamespace(map2=map2, unmap=unmap)  # type: ignore[assignment]
+    r.mc._fmem = SimpleNamespace(map2=map2, unmap=unmap)
     try:
         r.state["inmigrate"] = True
         ptr = r.mc.map(PHYS_OFFSET, VRAM, lock=True)

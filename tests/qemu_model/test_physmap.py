@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 
 from hypervisor_sim import guest_drivers
+from qemu_model.cirrus import Cirrus
 from qemu_model.errors import CompatMap2Assertion, LoadError, QemuExit
 from qemu_model.machine import Machine
+from qemu_model.qxl import QXL
 from qemu_model.testing import FakeHypervisor, FakeXenStore
 from qemu_model.version import QemuVersion
-from qemu_model.xen_hvm import Mode, XenPhysmap, physmap_keys
+from qemu_model.xen_hvm import Mode, XenPhysmap, physmap_keys, strtoull
 from qemu_model.xenforeignmemory import ForeignMemory
 
 MiB = 1 << 20
@@ -332,6 +334,7 @@ def test_r5_qxl_pointer_fixup_leaves_d_ram_stale(host: Host) -> None:
     assert info["display_sha256"] == want
     # The guest's next request is read through d->ram: the dummy's zeros, not its header.
     host.guest(dst, "qxl", "set_mode")
+    assert isinstance(dst.device, QXL)
     assert dst.device.last_io_error == "unsupported primary surface"
 
 
@@ -453,3 +456,121 @@ def test_bar_sizing_reads_back_the_size(host: Host) -> None:
     m.handle_ioreq("pci_config", "write", cfg | 0x1C, 4, 0xFFFFFFFF)
     assert m.handle_ioreq("pci_config", "read", cfg | 0x1C, 4, 0) == 0xFFFFFFE1
     assert m.xen.physmap == []  # decoding is off: nothing moved
+
+
+# --------------------------------------------------------------------------------------------
+# Smaller corrections
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("f0000000", 0xF0000000),
+        ("0x1f00000", 0x1F00000),
+        ("  12zz", 0x12),
+        ("garbage", 0),
+        ("", 0),
+        ("-1", (1 << 64) - 1),
+        ("1" * 20, (1 << 64) - 1),
+    ],
+)
+def test_xen_read_physmap_parses_with_strtoull(text: str, value: int) -> None:
+    """xen_read_physmap: strtoull(value, NULL, 16), unchecked."""
+    assert strtoull(text) == value
+
+
+def test_xen_read_physmap_inserts_garbage_entries(host: Host) -> None:
+    """Garbage becomes 0 or its numeric prefix and the entry is still inserted."""
+    base = f"/local/domain/0/device-model/{SRC}/physmap/zz"
+    host.xs.nodes.update({f"{base}/start_addr": "f0000000junk", f"{base}/size": "nope"})
+    m = host.machine(SRC, "compat", "stdvga", incoming=False)
+    assert [p.to_json() for p in m.xen.physmap] == [
+        {"start_addr": 0xF0000000, "size": 0, "name": None, "phys_offset": 0}
+    ]
+
+
+@pytest.mark.parametrize("version, want", [("2.10", BAR), ("current", BAR + 0x3000)])
+def test_xen_phys_offset_to_gaddr(host: Host, version: str, want: int) -> None:
+    """QEMU 2.10 returns the entry's start_addr; current QEMU adds the offset inside it."""
+    m = host.machine(SRC, "compat", "stdvga", incoming=False, version=version)
+    m.xen.physmap.insert(0, XenPhysmap(BAR, VRAM, "vga.vram", RAM))
+    assert m.xen.phys_offset_to_gaddr(RAM + 0x3000, 0x1000) == want
+    assert m.xen.phys_offset_to_gaddr(0x5000, 0x1000) == 0x5000
+
+
+def test_xen_add_to_physmap_ignores_offset_within_region(host: Host) -> None:
+    """phys_offset is memory_region_get_ram_addr(mr), whatever the section's offset."""
+    m = host.machine(SRC, "new", "stdvga", incoming=False)
+    m.xen.add_to_physmap(BAR, VRAM, m.device.vga.vram)
+    assert m.xen.physmap[0].phys_offset == RAM
+
+
+def _cirrus(host: Host) -> tuple[Machine, Cirrus]:
+    m = host.machine(SRC, "new", "cirrus", incoming=False)
+    assert isinstance(m.device, Cirrus)
+    return m, m.device
+
+
+def _reg(m: Machine, index_port: int, reg: int, value: int) -> None:
+    m.handle_ioreq("pio", "write", index_port, 2, reg | value << 8)
+
+
+def test_cirrus_update_memory_access_maps_vram_in_text_mode(host: Host) -> None:
+    """cirrus_update_memory_access does not test SR07 bit 0: a text-mode guest (GR05 mode 0)
+    has its linear VRAM mapped, and Xen relocates it."""
+    m, dev = _cirrus(host)
+    assert not dev.linear_vram  # cirrus_reset
+    host.guest(m, "cirrus", "map_bar", addr=BAR)
+    assert m.xen.physmap == []
+    _reg(m, 0x3CE, 0x05, 0x10)  # GR05: a text-mode write, SR07 untouched
+    assert dev.sr[0x07] & 1 == 0
+    assert dev.linear_vram and [p.start_addr for p in m.xen.physmap] == [BAR]
+
+
+@pytest.mark.parametrize(
+    "port, reg, value",
+    [
+        (0x3C4, 0x17, 0x44),  # SR17 memory-mapped I/O
+        (0x3CE, 0x0B, 0x14),  # GR0B
+        (0x3CE, 0x0B, 0x02),  # GR0B bit 1
+    ],
+)
+def test_cirrus_update_memory_access_unmaps_for_bank_and_blit_modes(
+    host: Host, port: int, reg: int, value: int
+) -> None:
+    m, dev = _cirrus(host)
+    _reg(m, 0x3CE, 0x05, 0)
+    assert dev.linear_vram
+    _reg(m, port, reg, value)
+    assert not dev.linear_vram
+
+
+def test_cirrus_update_memory_access_modes_4_and_5_need_gr0b_bit_2(host: Host) -> None:
+    m, dev = _cirrus(host)
+    _reg(m, 0x3CE, 0x05, 0x04)  # write mode 4, GR0B bit 2 clear: still linear
+    assert dev.linear_vram
+    _reg(m, 0x3CE, 0x0B, 0x04)
+    assert not dev.linear_vram
+    dev.blit_in_progress = True
+    _reg(m, 0x3CE, 0x05, 0x00)
+    assert not dev.linear_vram
+
+
+def test_qxl_phys2virt_recomputes_from_the_ram_block(host: Host) -> None:
+    """qxl_phys2virt: memory_region_get_ram_ptr(mr) + offset on every call, so it follows the
+    block; the SPICE memslot keeps the address it was given."""
+    m, _ = host.boot_and_draw("new", "qxl")
+    dev = m.device
+    assert isinstance(dev, QXL)
+    slot = dev.guest_slots[0]
+    assert slot.active and slot.mr is dev.vga.vram and slot.offset == 0 and slot.delta == 0
+    assert slot.size == VRAM
+    host_ptr = dev.vga.vram.host
+    assert host_ptr is not None
+    assert dev.phys2virt(0x1000) == host_ptr + 0x1000
+    assert dev.phys2virt(1 << 56) is None  # slot 1 is not active
+    assert dev.spice_memslots[0].virt_start == host_ptr
+    dev.vga.vram.host = host_ptr + 0x100000  # as if the block moved
+    assert dev.phys2virt(0x1000) == host_ptr + 0x100000 + 0x1000
+    assert dev.spice_virt(0x1000) == host_ptr + 0x1000
+    dev.vga.vram.host = host_ptr
