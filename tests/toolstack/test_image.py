@@ -220,6 +220,10 @@ def test_savefile_header_rules() -> None:
     with pytest.raises(StreamError, match="byte order"):
         read_image(io.BytesIO(bytes(data)))
     assert good.startswith(savefile.MAGIC)
+    # xl_saverestore.c refuses unknown mandatory flags only: optional ones are ignored.
+    data = bytearray(good)
+    data[hdr_flags + 4 : hdr_flags + 8] = struct.pack("<I", 0x80)
+    assert read_image(io.BytesIO(bytes(data))).xenstore is not None
 
 
 def test_images_pass_xens_own_verify_stream_v2(tmp_path: Path) -> None:
