@@ -276,6 +276,7 @@ CALLS: Final[dict[str, ArgSpec]] = {
     "relocate_memory": {"domid": "int", "src_gfn": "int", "dst_gfn": "int", "nr": "int"},
     "pin_memory_cacheattr": {"domid": "int", "start": "int", "end": "int", "type": "int"},
     "p2m": {"domid": "int"},
+    "sequence": {"calls": "list"},
     "map_foreign": {"domid": "int", "gfns": "ints"},
     "restrict": {"domid": "int"},
     "ioreq_server_create": {"domid": "int"},

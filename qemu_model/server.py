@@ -143,6 +143,15 @@ class PrivcmdHypercalls:
     def add_to_physmap(self, domid: int, space: str, idx: int, gpfn: int) -> None:
         self._p.call("add_to_physmap", domid=domid, space=space, idx=idx, gpfn=gpfn)
 
+    def add_to_physmap_each(self, domid: int, space: str, moves: list[tuple[int, int]]) -> None:
+        """The per-page loop: one hypercall per page, sent in one round trip."""
+        self._p.sequence(
+            [
+                ("add_to_physmap", {"domid": domid, "space": space, "idx": i, "gpfn": g})
+                for i, g in moves
+            ]
+        )
+
     def relocate_memory(self, domid: int, src_gfn: int, dst_gfn: int, nr: int) -> None:
         self._p.call("relocate_memory", domid=domid, src_gfn=src_gfn, dst_gfn=dst_gfn, nr=nr)
 

@@ -62,6 +62,10 @@ class FakeHypervisor:
             raise OSError(f"EINVAL: add_to_physmap {idx:#x} -> {gpfn:#x}")
         self.p2m[domid, gpfn] = self.p2m.pop((domid, idx))
 
+    def add_to_physmap_each(self, domid: int, space: str, moves: list[tuple[int, int]]) -> None:
+        for idx, gpfn in moves:
+            self.add_to_physmap(domid, space, idx, gpfn)
+
     def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
         self.calls.append(
             ("pin_memory_cacheattr", {"domid": domid, "start": start, "end": end, "type": type})

@@ -79,6 +79,10 @@ class Hypercalls(Protocol):
 
     def add_to_physmap(self, domid: int, space: str, idx: int, gpfn: int) -> None: ...
 
+    def add_to_physmap_each(self, domid: int, space: str, moves: list[tuple[int, int]]) -> None:
+        """``add_to_physmap`` for each ``(idx, gpfn)`` in order; raises at the first failure."""
+        ...
+
     def relocate_memory(self, domid: int, src_gfn: int, dst_gfn: int, nr: int) -> None: ...
 
     def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None: ...
@@ -292,14 +296,12 @@ class XenHvm:
                 return 1
             return 0
         # QEMU 2.10: one XENMAPSPACE_gmfn add_to_physmap per page; the first failure stops.
-        for i in range(nr):
-            try:
-                self._hc.add_to_physmap(self.domid, "gmfn", src_gfn + i, dst_gfn + i)
-            except Exception as exc:
-                log.error(
-                    "add_to_physmap MFN %#x to PFN %#x failed: %s", src_gfn + i, dst_gfn + i, exc
-                )
-                return 1
+        moves = [(src_gfn + i, dst_gfn + i) for i in range(nr)]
+        try:
+            self._hc.add_to_physmap_each(self.domid, "gmfn", moves)
+        except Exception as exc:
+            log.error("add_to_physmap %#x -> %#x failed: %s", src_gfn, dst_gfn, exc)
+            return 1
         return 0
 
     # ----------------------------------------------------------------------------------------
