@@ -68,7 +68,7 @@ def test_qxl_mode_fills_the_ram_header_and_rings_the_io_ports() -> None:
     writes mem_slot and create_surface at their offsets after log_buf and the rings."""
     ops = gd.ops_for("qxl", "set_mode", {**MODE, "addr": 0xF0000000, "vram_mib": 16})
     header = 0xF0000000 + (16 << 20) - qxl.QXL_RAM_HEADER_SIZE
-    assert qxl.QXL_RAM_HEADER_SIZE == 8192
+    assert qxl.SIZEOF_QXLRAM == 5348 and qxl.QXL_RAM_HEADER_SIZE == 8192
     assert ops[2]["gpa"] == header + qxl.HDR_CREATE_SURFACE_OFFSET
     assert ops[0] == {
         "op": "mem_write",
