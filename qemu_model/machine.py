@@ -155,7 +155,9 @@ class Machine:
     # Privileges (§5.2)
 
     def restrict(self, handles: RestrictableHandles) -> None:
-        """``xen_setup_post`` → ``xen_restrict`` from QEMU 3.0: every handle, xenstore closed."""
+        """``xen_restrict``: QEMU 2.10 restricts the devicemodel and foreignmemory handles (the
+        process shell calls it before the machine exists); from 3.0 ``xen_setup_post`` restricts
+        every handle and closes xenstore."""
         rc, restricted = xen_restrict(self.version, self.mode == "compat", self.domid, handles)
         if rc < 0:
             raise QemuExit("xen: failed to restrict", 1)
