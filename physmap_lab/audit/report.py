@@ -132,13 +132,13 @@ def markdown(
         "",
         "![matrix](matrix.svg)",
         "",
-        "| toolstack | dm | mode | device | outcome | fb ok | ptrs ok | xenstore ops (ts·dm·guest) "
-        "| physmap ops | denied | keys carried |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| toolstack | dm | qemu | mode | device | outcome | fb ok | ptrs ok "
+        "| xenstore ops (ts·dm·guest) | physmap ops | denied | keys carried |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in scenarios:
         lines.append(
-            f"| {s.toolstack} | {s.dm} | {s.mode} | {s.device} | {s.outcome} | "
+            f"| {s.toolstack} | {s.dm} | {s.qemu} | {s.mode} | {s.device} | {s.outcome} | "
             f"{_yn(s.fb_hash_matches)} | {_yn(s.pointers_valid)} | {_ops(s, 'xenstore_ops')} | "
             f"{_physmap(s)} | {_ops(s, 'denied_ops')} | {len(s.keys_carried)} |"
         )
