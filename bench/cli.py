@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import attack, saverestore, scale, throughput
+from . import attack, migration, saverestore, scale, screen, throughput
 from .daemons import BenchError, oracle_present
 from .results import SECTIONS, Results, print_comparison, print_targets
 
@@ -58,6 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif section == "scale":
                 results.sections[section] = scale.measure(
                     results, scale.QUICK if args.quick else scale.FULL
+                )
+            elif section == "migration":
+                results.sections[section] = migration.measure(
+                    results, migration.QUICK if args.quick else migration.FULL
+                )
+            elif section == "screen":
+                results.sections[section] = screen.measure(
+                    results, screen.QUICK if args.quick else screen.FULL
                 )
             elif section == "attack":
                 results.sections[section] = attack.measure(

@@ -13,8 +13,15 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-Section = Literal["throughput", "scale", "saverestore", "attack"]
-SECTIONS: tuple[Section, ...] = ("throughput", "scale", "saverestore", "attack")
+Section = Literal["throughput", "scale", "saverestore", "attack", "screen", "migration"]
+SECTIONS: tuple[Section, ...] = (
+    "throughput",
+    "scale",
+    "saverestore",
+    "attack",
+    "screen",
+    "migration",
+)
 SCHEMA = 1
 
 

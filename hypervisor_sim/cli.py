@@ -1,4 +1,4 @@
-"""``hypervisor-sim --rundir DIR [--xen-libs 4.17] [--audit-log FILE]``.
+"""``hypervisor-sim --rundir DIR [--xen-libs 4.17] [--audit-log FILE] [--principal-socket N=P]``.
 
 Ready when ``RUNDIR/hypervisor.sock`` accepts.  SIGTERM or SIGINT stops it cleanly: the socket
 and every ``RUNDIR/mem/dom*.mem`` file are removed.
@@ -7,11 +7,14 @@ and every ``RUNDIR/mem/dom*.mem`` file are removed.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
 
 import trio
+
+from xenstored_sim.client.paths import parse_principal_sockets
 
 from .server import AuditLog, HypervisorServer
 
@@ -25,9 +28,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="Xen library version to report; xenforeignmemory_map2 exists from 4.10 on",
     )
     p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per hypercall")
+    p.add_argument(
+        "--principal-socket",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a further hypercall socket for one principal (toolstack, device-model, ...); "
+        "the audit log names NAME for its connections (repeatable)",
+    )
     args = p.parse_args(argv)
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?", args.xen_libs):
         p.error(f"--xen-libs {args.xen_libs!r}: expected a version such as 4.17")
+    try:
+        args.principal_sockets = parse_principal_sockets(args.principal_socket)
+    except ValueError as exc:
+        p.error(str(exc))
+    main_socket = os.path.join(args.rundir, "hypervisor.sock")
+    if any(
+        os.path.abspath(path) == os.path.abspath(main_socket) for _, path in args.principal_sockets
+    ):
+        p.error(f"--principal-socket: {main_socket} is the hypercall socket itself")
     return args
 
 
@@ -48,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     audit = AuditLog(args.audit_log) if args.audit_log else None
     try:
-        trio.run(_run, HypervisorServer(args.rundir, args.xen_libs, audit))
+        server = HypervisorServer(args.rundir, args.xen_libs, audit, args.principal_sockets)
+        trio.run(_run, server)
     finally:
         if audit is not None:
             audit.close()

@@ -184,6 +184,20 @@ class HypervisorClient:
     async def ioreq_complete(self, seq: int, data: int = 0) -> None:
         await self.call("ioreq_complete", seq=seq, data=data)
 
+    async def shadow_op(self, domid: int, op: str) -> dict[str, Any] | None:
+        """``xc_shadow_control``: ``enable_logdirty``, ``peek``, ``clean`` or ``off``."""
+        return cast("dict[str, Any] | None", await self.call("shadow_op", domid=domid, op=op))
+
+    async def track_dirty_vram(self, domid: int, first_pfn: int, nr: int) -> bytes:
+        """``xc_hvm_track_dirty_vram``: the bitmap of the range's pages dirtied since the last
+        call (``nr == 0`` stops tracking)."""
+        result = await self.call("track_dirty_vram", domid=domid, first_pfn=first_pfn, nr=nr)
+        return bytes(result["bitmap"])
+
+    async def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
+        """``xendevicemodel_modified_memory``."""
+        await self.call("modified_memory", domid=domid, first_pfn=first_pfn, nr=nr)
+
     async def guest(self, domid: int, ops: list[Mapping[str, Any]]) -> list[Any]:
         """Run generic guest ops on the domain's vCPU; one result per op."""
         return cast(list[Any], await self.call("guest", domid=domid, ops=list(ops)))

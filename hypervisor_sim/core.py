@@ -15,11 +15,12 @@ destination gfn is removed and freed first, as Xen does.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .frames import PAGE_SHIFT, PAGE_SIZE, FrameFile
+from .logdirty import SHADOW_OPS, DigestLog, VramTracker
 from .protocol import (
     DomainInfo,
     ForeignMap,
@@ -97,6 +98,14 @@ class Domain:
     p2m: dict[int, int] = field(default_factory=dict)
     #: Pinned cache attributes: (first gfn, last gfn, XEN_DOMCTL_MEM_CACHEATTR_*).
     pinned_cacheattr: list[tuple[int, int, int]] = field(default_factory=list)
+    # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY and HVMOP_track_dirty_vram state (logdirty.py).
+    logdirty: DigestLog | None = None
+    vram: VramTracker | None = None
+
+    def digests(self, gfns: Iterable[int] | None = None) -> dict[int, bytes]:
+        """gfn -> SHA-1 of its frame, for the populated ones among ``gfns`` (default all)."""
+        wanted = sorted(self.p2m) if gfns is None else [g for g in gfns if g in self.p2m]
+        return dict(zip(wanted, self.frames.digests([self.p2m[g] for g in wanted]), strict=True))
 
     @property
     def tot_pages(self) -> int:
@@ -376,6 +385,63 @@ class Hypervisor:
                 "EINVAL", f"connection is already restricted to domain {state.restricted_to}"
             )
         state.restricted_to = domid
+
+    # ---------------------------------------------------------------- log-dirty
+
+    def _call_shadow_op(self, conn: int, domid: int, op: str) -> dict[str, Any] | None:
+        """``xc_shadow_control``: cf. xen/arch/x86/mm/paging.c ``paging_log_dirty_op``.
+        ``peek`` and ``clean`` return ``{"pages": [gfn], "digests": [bytes], "dirty_count"}``;
+        ``enable_logdirty`` the same shape for every populated gfn."""
+        d = self.domain(domid)
+        if op not in SHADOW_OPS:
+            raise HypercallError("EINVAL", f"op {op!r} (one of {', '.join(SHADOW_OPS)})")
+        if op == "enable_logdirty":
+            if d.logdirty is not None:
+                # paging_log_dirty_enable: already in log-dirty mode is -EINVAL.
+                raise HypercallError("EINVAL", f"domain {domid} is already in log-dirty mode")
+            # The first round of a live save sends every page: the reply lists them all, with
+            # the digests the log starts from.
+            current = d.digests()
+            d.logdirty = DigestLog(current)
+            return {"pages": list(current), "digests": list(current.values()), "dirty_count": 0}
+        if d.logdirty is None:
+            raise HypercallError("EINVAL", f"domain {domid} is not in log-dirty mode")
+        if op == "off":
+            d.logdirty = None
+            return None
+        found = d.logdirty.look(d.digests(), clean=op == "clean")
+        return {"pages": found.gfns, "digests": found.digests, "dirty_count": len(found.gfns)}
+
+    def _call_track_dirty_vram(
+        self, conn: int, domid: int, first_pfn: int, nr: int
+    ) -> dict[str, bytes]:
+        """``HVMOP_track_dirty_vram``: the pages of the range changed since the last call; a
+        new range reads all dirty once; ``nr == 0`` stops tracking."""
+        d = self.domain(domid)
+        if nr == 0:
+            d.vram = None
+            return {"bitmap": b""}
+        if not 0 < nr <= MAX_BATCH or not 0 <= first_pfn < GFN_LIMIT - nr:
+            raise HypercallError("EINVAL", f"range {first_pfn:#x}+{nr} out of range")
+        if d.vram is None or not d.vram.covers(first_pfn, nr):
+            d.vram = VramTracker.start(first_pfn, nr)
+        current = d.digests(range(first_pfn, first_pfn + nr))
+        return {"bitmap": d.vram.bitmap(current)}
+
+    def _call_modified_memory(self, conn: int, domid: int, first_pfn: int, nr: int) -> None:
+        """``xendevicemodel_modified_memory``: mark pages dirty for log-dirty and dirty VRAM;
+        a no-op when neither is on, as ``dm_op`` modified_memory is."""
+        d = self.domain(domid)
+        if not 0 <= nr <= MAX_BATCH or not 0 <= first_pfn < GFN_LIMIT - nr:
+            raise HypercallError("EINVAL", f"range {first_pfn:#x}+{nr} out of range")
+        gfns = range(first_pfn, first_pfn + nr)
+        unpopulated = [g for g in gfns if g not in d.p2m]
+        if unpopulated:
+            # dm_op modified_memory fails on a gfn with no RAM behind it.
+            raise HypercallError("EINVAL", f"gfn {unpopulated[0]:#x} is not populated")
+        for log in (d.logdirty, d.vram.log if d.vram else None):
+            if log is not None:
+                log.mark(gfns)
 
     # ---------------------------------------------------------------- ioreq servers
 

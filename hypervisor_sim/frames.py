@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
+import mmap
 import os
 from typing import Final
 
@@ -82,6 +84,23 @@ class FrameFile:
 
     def write(self, mfn: int, offset: int, data: bytes) -> None:
         os.pwrite(self._fd, data, mfn * PAGE_SIZE + offset)
+
+    def digests(self, mfns: list[int]) -> list[bytes]:
+        """The SHA-1 of each frame, read through one shared read-only mapping of the file, so
+        the bytes hashed are the ones every mapper sees (hypervisor_sim/logdirty.py)."""
+        if not mfns or self._nframes == 0:
+            return [b""] * len(mfns)
+        with mmap.mmap(self._fd, self._nframes * PAGE_SIZE, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                return [
+                    hashlib.sha1(
+                        view[f * PAGE_SIZE : (f + 1) * PAGE_SIZE], usedforsecurity=False
+                    ).digest()
+                    for f in mfns
+                ]
+            finally:
+                view.release()
 
     def close(self, *, unlink: bool = True) -> None:
         """Close the file and (by default) remove it; existing mappings keep their pages."""

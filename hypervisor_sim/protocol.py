@@ -282,6 +282,9 @@ CALLS: Final[dict[str, ArgSpec]] = {
     "ioreq_server_create": {"domid": "int"},
     "ioreq_server_destroy": {"domid": "int", "id": "int"},
     "ioreq_complete": {"seq": "int", "data": "int?"},
+    "shadow_op": {"domid": "int", "op": "str"},
+    "track_dirty_vram": {"domid": "int", "first_pfn": "int", "nr": "int"},
+    "modified_memory": {"domid": "int", "first_pfn": "int", "nr": "int"},
     "guest": {"domid": "int", "ops": "list"},
     "guest_driver": {"domid": "int", "device": "str", "action": "str", "params": "map?"},
 }

@@ -3,7 +3,9 @@
 ::
 
     physmap-lab demo [--json] [--mode M ...] [--device D ...] [--toolstack T ...]
-                     [--rundir DIR] [--attach] [--keep]
+                     [--rundir DIR] [--attach] [--keep] [--screenshots DIR]
+    physmap-lab demo --migrate [--json] [--mode M ...] [--device D ...] [--rundir DIR] [--keep]
+    physmap-lab host up|down NAME [--rundir DIR]
 
 Progress goes to stderr as the demo runs; then a table (or, with ``--json``, only
 ``{"runs": [...]}``) goes to stdout.  The exit status is 1 if a case that should work did not,
@@ -16,6 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import trio
@@ -33,6 +36,7 @@ from .demo import (
     CaseResult,
     DemoOutcome,
     StepError,
+    expected_to_work,
     failed_unexpectedly,
     plan,
     run_demo,
@@ -101,7 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the xenstored-sim and hypervisor-sim already running on --rundir",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="instead of save/restore, migrate each case live between two hosts (in two "
+        "network namespaces when run as root) while the guest keeps drawing",
+    )
+    p.add_argument(
+        "--screenshots",
+        metavar="DIR",
+        help="write a PNG of each guest's screen before save and after restore (QMP "
+        "screendump) to DIR",
+    )
     _add_audit(sub)
+    _add_host(sub)
     return parser
 
 
@@ -115,6 +132,41 @@ def _add_qemu(p: argparse.ArgumentParser, default: str) -> None:
         metavar="V",
         help=f"the QEMU the device model behaves as: {', '.join(DM_QEMU_VERSIONS)} ({default})",
     )
+
+
+def _add_host(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "host",
+        help="start or stop one simulated host (a run directory with its own daemons)",
+        description="up: start xenstored-sim and hypervisor-sim for host NAME in the "
+        "background and print its run directory; down: destroy its domains and stop it.",
+    )
+    p.add_argument("action", choices=("up", "down"))
+    p.add_argument("name")
+    p.add_argument(
+        "--rundir",
+        metavar="DIR",
+        help="the host's run directory (default: $PHYSMAP_LAB_HOSTS/NAME or "
+        "<tmp>/physmap-lab-hosts/NAME)",
+    )
+
+
+def _host(args: argparse.Namespace) -> int:
+    from . import host
+
+    try:
+        rundir = (
+            Path(args.rundir) if args.rundir else host.default_rundir(host.check_name(args.name))
+        )
+        if args.action == "up":
+            print(host.up(args.name, rundir))
+        elif not host.down(args.name, rundir):
+            print(f"{PROG}: host {args.name} is not running on {rundir}", file=sys.stderr)
+            return 1
+    except (host.HostError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -216,7 +268,51 @@ def results_table(results: Sequence[CaseResult]) -> Table:
     return table
 
 
+def _run_migrate(args: argparse.Namespace, err: Console) -> int:
+    import tempfile
+
+    from .migration import run_migrations
+
+    cases = plan(
+        args.modes or DEFAULT_MODES,
+        args.devices or DEFAULT_DEVICES,
+        args.toolstacks or DEFAULT_TOOLSTACKS,
+    )
+    err.print(f"[bold]physmap-lab demo --migrate[/bold]: {len(cases)} cases", highlight=False)
+    base = Path(args.rundir or tempfile.mkdtemp(prefix="physmap-lab-migrate-"))
+    try:
+        results = trio.run(lambda: run_migrations(cases, base))
+    except (RuntimeError, OSError) as exc:
+        err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print(f"[red]{PROG}: interrupted[/red]")
+        return 1
+    finally:
+        if not (args.keep or args.rundir):
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"runs": [r.as_json() for r in results]}, indent=2))
+    bad = 0
+    for case, r in zip(cases, results, strict=True):
+        should = expected_to_work(case)
+        bad += r.ok != should
+        line = (
+            f"{r.mode}/{r.device}/{r.toolstack} {r.source_host}->{r.destination_host} "
+            f"({r.network}): {'ok' if r.ok else 'FAILED'}; {r.precopy_rounds} rounds, "
+            f"{r.pages_sent} pages, {r.frames_drawn} frames drawn, downtime "
+            f"{r.downtime_s or 0:.3f} s, total {r.total_s or 0:.2f} s"
+        )
+        err.print(escape(line) + (f": {escape(r.error)}" if r.error else ""), highlight=False)
+    err.print(f"{len(results)} cases, {len(results) - bad} as expected", highlight=False)
+    return 1 if bad else 0
+
+
 def _run(args: argparse.Namespace, err: Console) -> int:
+    if args.migrate:
+        return _run_migrate(args, err)
     cases = plan(
         args.modes or DEFAULT_MODES,
         args.devices or DEFAULT_DEVICES,
@@ -231,7 +327,12 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     try:
         outcome: DemoOutcome = trio.run(
             lambda: run_demo(
-                cases, rundir=args.rundir, attach=args.attach, keep=args.keep, report=report
+                cases,
+                rundir=args.rundir,
+                attach=args.attach,
+                keep=args.keep,
+                screenshots=args.screenshots,
+                report=report,
             )
         )
     except StepError as exc:
@@ -270,6 +371,8 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         )
     if args.keep or args.rundir:
         err.print(f"run directory: {outcome.rundir}", highlight=False)
+    if args.screenshots:
+        err.print(f"screenshots: {Path(args.screenshots).resolve()}", highlight=False)
     return outcome.exit_status
 
 
@@ -278,8 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "attach", False) and not args.rundir:
         parser.error("--attach needs --rundir: the directory the daemons run on")
+    if getattr(args, "migrate", False) and (args.attach or args.screenshots):
+        parser.error("--migrate starts its own two hosts and takes no --attach or --screenshots")
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
+    if args.command == "host":
+        return _host(args)
     if args.command == "audit":
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 from hypervisor_sim import vma
 
 from .cirrus import Cirrus
+from .dirty_vram import DirtyHypercalls, DirtyVram
 from .errors import LoadError, QemuAbort, QemuExit
 from .mapcache import MapCache, RecordingNotifier
 from .memory import RamBlock, RamList
@@ -71,6 +72,7 @@ class Machine:
         trace: Callable[[str], None] | None = None,
         version: QemuVersion | None = None,
         restricted_handles: tuple[str, ...] = (),
+        dirty: DirtyHypercalls | None = None,
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}")
@@ -97,6 +99,7 @@ class Machine:
             version=self.version,
         )
         self.xen.mapcache = self.mapcache
+        self.dirty_vram = DirtyVram(domid, dirty)
         self.ram = RamList(ram_size)
         self.xen.read_physmap()
         self.device: VGAPCIDevice = DEVICES[device](self, vram_size)
@@ -122,11 +125,16 @@ class Machine:
         self.xen.register_framebuffer(block)
 
     def region_add(self, block: RamBlock, start_addr: int, size: int) -> None:
-        """``xen_region_add``: a RAM section entered the address space."""
+        """``xen_region_add`` (``xen_set_memory`` gating below); the listener's ``log_start``
+        follows for the relocated framebuffer (dirty_vram.py)."""
         self.set_memory(block, start_addr, size, add=True)
+        if self.xen.get_physmapping(start_addr, size) is not None:
+            self.dirty_vram.log_start(start_addr, size)
 
     def region_del(self, block: RamBlock, start_addr: int, size: int) -> None:
-        """``xen_region_del``: a RAM section left the address space."""
+        """``xen_region_del`` (``xen_set_memory`` gating below)."""
+        if self.dirty_vram.logging is not None and self.dirty_vram.logging[0] == start_addr:
+            self.dirty_vram.log_stop()
         self.set_memory(block, start_addr, size, add=False)
 
     def set_memory(self, block: RamBlock, start_addr: int, size: int, *, add: bool) -> None:
@@ -287,6 +295,7 @@ class Machine:
                 **self.mapcache.info(),
                 "notifier_calls": [list(c) for c in self.notifier.calls],
             },
+            "dirty_vram": self.dirty_vram.info(),
             "xenstore_physmap_ops": len(xs_ops),
             "xenstore_physmap_log": [{"op": op, "path": path, "ok": ok} for op, path, ok in xs_ops],
         }

@@ -45,6 +45,7 @@ from xenstored_sim.wire import XsError
 from . import qmp
 from .errors import LoadError, QemuAbort, QemuExit
 from .machine import Machine, RunState
+from .ui import console, vnc
 from .version import QemuVersion
 from .xen_hvm import MODES, Mode
 from .xen_native import xen_restrict
@@ -70,10 +71,14 @@ class Config:
     memory_mib: int
     vram_mib: int
     qemu_version: QemuVersion = DEFAULT_VERSION
+    vnc: vnc.VncAddress | None = None
+    #: The hypercall socket: ``RUNDIR/hypervisor.sock`` unless the toolstack gave the device
+    #: models one of their own (``--hypervisor``).
+    hypervisor: Path | None = None
 
     @property
     def hypervisor_path(self) -> Path:
-        return self.rundir / "hypervisor.sock"
+        return self.hypervisor or self.rundir / "hypervisor.sock"
 
     @property
     def qmp_path(self) -> Path:
@@ -158,6 +163,13 @@ class PrivcmdHypercalls:
     def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
         self._p.call("pin_memory_cacheattr", domid=domid, start=start, end=end, type=type)
 
+    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int) -> bytes:
+        result = self._p.call("track_dirty_vram", domid=domid, first_pfn=first_pfn, nr=nr)
+        return bytes(result["bitmap"])
+
+    def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
+        self._p.call("modified_memory", domid=domid, first_pfn=first_pfn, nr=nr)
+
 
 class DeviceModelHandles:
     """The handles ``xen_restrict`` can restrict, over this device model's connections.
@@ -214,6 +226,7 @@ class DeviceModel:
         self._clients: set[_QmpClient] = set()
         self._quit = trio.Event()
         self._fatal: BaseException | None = None
+        self._vnc: vnc.VncServer | None = None
 
     # ----------------------------------------------------------------------------------------
     # Life cycle
@@ -243,6 +256,8 @@ class DeviceModel:
                         await xs_stack.aclose()  # dm_restrict: no xenstore after setup_post
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self._serve_qmp)
+                        if cfg.vnc is not None:
+                            await nursery.start(self._serve_vnc, cfg.vnc)
                         nursery.start_soon(self._serve_ioreqs, hv)
                         task_status.started()
                         await self._start()
@@ -265,6 +280,7 @@ class DeviceModel:
                 vram_size=cfg.vram_mib << 20,
                 fmem=ForeignMemory(privcmd),
                 hypercalls=PrivcmdHypercalls(xc),
+                dirty=PrivcmdHypercalls(xc),
                 xenstore=bridge,
                 incoming=cfg.incoming is not None,
                 version=cfg.qemu_version,
@@ -327,6 +343,7 @@ class DeviceModel:
     def _shutdown(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cfg.qmp_path)
+        vnc.unlink_unix(self.cfg.vnc)
         if self.machine is not None:
             self.machine.close()
         if self._privcmd is not None:
@@ -519,8 +536,15 @@ class DeviceModel:
                 info: dict[str, Any] = await trio.to_thread.run_sync(machine.info)
             info["requested_mode"] = self.cfg.xen_mode
             return info
+        if name in ("xen-set-global-dirty-log", "x-vram-dirty"):
+            async with self.bql:
+                return await trio.to_thread.run_sync(vram_dirty_command, machine, name, args)
         if name == "xen-save-devices-state":
             return await self._save(args["filename"])
+        if name == "screendump":
+            return await self._screendump(args)
+        if name == "query-vnc":
+            return {"enabled": False} if self._vnc is None else self._vnc.info()
         if name == "xen-load-devices-state":
             if state_is(machine, "running"):
                 raise qmp.QmpError("Cannot update device state while vm is running")
@@ -552,6 +576,67 @@ class DeviceModel:
             if was_running:
                 await self._set_running()
         return {}
+
+    # ----------------------------------------------------------------------------------------
+    # Display: screendump and VNC
+
+    async def surface(self) -> console.Surface:
+        """What the VGA device shows now, read through its own pointers under the lock."""
+        assert self.machine is not None
+        device = self.machine.device
+        async with self.bql:
+            return await trio.to_thread.run_sync(console.device_surface, device)
+
+    async def _screendump(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``qmp_screendump`` (ui/ui-qmp-cmds.c): the file is written by this process."""
+        assert self.machine is not None
+        fmt = console.screendump_format(args, self.machine.device_kind)
+        surface = await self.surface()
+        data = await trio.to_thread.run_sync(console.IMAGE_FORMATS[fmt], surface)
+        filename = args["filename"]
+        try:
+            fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise qmp.QmpError(f"failed to open file '{filename}': {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                await trio.to_thread.run_sync(f.write, data)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(filename)
+            raise qmp.QmpError(f"failed to save {fmt.upper()}: {exc.strerror}") from None
+        return {}
+
+    async def _serve_vnc(
+        self,
+        addr: vnc.VncAddress,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            listener, bound = await vnc.open_vnc_listener(addr)
+        except OSError as exc:
+            raise QemuExit(f"Failed to start VNC server: {exc.strerror or exc}") from None
+        log.info("vnc: listening on %s", bound)
+        server = vnc.VncServer(f"QEMU (dom{self.cfg.domid})", self.surface)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listener)
+            self._vnc = server
+            task_status.started()
+
+
+def vram_dirty_command(machine: Machine, name: str, args: dict[str, Any]) -> Any:
+    """``xen-set-global-dirty-log`` (what libxl sends around a live save) and the project's
+    ``x-vram-dirty``: the framebuffer pages changed since the last ask (dirty_vram.py)."""
+    dv = machine.dirty_vram
+    if name == "xen-set-global-dirty-log":
+        if args["enable"]:
+            dv.log_global_start()
+        else:
+            dv.log_global_stop()
+        return {}
+    start = None if dv.logging is None else dv.logging[0]
+    return {"start_addr": start, "page_size": 4096, "pages": dv.get_and_clear()}
 
 
 def state_is(machine: Machine, state: RunState) -> bool:

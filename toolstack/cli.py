@@ -12,6 +12,9 @@
     xl-sim --rundir DIR [--json] restore FILE [--name N] [--dm-mode M] [--dm-qemu-version V] [--dm-restrict |
                                       --no-dm-restrict] [--dm-stubdom | --no-dm-stubdom]
                                       [--dm-grant 'ACCESS PATH' ...] [--toolstack F]
+    xl-sim --rundir DIR [--json] migrate DOMID ADDRESS:PORT [--max-rounds N]
+                                      [--dirty-threshold PAGES]
+    xl-sim --rundir DIR [--json] migrate-receive [--listen ADDRESS:PORT]
     xl-sim --rundir DIR [--json] guest DOMID map-bar|set-mode|draw|fb-hash|xs-read|xs-write ...
 
 ``--rundir`` defaults to ``$PHYSMAP_LAB_RUNDIR``.  With ``--json`` every command prints one
@@ -36,6 +39,7 @@ from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import XsDisconnected
 from xenstored_sim.wire import XsError
 
+from . import migrate
 from .config import (
     DM_MODES,
     DM_QEMU_VERSIONS,
@@ -56,6 +60,20 @@ def _int(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _positive(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return migrate.parse_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _domid(text: str) -> int:
@@ -162,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dm-stubdom", dest="dm_stubdom", action="store_false")
     _grant_arg(p)
     p.add_argument("--toolstack", choices=FLAVOURS)
+
+    p = sub.add_parser("migrate", parents=[common], help="migrate a domain live to a receiver")
+    p.add_argument("domid", type=_domid)
+    p.add_argument("host", type=_address, help="ADDRESS:PORT of an `xl-sim migrate-receive`")
+    p.add_argument("--max-rounds", type=_positive, default=migrate.MAX_ROUNDS)
+    p.add_argument("--dirty-threshold", type=_int, default=migrate.DIRTY_THRESHOLD)
+
+    p = sub.add_parser("migrate-receive", parents=[common], help="receive one migrating domain")
+    p.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 0),
+        help="ADDRESS:PORT to listen on (port 0: any; the first line printed names it)",
+    )
 
     p = sub.add_parser("guest", parents=[common], help="drive the guest's vCPU")
     p.add_argument("domid", type=_domid)
@@ -279,7 +311,49 @@ async def run_command(args: argparse.Namespace) -> dict[str, Any]:
             return (await lx.restore(args.file, overrides=overrides)).as_dict()
         if args.command == "guest":
             return await _guest(lx, args)
+        if args.command == "migrate":
+            return await _migrate(lx, args)
+        if args.command == "migrate-receive":
+            return await _migrate_receive(lx, args)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+async def _migrate(lx: Libxl, args: argparse.Namespace) -> dict[str, Any]:
+    host, port = args.host
+    try:
+        s = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise ToolstackError(f"cannot reach a receiver at {host}:{port}: {why}") from None
+    async with s:
+        result = await migrate.migrate(
+            lx,
+            args.domid,
+            s,
+            f"{host}:{port}",
+            max_rounds=args.max_rounds,
+            dirty_threshold=args.dirty_threshold,
+        )
+    return result.as_dict()
+
+
+async def _migrate_receive(lx: Libxl, args: argparse.Namespace) -> dict[str, Any]:
+    """``xl migrate-receive``: one incoming domain, on one TCP connection."""
+    host, port = args.listen
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ToolstackError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    listener = listeners[0]
+    try:
+        bound = listener.socket.getsockname()
+        print(f"listening on {bound[0]}:{bound[1]}", flush=True)
+        s = await listener.accept()
+    finally:
+        for lst in listeners:
+            await lst.aclose()
+    async with s:
+        return await migrate.migrate_receive(lx, s)
 
 
 def _human(command: str, out: dict[str, Any]) -> str:
@@ -306,6 +380,14 @@ def _human(command: str, out: dict[str, Any]) -> str:
             f"Restored domain {out['domid']} ({out['name']}): records {' '.join(out['records'])}"
             f" ({out['seconds']:.2f} s)"
         )
+    if command == "migrate":
+        return (
+            f"Migrated domain {out['domid']} to {out['destination']}: {out['precopy_rounds']}"
+            f" pre-copy rounds, {out['pages_sent']} pages, downtime {out['downtime_s']:.3f} s,"
+            f" total {out['total_s']:.2f} s"
+        )
+    if command == "migrate-receive":
+        return f"Received domain {out['domid']} ({out['name']}), running"
     if command == "guest":
         if "sha256" in out:
             return str(out["sha256"])

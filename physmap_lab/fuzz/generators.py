@@ -172,6 +172,11 @@ _HV_TEMPLATES: Final[tuple[tuple[str, dict[str, object]], ...]] = (
     ("guest", {"domid": 0, "ops": [{"op": "pio_read", "port": 0x1CE, "size": 2}]}),
     ("guest_driver", {"domid": 0, "device": "stdvga", "action": "framebuffer", "params": {}}),
     ("restrict", {"domid": 0}),
+    ("shadow_op", {"domid": 0, "op": "enable_logdirty"}),
+    ("shadow_op", {"domid": 0, "op": "clean"}),
+    ("shadow_op", {"domid": 0, "op": "off"}),
+    ("track_dirty_vram", {"domid": 0, "first_pfn": 16, "nr": 3}),
+    ("modified_memory", {"domid": 0, "first_pfn": 16, "nr": 2}),
     ("no_such_call", {}),
 )
 
@@ -264,6 +269,9 @@ _QMP_TEMPLATES: Final = (
     {"execute": "qmp_capabilities"},
     {"execute": "xen-save-devices-state", "arguments": {"filename": "", "live": False}},
     {"execute": "xen-load-devices-state", "arguments": {"filename": ""}},
+    {"execute": "screendump", "arguments": {"filename": "", "format": "png"}},
+    {"execute": "screendump", "arguments": {"filename": "", "format": "gif", "head": 1}},
+    {"execute": "query-vnc"},
     {"execute": "no-such-command", "arguments": {"a": 1}},
     {"execute": "query-status", "arguments": {"unexpected": True}},
 )

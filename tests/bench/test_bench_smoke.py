@@ -28,7 +28,7 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
         [sys.executable, str(RUN), "--quick", "--output", str(out), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     return proc.returncode, json.loads(out.read_text()), proc.stdout + proc.stderr
@@ -62,6 +62,8 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
     assert ours["1"]["ops_per_s"] > 0 and ours["8"]["ops_per_s"] > 0
     # The in-run ratios of our own daemon are always taken.
     assert len(by_section["scale"]) == 5
+    assert len(by_section["screen"]) == 5
+    assert all(t["figure"] is not None and t["figure"] > 0 for t in by_section["screen"])
     assert all(t["figure"] is not None for t in by_section["scale"])
     scale = doc["sections"]["scale"]
     assert scale["nodes"] == 100 * 101 + 2 and scale["watches"]["count"] == 1000
@@ -69,6 +71,16 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
     assert set(modes) == {"new", "compat"}
     for m in modes.values():
         assert m["image_bytes"] > 16 << 20 and m["downtime_s"] > 0
+    cases = doc["sections"]["migration"]["cases"]
+    assert {k for k in cases if k != "network"} == {"new@2000", "compat@2000"}
+    for c in (cases["new@2000"], cases["compat@2000"]):
+        [run] = c["runs"]
+        assert 0 < run["downtime_s"] <= run["total_s"] and run["precopy_rounds"] >= 1
+        assert (
+            run["pages_per_round"][0] >= 16 * 256
+            and sum(run["pages_per_round"]) == run["pages_sent"]
+        )
+    assert len(by_section["migration"]) == 6
     assert "physmap-lab issue 7: targets" in log
 
 

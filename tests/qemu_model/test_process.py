@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -443,3 +444,30 @@ async def test_sigterm_stops_cleanly(lab: Lab) -> None:
     dm.process.send_signal(signal.SIGTERM)
     assert await wait_exit(dm) == 0
     assert not dm.qmp_path.exists()
+
+
+@pytest.mark.parametrize("device", ["stdvga", "cirrus", "qxl"])
+async def test_the_display_sees_exactly_the_vram_pages_the_guest_wrote(
+    lab: Lab, device: str
+) -> None:
+    src, dm = await lab.boot_and_draw("new", device)
+    fb, length = guest_drivers.framebuffer(device, BAR, 320, 200, 32)
+    async with open_qmp(dm.qmp_path) as q:
+        first = await q.execute("x-vram-dirty")
+        assert first["start_addr"] == BAR and first["page_size"] == 4096
+        # A fresh range reads all dirty once: the drawn framebuffer is in it.
+        assert set(range((fb - BAR) // 4096, (fb - BAR + length) // 4096)) <= set(first["pages"])
+        assert (await q.execute("x-vram-dirty"))["pages"] == []
+        rng = random.Random(device)
+        for _ in range(4):
+            pages = sorted(rng.sample(range(VRAM_MIB * 256), rng.randrange(1, 6)))
+            ops = [
+                {"op": "mem_write", "gpa": BAR + p * 4096 + 8, "data": rng.randbytes(8)}
+                for p in pages
+            ]
+            await lab.hv.guest(src, ops)
+            assert (await q.execute("x-vram-dirty"))["pages"] == pages
+        assert await q.execute("xen-set-global-dirty-log", enable=True) == {}
+        info = await q.execute("x-physmap-info")
+        assert info["dirty_vram"]["in_migration"] is True
+        assert info["dirty_vram"]["logging"] == [BAR, VRAM_MIB << 20]

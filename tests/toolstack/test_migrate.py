@@ -1,0 +1,122 @@
+"""The migration channel: the stream follower (pure), and ``xl-sim migrate`` /
+``migrate-receive`` facing bad input and peers that break the protocol (one stack, loopback)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import subprocess
+from typing import Any
+
+import pytest
+import trio
+
+from physmap_lab.stack import Stack, executable
+from toolstack.config import DomainConfig
+from toolstack.image import write_image
+from toolstack.migrate import parse_host
+from toolstack.migration_stream import RECEIVER_BANNER, StreamFollower
+from toolstack.streamio import StreamError
+
+XL_SIM = executable("xl-sim")
+CONFIG = DomainConfig(name="vm", memory_mib=1, vga="stdvga", dm_mode="compat")
+
+
+def image_bytes(rng: random.Random) -> bytes:
+    """A stream with several PAGE_DATA records, some pfns sent twice (as pre-copy does)."""
+    batches = []
+    for _ in range(rng.randrange(1, 4)):
+        pfns = sorted(rng.sample(range(64), rng.randrange(1, 10)))
+        batches.append((pfns, [rng.randbytes(4096 * len(pfns))]))
+    pairs = [("physmap/1/start_addr", "f0000000")] if rng.random() < 0.5 else []
+    f = io.BytesIO()
+    write_image(f, CONFIG, batches, pairs, io.BytesIO(rng.randbytes(rng.randrange(0, 300))))
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_follower_finds_the_end_in_any_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    data = image_bytes(rng)
+    f = StreamFollower()
+    at = 0
+    while not f.done:
+        n = rng.randrange(1, f.wants() + 1)
+        assert at + n <= len(data), "the follower wants more than the stream holds"
+        f.feed(data[at : at + n])
+        at += n
+    assert at == len(data) == f.offset
+    assert f.records[0] == "LIBXC_CONTEXT" and f.records[-1] == "END"
+    with pytest.raises(StreamError):
+        f.feed(b"x")
+
+
+def test_the_follower_refuses_what_is_not_a_stream() -> None:
+    f = StreamFollower()
+    with pytest.raises(StreamError, match="bad magic"):
+        f.feed(b"\0" * f.wants())
+
+
+def test_parse_host() -> None:
+    assert parse_host("127.77.0.2:8002") == ("127.77.0.2", 8002)
+    assert parse_host("[::1]:5") == ("::1", 5)
+    for bad in ("host", ":5", "h:", "h:x", "h:70000"):
+        with pytest.raises(ValueError, match="ADDRESS:PORT"):
+            parse_host(bad)
+
+
+async def test_bad_arguments_and_no_receiver(xl: Any) -> None:
+    rc, _, err = await xl.run("migrate", "1", "nohost")
+    assert rc == 2 and "ADDRESS:PORT" in err
+    made = await xl("create", "--memory", "8", "--vga", "stdvga")
+    rc, out, err = await xl.run("migrate", str(made["domid"]), "127.0.0.1:1")
+    assert rc == 1 and "cannot reach a receiver at 127.0.0.1:1" in out["error"]
+    assert "Traceback" not in err
+    rc, out, _ = await xl.run("migrate", "77", "127.0.0.1:1")
+    assert rc == 1
+    [dom] = (await xl("list"))["domains"]
+    assert not dom["paused"]
+
+
+async def _receiver(stack: Stack) -> tuple[trio.Process, int]:
+    proc = await trio.lowlevel.open_process(
+        [
+            XL_SIM,
+            "--rundir", str(stack.rundir), "--json", "migrate-receive",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=stack.env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        line += await proc.stdout.receive_some(1)
+    return proc, int(line.split(b":")[-1])
+
+
+@pytest.mark.parametrize(
+    "send",
+    [b"", b"Xen saved domain, xl format\n \0 \r" + b"\x04\x03\x02\x01" + b"\0" * 5, b"junk" * 20],
+)
+async def test_a_broken_sender_leaves_the_receiver_clean(
+    stack: Stack, xl: Any, send: bytes
+) -> None:
+    proc, port = await _receiver(stack)
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    got = b""
+    while len(got) < len(RECEIVER_BANNER):
+        got += await s.receive_some(100)
+    assert got == RECEIVER_BANNER
+    await s.send_all(send)
+    await s.aclose()
+    with trio.fail_after(30):
+        await proc.wait()
+    assert proc.returncode == 1
+    assert proc.stdout is not None and proc.stderr is not None
+    out = json.loads((await proc.stdout.receive_some(65536)).decode().strip())
+    assert out["error"]
+    assert "Traceback" not in (await proc.stderr.receive_some(65536)).decode()
+    assert (await xl("list"))["domains"] == []
+    assert list((stack.rundir / "migrate").iterdir()) == []
