@@ -58,13 +58,15 @@ class ForeignMemory:
         fixed = bool(flags & vma.MAP_FIXED)
         if fixed and addr is None:
             raise OSError(errno.EINVAL, "xenforeignmemory_map2: MAP_FIXED without an address")
-        try:
-            where = self.privcmd.map_foreign(domid, list(pfns))
-        except HypercallError as exc:
-            raise OSError(_errno(exc.errno_name), str(exc)) from None
+        # As libxenforeignmemory: the range is mmap-ed first (placed at the hint), then the
+        # frames are asked for (IOCTL_PRIVCMD_MMAPBATCH_V2).
         length = n * PAGE_SIZE
         base = self._map_faulting(addr, length, prot, flags)
         try:
+            try:
+                where = self.privcmd.map_foreign(domid, list(pfns))
+            except HypercallError as exc:
+                raise OSError(_errno(exc.errno_name), str(exc)) from None
             errs = self._map_runs(base, prot, where["mem_path"], where["offsets"], where["errors"])
         except OSError:
             vma.munmap(base, length)
