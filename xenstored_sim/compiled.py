@@ -11,7 +11,11 @@ first on ``sys.meta_path`` that loads the compiled modules of the matching build
 is one.  ``XENSTORED_SIM_PURE=1`` in the environment forces the pure-Python modules.
 
 The compiled modules import no trio (they are the sans-IO core) and avoid what mypyc cannot
-compile (monkeypatching, undeclared attributes, subclassing builtins in native classes).
+compile (monkeypatching, undeclared attributes, subclassing builtins in native classes).  One
+trap: after ``self.x = None`` mypy narrows ``self.x`` to None for the rest of the function,
+even across calls that set it, and the compiled code then checks for None; read such an
+attribute before resetting it.  ``make test`` runs the suite on the compiled build, so such
+differences show up there.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def test_make_setup_built_the_core_and_it_is_in_use() -> None:
         assert compiled.build_kind() == "pure"
         assert str(engine.__file__).endswith(".py")
         return
-    assert compiled.build_kind() == "compiled"
+    assert compiled.build_kind() == "compiled", "no current build: `make compiled` says why"
     build = compiled.build_dir()
     assert Path(str(engine.__file__)).is_relative_to(build)
     manifest = json.loads((build / "manifest.json").read_text())
