@@ -1,0 +1,7 @@
+"""``python -m physmap_lab.fuzz``."""
+
+import sys
+
+from .runner import main
+
+sys.exit(main())
