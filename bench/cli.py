@@ -12,7 +12,7 @@ from rich.console import Console
 
 from xenstored_sim.compiled import build_kind
 
-from . import attack, saverestore, scale, throughput
+from . import attack, saverestore, scale, screen, throughput
 from .daemons import BenchError, oracle_present
 from .results import SECTIONS, Results, print_comparison, print_targets
 
@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif section == "scale":
                 results.sections[section] = scale.measure(
                     results, scale.QUICK if args.quick else scale.FULL
+                )
+            elif section == "screen":
+                results.sections[section] = screen.measure(
+                    results, screen.QUICK if args.quick else screen.FULL
                 )
             elif section == "attack":
                 results.sections[section] = attack.measure(

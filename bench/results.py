@@ -13,8 +13,8 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-Section = Literal["throughput", "scale", "saverestore", "attack"]
-SECTIONS: tuple[Section, ...] = ("throughput", "scale", "saverestore", "attack")
+Section = Literal["throughput", "scale", "saverestore", "attack", "screen"]
+SECTIONS: tuple[Section, ...] = ("throughput", "scale", "saverestore", "attack", "screen")
 SCHEMA = 1
 
 

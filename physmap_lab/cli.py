@@ -3,7 +3,7 @@
 ::
 
     physmap-lab demo [--json] [--mode M ...] [--device D ...] [--toolstack T ...]
-                     [--rundir DIR] [--attach] [--keep]
+                     [--rundir DIR] [--attach] [--keep] [--screenshots DIR]
 
 Progress goes to stderr as the demo runs; then a table (or, with ``--json``, only
 ``{"runs": [...]}``) goes to stdout.  The exit status is 1 if a case that should work did not,
@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import trio
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the xenstored-sim and hypervisor-sim already running on --rundir",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
+    p.add_argument(
+        "--screenshots",
+        metavar="DIR",
+        help="write a PNG of each guest's screen before save and after restore (QMP "
+        "screendump) to DIR",
+    )
     _add_audit(sub)
     return parser
 
@@ -215,7 +222,12 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     try:
         outcome: DemoOutcome = trio.run(
             lambda: run_demo(
-                cases, rundir=args.rundir, attach=args.attach, keep=args.keep, report=report
+                cases,
+                rundir=args.rundir,
+                attach=args.attach,
+                keep=args.keep,
+                screenshots=args.screenshots,
+                report=report,
             )
         )
     except StepError as exc:
@@ -254,6 +266,8 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         )
     if args.keep or args.rundir:
         err.print(f"run directory: {outcome.rundir}", highlight=False)
+    if args.screenshots:
+        err.print(f"screenshots: {Path(args.screenshots).resolve()}", highlight=False)
     return outcome.exit_status
 
 

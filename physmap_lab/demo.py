@@ -352,6 +352,12 @@ class DemoRun:
     rundir: Path
     report: Reporter
     keep: bool = False
+    #: Where QMP ``screendump`` puts a PNG of the guest's screen before save and after
+    #: restore (:func:`screenshot_path`); None: no screenshots.
+    screenshots: Path | None = None
+    #: Which screenshots to take, by case and :data:`BEFORE_SAVE` / :data:`AFTER_RESTORE`
+    #: (all when None).
+    shoot: Callable[[Case, str], bool] | None = None
 
     def __post_init__(self) -> None:
         self.env = Stack(self.rundir).env()
@@ -396,6 +402,21 @@ class DemoRun:
         if not isinstance(info, dict):
             raise StepError(f"x-physmap-info of domain {domid} returned {info!r}")
         return info
+
+    async def screendump(self, case: Case, domid: int, when: str) -> dict[str, Any]:
+        """QMP ``screendump`` of the device model's screen, if this case gets screenshots."""
+        if self.screenshots is None or (self.shoot is not None and not self.shoot(case, when)):
+            return {}
+        path = screenshot_path(self.screenshots.resolve(), case, when)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        qmp_path = self.rundir / "qmp" / f"{domid}.sock"
+        try:
+            with trio.fail_after(STEP_LIMIT_S):
+                async with open_qmp(qmp_path) as qmp:
+                    await qmp.execute("screendump", {"filename": str(path), "format": "png"})
+        except (QmpError, QmpProtocolError, OSError) as exc:
+            raise StepError(f"screendump of domain {domid}: {exc}") from None
+        return {"file": str(path)}
 
     async def run_case(self, case: Case) -> Observed:
         """Drive one case; every domain it made is destroyed before it returns."""
@@ -458,6 +479,7 @@ class DemoRun:
             seen.fb_sha256_dm_saved = before.get("display_sha256")
             seen.vram_ptr_saved = before.get("vram_ptr")
             seen.dm_physmap_ops["saved"] = int(before.get("xenstore_physmap_ops") or 0)
+            await step("screendump-saved", self.screendump(case, domid, BEFORE_SAVE))
             self.report(
                 f"{case.label}: guest drew pattern {case.seed:#x} at {BAR_ADDR:#x}; "
                 f"guest reads {_short(seen.fb_sha256_guest_saved)}, "
@@ -486,6 +508,7 @@ class DemoRun:
             seen.vram_ptr_after_load = after.get("vram_ptr")
             seen.derived_ptrs_valid = after.get("derived_ptrs_valid")
             seen.dm_physmap_ops["restored"] = int(after.get("xenstore_physmap_ops") or 0)
+            await step("screendump-restored", self.screendump(case, new, AFTER_RESTORE))
             g = ["guest", str(new)]
             seen.fb_sha256_guest_restored = (
                 await step("fb-hash-restored", self.xl(*g, "fb-hash", *mode_args))
@@ -527,6 +550,15 @@ class DemoRun:
         if domids and (stray or files):
             what = ", ".join([f"pid {p}" for p in stray] + [str(f) for f in files])
             self.report(f"{case.label}: [red]cleaned up after the toolstack: {escape(what)}[/red]")
+
+
+BEFORE_SAVE: Final = "before-save"
+AFTER_RESTORE: Final = "after-restore"
+
+
+def screenshot_path(directory: Path, case: Case, when: str) -> Path:
+    """``DIR/demo-MODE-DEVICE-TOOLSTACK[-restrict]-{before-save,after-restore}.png``."""
+    return directory / f"{case.name}-{when}.png"
 
 
 def _field(reply: Mapping[str, Any], name: str, source: str) -> int:
@@ -574,13 +606,14 @@ async def run_demo(
     rundir: str | os.PathLike[str] | None = None,
     attach: bool = False,
     keep: bool = False,
+    screenshots: str | os.PathLike[str] | None = None,
     report: Reporter = lambda _msg: None,
 ) -> DemoOutcome:
     """Run ``cases`` one after another on a stack of its own (or, with ``attach``, on the
     daemons already running on ``rundir``) and read the audit log once they are done.
 
     Without ``rundir`` the stack runs in a temporary directory, removed afterwards unless
-    ``keep``.  Raises :class:`StepError` if the stack cannot be started or attached to.
+    ``keep``.  With ``screenshots``, each case leaves two PNGs there (:func:`screenshot_path`).  Raises :class:`StepError` if the stack cannot be started or attached to.
     """
     t0 = time.monotonic()
     temporary = rundir is None
@@ -600,7 +633,8 @@ async def run_demo(
                     raise StepError(f"cannot start the stack: {exc}") from None
                 pids = ", ".join(f"{d.name} pid {d.pid}" for d in stack.daemons.values())
                 report(f"stack on {root}: {pids}")
-            run = DemoRun(root, report, keep)
+            shots = None if screenshots is None else Path(screenshots)
+            run = DemoRun(root, report, keep, shots)
             for case in cases:
                 report(f"{case.label}: [bold]start[/bold]")
                 c0 = time.monotonic()

@@ -4,7 +4,7 @@
 
     qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--vga stdvga|cirrus|qxl]
                [--incoming FILE|defer] [--restrict] [-S] [--rundir DIR] [--xenstore PATH]
-               [--memory-mib M] [--vram-mib V]
+               [--memory-mib M] [--vram-mib V] [--vnc HOST:N|:N|unix:PATH|none]
 
 Exit status: 0 after ``quit`` or SIGTERM; 1 with a ``qemu-model: ...`` message when QEMU would
 ``exit(1)`` (a bad image for ``--incoming``, "xen: failed to restrict"); death by SIGABRT where
@@ -27,6 +27,7 @@ from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from .errors import QemuAbort, QemuExit
 from .machine import DEVICES
 from .server import Config, serve
+from .ui.vnc import VncConfigError, parse_vnc
 
 PROG = "qemu-model"
 
@@ -57,6 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     p.add_argument("--memory-mib", type=int, default=128, help="guest RAM: places ram_addr offsets")
     p.add_argument("--vram-mib", type=int, default=16)
+    p.add_argument(
+        "--vnc",
+        metavar="DISPLAY",
+        help="VNC server as QEMU's -vnc: HOST:N or :N (TCP port 5900+N, ',to=L' tries up "
+        "to display L), unix:PATH, or none",
+    )
     a = p.parse_args(argv)
     if not a.rundir:
         p.error("--rundir is required (or set PHYSMAP_LAB_RUNDIR)")
@@ -66,6 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--memory-mib out of range")
     if not 1 <= a.vram_mib <= 256 or a.vram_mib & (a.vram_mib - 1):
         p.error("--vram-mib must be a power of two from 1 to 256")
+    try:
+        vnc = None if a.vnc is None else parse_vnc(a.vnc)
+    except VncConfigError as exc:
+        p.error(str(exc))
     rundir = Path(a.rundir)
     xenstore = a.xenstore or os.environ.get("XENSTORED_PATH") or str(rundir / "socket")
     return Config(
@@ -79,6 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         start_paused=a.start_paused,
         memory_mib=a.memory_mib,
         vram_mib=a.vram_mib,
+        vnc=vnc,
     )
 
 

@@ -22,7 +22,7 @@ QEMU_VERSION: Final = {"qemu": {"major": 2, "minor": 10, "micro": 0}, "package":
 MAX_LINE: Final = 1 << 20
 
 # name -> {argument: (json type, required)}
-_STR, _BOOL, _LIST = "string", "boolean", "array"
+_STR, _BOOL, _LIST, _INT = "string", "boolean", "array", "integer"
 SCHEMA: Final[dict[str, dict[str, tuple[str, bool]]]] = {
     "qmp_capabilities": {"enable": (_LIST, False)},
     "query-commands": {},
@@ -33,8 +33,16 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, bool]]]] = {
     "xen-save-devices-state": {"filename": (_STR, True), "live": (_BOOL, False)},
     "xen-load-devices-state": {"filename": (_STR, True)},
     "x-physmap-info": {},
+    "query-vnc": {},
+    # qapi/ui.json: screendump (format since QEMU 7.1; the enum is checked when it runs).
+    "screendump": {
+        "filename": (_STR, True),
+        "device": (_STR, False),
+        "head": (_INT, False),
+        "format": (_STR, False),
+    },
 }
-_PYTYPE: Final = {_STR: str, _BOOL: bool, _LIST: list}
+_PYTYPE: Final = {_STR: str, _BOOL: bool, _LIST: list, _INT: int}
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from xenstored_sim.wire import XsError
 from . import qmp
 from .errors import LoadError, QemuAbort, QemuExit
 from .machine import Machine, RunState
+from .ui import console, vnc
 from .xen_hvm import MODES, Mode
 from .xenforeignmemory import ForeignMemory
 
@@ -57,6 +58,7 @@ class Config:
     start_paused: bool
     memory_mib: int
     vram_mib: int
+    vnc: vnc.VncAddress | None = None
 
     @property
     def hypervisor_path(self) -> Path:
@@ -152,6 +154,7 @@ class DeviceModel:
         self._clients: set[_QmpClient] = set()
         self._quit = trio.Event()
         self._fatal: BaseException | None = None
+        self._vnc: vnc.VncServer | None = None
 
     # ----------------------------------------------------------------------------------------
     # Life cycle
@@ -178,6 +181,8 @@ class DeviceModel:
                         await xs_stack.aclose()  # dm_restrict: no xenstore after setup_post
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self._serve_qmp)
+                        if cfg.vnc is not None:
+                            await nursery.start(self._serve_vnc, cfg.vnc)
                         nursery.start_soon(self._serve_ioreqs, hv)
                         task_status.started()
                         await self._start()
@@ -254,6 +259,7 @@ class DeviceModel:
     def _shutdown(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cfg.qmp_path)
+        vnc.unlink_unix(self.cfg.vnc)
         if self.machine is not None:
             self.machine.close()
         if self._privcmd is not None:
@@ -439,6 +445,10 @@ class DeviceModel:
             return info
         if name == "xen-save-devices-state":
             return await self._save(args["filename"])
+        if name == "screendump":
+            return await self._screendump(args)
+        if name == "query-vnc":
+            return {"enabled": False} if self._vnc is None else self._vnc.info()
         if name == "xen-load-devices-state":
             if state_is(machine, "running"):
                 raise qmp.QmpError("Cannot update device state while vm is running")
@@ -470,6 +480,53 @@ class DeviceModel:
             if was_running:
                 await self._set_running()
         return {}
+
+    # ----------------------------------------------------------------------------------------
+    # Display: screendump and VNC
+
+    async def surface(self) -> console.Surface:
+        """What the VGA device shows now, read through its own pointers under the lock."""
+        assert self.machine is not None
+        device = self.machine.device
+        async with self.bql:
+            return await trio.to_thread.run_sync(console.device_surface, device)
+
+    async def _screendump(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``qmp_screendump`` (ui/ui-qmp-cmds.c): the file is written by this process."""
+        assert self.machine is not None
+        fmt = console.screendump_format(args, self.machine.device_kind)
+        surface = await self.surface()
+        data = await trio.to_thread.run_sync(console.IMAGE_FORMATS[fmt], surface)
+        filename = args["filename"]
+        try:
+            fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise qmp.QmpError(f"failed to open file '{filename}': {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                await trio.to_thread.run_sync(f.write, data)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(filename)
+            raise qmp.QmpError(f"failed to save {fmt.upper()}: {exc.strerror}") from None
+        return {}
+
+    async def _serve_vnc(
+        self,
+        addr: vnc.VncAddress,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            listener, bound = await vnc.open_vnc_listener(addr)
+        except OSError as exc:
+            raise QemuExit(f"Failed to start VNC server: {exc.strerror or exc}") from None
+        log.info("vnc: listening on %s", bound)
+        server = vnc.VncServer(f"QEMU (dom{self.cfg.domid})", self.surface)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listener)
+            self._vnc = server
+            task_status.started()
 
 
 def state_is(machine: Machine, state: RunState) -> bool:

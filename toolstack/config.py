@@ -30,6 +30,8 @@ VIDEORAM_DEFAULT_MIB: Final[dict[str, int]] = {"stdvga": 16, "cirrus": 8, "qxl":
 DEFAULT_MEMORY_MIB: Final = 128
 #: Guest RAM stays below the 4 GiB boundary in this model, under the PCI hole at 0xf0000000.
 MAX_MEMORY_MIB: Final = 0xF0000000 >> 20
+#: VNC display N listens on TCP port 5900+N.
+MAX_VNC_DISPLAY: Final = 65535 - 5900
 
 # xenstore node names are alphanumeric plus "-/_@" (xenstore.txt); a name is one component.
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -58,6 +60,13 @@ class DomainConfig:
     #: The xenstore grants the stub domain gets (:mod:`toolstack.dmperms`); ``None``: the
     #: default set, which is empty.
     dm_stubdom_grants: tuple[str, ...] | None = None
+    #: xl.cfg(5) ``vnc``, ``vnclisten``, ``vncdisplay``, ``vncunused``: the device model's
+    #: VNC server (:func:`toolstack.devicemodel.vnc_arg`).  Off unless asked for, unlike xl,
+    #: so that the many guests of a simulated host do not all listen.
+    vnc: bool = False
+    vnclisten: str | None = None
+    vncdisplay: int | None = None
+    vncunused: bool = True
 
     @property
     def stubdom_grants(self) -> tuple[str, ...]:
@@ -145,6 +154,7 @@ def check(config: DomainConfig) -> DomainConfig:
             raise ConfigError(str(exc)) from None
         if canonical != config.dm_stubdom_grants:
             config = replace(config, dm_stubdom_grants=canonical)
+    _check_vnc(config)
     if config.toolstack not in FLAVOURS:
         raise ConfigError(
             f"toolstack must be one of {', '.join(FLAVOURS)}, not {config.toolstack!r}"
@@ -155,6 +165,20 @@ def check(config: DomainConfig) -> DomainConfig:
         except (ValueError, TypeError, AttributeError):
             raise ConfigError(f"uuid {config.uuid!r} is not a UUID") from None
     return config
+
+
+def _check_vnc(config: DomainConfig) -> None:
+    for name in ("vnc", "vncunused"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be 0 or 1")
+    listen = config.vnclisten
+    if listen is not None and (
+        not isinstance(listen, str) or not listen or "," in listen or not listen.isprintable()
+    ):
+        raise ConfigError(f"vnclisten {listen!r} must be an address (HOST, HOST:N or unix:PATH)")
+    display = config.vncdisplay
+    if display is not None and (not _is_int(display) or not 0 <= display <= MAX_VNC_DISPLAY):
+        raise ConfigError(f"vncdisplay must be an integer from 0 to {MAX_VNC_DISPLAY}")
 
 
 def _is_int(v: object) -> bool:
@@ -175,6 +199,10 @@ _KEYS: Final[dict[str, tuple[str, str]]] = {
     "device_model_stubdomain_override": ("dm_stubdom", "bool"),
     "toolstack": ("toolstack", "str"),
     "uuid": ("uuid", "str"),
+    "vnc": ("vnc", "bool"),
+    "vnclisten": ("vnclisten", "str"),
+    "vncdisplay": ("vncdisplay", "int"),
+    "vncunused": ("vncunused", "bool"),
     "type": ("", "hvm"),
     "builder": ("", "hvm"),
 }

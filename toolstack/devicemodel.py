@@ -62,11 +62,34 @@ def dm_argv(
         "--vram-mib",
         str(config.vram_mib),
     ]
+    vnc = vnc_arg(config)
+    if vnc is not None:
+        argv += ["--vnc", vnc]
     if config.dm_restrict:
         argv += ["--restrict", "-S"]
     if incoming is not None:
         argv += ["--incoming", incoming]
     return argv
+
+
+def vnc_arg(config: DomainConfig) -> str | None:
+    """QEMU's ``-vnc`` argument as libxl builds it (``libxl_dm.c``,
+    ``libxl__build_device_model_args_new``): ``vnclisten`` is taken whole when it names a
+    display (it holds a ``:``, which ``unix:PATH`` does too), else ``LISTEN:DISPLAY`` with
+    127.0.0.1 and display 0 by default; ``vncunused`` appends ``,to=99``.  libxl passes
+    ``-vnc none`` when VNC is off; qemu-model has no VNC unless asked, so nothing is passed."""
+    if not config.vnc:
+        return None
+    listen = "127.0.0.1"
+    display = 0
+    if config.vncdisplay:
+        display = config.vncdisplay
+        if config.vnclisten and ":" not in config.vnclisten:
+            listen = config.vnclisten
+    elif config.vnclisten:
+        listen = config.vnclisten
+    arg = listen if ":" in listen else f"{listen}:{display}"
+    return arg + (",to=99" if config.vncunused and not arg.startswith("unix:") else "")
 
 
 def spawn_detached(program: str, argv: Sequence[str], log_path: Path) -> int:

@@ -17,7 +17,7 @@ from rich.progress import Progress
 from ..demo import StepError
 from .enforce import ENFORCED_DEVICES, EnforcedCell, as_json, plan
 from .privilege import Permission
-from .report import enforced_table, matrix_table, write_out
+from .report import SCREENS_DIR, enforced_table, matrix_table, write_out
 from .runner import (
     DEVICES,
     DMS,
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
         enforced_devices = [d for d in ENFORCED_DEVICES if d in chosen] or list(chosen)
 
         async def both() -> tuple[AuditOutcome, Enforced]:
-            outcome = await run_audit(cases, repeats=args.repeats, progress=step)
+            shots = Path(args.out) / SCREENS_DIR if args.out else None
+            outcome = await run_audit(cases, repeats=args.repeats, screenshots=shots, progress=step)
             # Least privilege, enforced: the derived sets, granted to a stub device model.
             derived = derived_sets(outcome.scenarios)
             variants = plan(derived, enforced_devices)

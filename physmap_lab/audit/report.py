@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 from rich.table import Table
 
+from ..demo import AFTER_RESTORE, Case, screenshot_path
 from .enforce import EnforcedCell, acl_kind, conclusions, grantable
 from .privilege import Permission
 from .scenario import PRINCIPALS, Scenario, median
@@ -15,6 +17,12 @@ from .svg import matrix_svg, ops_chart_svg, sequence_svg
 
 #: The derived device-model sets and the enforced cells (:mod:`.enforce`).
 Enforced = tuple[Mapping[str, Sequence[Permission]], Sequence[EnforcedCell]]
+
+#: The cells whose screens the report shows side by side: QXL restored intact in new mode, and
+#: QXL after pointer-fixup, whose derived pointers went stale.
+SCREEN_CELLS: Final = (("new", "qxl"), ("pointer-fixup", "qxl"))
+#: Where, under the report's directory, the audit keeps those screens.
+SCREENS_DIR: Final = "screens"
 
 _STYLE = {"intact": "green", "corrupt": "yellow", "aborted": "red", "refused": "magenta"}
 
@@ -176,11 +184,43 @@ def markdown(
     lines += enforcement_lines(scenarios)
     if enforced is not None and enforced[1]:
         lines += stubdom_lines(*enforced)
+    lines += screen_lines(scenarios)
     lines += ["## Restore, in order", ""]
     for mode in dict.fromkeys(s.mode for s in scenarios):
         lines.append(f"![restore in {mode} mode](restore-{mode}.svg)")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def screen_lines(scenarios: Sequence[Scenario]) -> list[str]:
+    """The intact QXL restore beside pointer-fixup's, as QMP ``screendump`` saw them."""
+    shown = []
+    for mode, device in SCREEN_CELLS:
+        cell = next(
+            (
+                s
+                for s in scenarios
+                if (s.mode, s.device, s.toolstack, s.dm) == (mode, device, "libxl", "privileged")
+            ),
+            None,
+        )
+        if cell is not None:
+            name = screenshot_path(Path(SCREENS_DIR), Case(mode, device), AFTER_RESTORE)
+            shown.append((f"{mode}/{device}: {cell.outcome}", name.as_posix()))
+    if len(shown) < 2:
+        return []
+    return [
+        "## The screen after restore",
+        "",
+        "What the device model shows after restore (QMP `screendump`): QXL restored in new "
+        "mode keeps the guest's picture; after pointer-fixup its surface pointer still points "
+        "at the old mapping (qemu-physmap.md §4.7).",
+        "",
+        "| " + " | ".join(label for label, _ in shown) + " |",
+        "| " + " | ".join("---" for _ in shown) + " |",
+        "| " + " | ".join(f"![{label}]({path})" for label, path in shown) + " |",
+        "",
+    ]
 
 
 def sequence_cell(scenarios: Sequence[Scenario], mode: str) -> Scenario | None:

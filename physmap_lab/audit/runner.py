@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from ..auditlog import Principal, read_hypervisor, read_toolstack, read_xenstored
 from ..demo import (
+    AFTER_RESTORE,
     Case,
     DemoRun,
     Observed,
@@ -29,7 +30,7 @@ from ..ready import accepts
 from ..stack import open_stack
 from .enforce import EnforcedCell, Variant, judge
 from .privilege import Permission
-from .report import least_privilege
+from .report import SCREEN_CELLS, least_privilege
 from .scenario import Scenario, build, median
 
 TOOLSTACKS: Final = ("libxl", "unaware")
@@ -63,8 +64,22 @@ class AuditOutcome:
     seconds: float
 
 
+def shows_screen(case: Case, when: str) -> bool:
+    """Only the restored screens the report shows are taken."""
+    return (
+        when == AFTER_RESTORE
+        and (case.mode, case.device) in SCREEN_CELLS
+        and case.toolstack == "libxl"
+        and not case.restrict
+    )
+
+
 async def _run_once(
-    cases: Sequence[Case], root: Path, report: Reporter, progress: Reporter
+    cases: Sequence[Case],
+    root: Path,
+    report: Reporter,
+    progress: Reporter,
+    screenshots: Path | None = None,
 ) -> tuple[list[Scenario], list[str]]:
     problems: list[str] = []
     observed: list[tuple[Case, Observed, float, float]] = []
@@ -75,7 +90,7 @@ async def _run_once(
             await daemons.enter_async_context(open_stack(root, audit=True))
         except (RuntimeError, OSError) as exc:
             raise StepError(f"cannot start the stack: {exc}") from None
-        run = DemoRun(root, report)
+        run = DemoRun(root, report, screenshots=screenshots, shoot=shows_screen)
         for i, case in enumerate(cases, 1):
             progress(f"[{i}/{len(cases)}] {case.label}")
             w0, c0 = time.time(), time.monotonic()
@@ -105,11 +120,13 @@ async def run_audit(
     *,
     repeats: int = 1,
     out_rundir: str | os.PathLike[str] | None = None,
+    screenshots: Path | None = None,
     report: Reporter = lambda _m: None,
     progress: Reporter = lambda _m: None,
 ) -> AuditOutcome:
     """Run ``cases`` ``repeats`` times, each repeat on a fresh stack; the scenarios are those of
-    the first repeat, with save and restore times replaced by their medians over the repeats."""
+    the first repeat, with save and restore times replaced by their medians over the repeats.
+    With ``screenshots``, the first repeat leaves the screens of :data:`SCREEN_CELLS` there."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     t0 = time.monotonic()
@@ -123,7 +140,8 @@ async def run_audit(
         else:
             root = Path(tempfile.mkdtemp(prefix="physmap-audit-")).resolve()
         try:
-            scenarios, more = await _run_once(cases, root, report, progress)
+            shots = screenshots if n == 0 else None
+            scenarios, more = await _run_once(cases, root, report, progress, shots)
         finally:
             if out_rundir is None:
                 shutil.rmtree(root, ignore_errors=True)

@@ -262,6 +262,9 @@ _QMP_TEMPLATES: Final = (
     {"execute": "qmp_capabilities"},
     {"execute": "xen-save-devices-state", "arguments": {"filename": "", "live": False}},
     {"execute": "xen-load-devices-state", "arguments": {"filename": ""}},
+    {"execute": "screendump", "arguments": {"filename": "", "format": "png"}},
+    {"execute": "screendump", "arguments": {"filename": "", "format": "gif", "head": 1}},
+    {"execute": "query-vnc"},
     {"execute": "no-such-command", "arguments": {"a": 1}},
     {"execute": "query-status", "arguments": {"unexpected": True}},
 )

@@ -81,6 +81,8 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
     assert ours["1"]["ops_per_s"] > 0 and ours["8"]["ops_per_s"] > 0
     # The in-run ratios of our own daemon are always taken.
     assert len(by_section["scale"]) == 5
+    assert len(by_section["screen"]) == 5
+    assert all(t["figure"] is not None and t["figure"] > 0 for t in by_section["screen"])
     assert all(t["figure"] is not None for t in by_section["scale"])
     scale = doc["sections"]["scale"]
     assert scale["nodes"] == 100 * 101 + 2 and scale["watches"]["count"] == 1000

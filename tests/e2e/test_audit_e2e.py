@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 PRINCIPALS = ("toolstack", "device-model", "guest")
 
@@ -132,3 +133,18 @@ def test_the_report_and_its_pictures(audit: Audit) -> None:
     xenstore_physmap = re.compile(r">[A-Z_]+ physmap")
     assert xenstore_physmap.search((audit.out / "restore-compat.svg").read_text())
     assert not xenstore_physmap.search((audit.out / "restore-new.svg").read_text())
+
+
+def test_the_report_shows_the_intact_and_the_corrupt_qxl_screen(audit: Audit) -> None:
+    report = (audit.out / "report.md").read_text()
+    intact = audit.out / "screens" / "demo-new-qxl-libxl-after-restore.png"
+    corrupt = audit.out / "screens" / "demo-pointer-fixup-qxl-libxl-after-restore.png"
+    row = next(line for line in report.splitlines() if "screens/demo-new-qxl" in line)
+    assert row.index(intact.name) < row.index(corrupt.name)  # side by side, intact first
+    assert sorted(p.name for p in (audit.out / "screens").iterdir()) == sorted(
+        [intact.name, corrupt.name]
+    )
+    with Image.open(intact) as a, Image.open(corrupt) as b:
+        assert a.size == b.size == (800, 600)
+        assert len(set(a.tobytes())) > 200  # the guest's pattern uses every byte value
+        assert a.tobytes() != b.tobytes()  # pointer-fixup shows something else

@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 import trio
+from PIL import Image
 
+from hypervisor_sim import guest_drivers
+from physmap_lab.demo import BAR_ADDR, BPP, HEIGHT, WIDTH, Case
 from physmap_lab.stack import executable, open_stack
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +35,7 @@ class Demo:
     proc: subprocess.CompletedProcess[str]
     runs: list[dict[str, Any]]
     tmpdir: Path
+    shots: Path
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -58,16 +62,21 @@ def _end(pids: list[int]) -> None:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     tmpdir = tmp_path_factory.mktemp("demo-tmp")
+    shots = tmp_path_factory.mktemp("demo-shots")
     # The demo's temporary run directory goes under TMPDIR, so the test can see it go.
     env = dict(os.environ, TMPDIR=str(tmpdir))
     try:
         proc = subprocess.run(
-            [PHYSMAP_LAB, "demo", "--json"], capture_output=True, text=True, env=env, timeout=180
+            [PHYSMAP_LAB, "demo", "--json", "--screenshots", str(shots)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=240,
         )
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert isinstance(out, dict)
-        yield Demo(proc, out["runs"], tmpdir)
+        yield Demo(proc, out["runs"], tmpdir, shots)
     finally:
         _end(processes_mentioning(str(tmpdir)))
 
@@ -105,6 +114,20 @@ def test_the_framebuffer_survives_save_and_restore(demo: Demo) -> None:
         ), r
     # Each case drew a picture of its own, so no case can pass on another's pixels.
     assert len({r["fb_sha256_saved"] for r in demo.runs}) == len(demo.runs)
+
+
+def test_screenshots_show_the_drawn_pixels_before_save_and_after_restore(demo: Demo) -> None:
+    shots = demo.shots
+    for r in demo.runs:
+        case = Case(r["mode"], r["device"], r["toolstack"])
+        _, length = guest_drivers.framebuffer(r["device"], BAR_ADDR, WIDTH, HEIGHT, BPP)
+        raw = guest_drivers.pattern_bytes(case.seed, length)[: WIDTH * HEIGHT * 4]
+        rgb = bytearray(WIDTH * HEIGHT * 3)  # the guest's B, G, R, X as R, G, B
+        rgb[0::3], rgb[1::3], rgb[2::3] = raw[2::4], raw[1::4], raw[0::4]
+        for when in ("before-save", "after-restore"):
+            with Image.open(shots / f"{case.name}-{when}.png") as img:
+                assert (img.format, img.size) == ("PNG", (WIDTH, HEIGHT))
+                assert img.tobytes() == rgb, (case.label, when)
 
 
 def test_new_mode_keeps_the_vram_pointer_from_init(demo: Demo) -> None:
