@@ -128,10 +128,10 @@ def _slots(obj: object) -> tuple[str, ...]:
     """The attribute names of ``obj``'s class, in order: its ``__slots__``, or for a class
     compiled with mypyc (xenstored_sim/compiled.py), which has none, ``__mypyc_attrs__``."""
     cls = type(obj)
-    names = getattr(cls, "__slots__", None)
+    names: tuple[str, ...] | None = getattr(cls, "__slots__", None)
     if names is None:
         names = getattr(cls, "__mypyc_attrs__", ())
-    return tuple(sorted(names))
+    return tuple(sorted(names or ()))
 
 
 def _scalars(obj: object, handled: frozenset[str]) -> dict[str, int]:
