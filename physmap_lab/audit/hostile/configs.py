@@ -46,7 +46,7 @@ class HostileConfig:
 
     def create_args(self) -> list[str]:
         """``xl-sim create`` options of the attacker's own guest."""
-        args = ["--dm-mode", self.mode]
+        args = ["--dm-mode", self.mode, "--dm-qemu-version", self.qemu_version]
         if self.restrict:
             args.append("--dm-restrict")
         if self.stubdom and not self.restore_into_stub:
@@ -54,7 +54,8 @@ class HostileConfig:
         return args
 
     def stub_args(self) -> list[str]:
-        args = ["--dm-stubdom"]
+        """``xl-sim`` options that put the device model in a stub domain with its grants."""
+        args = ["--dm-stubdom", "--dm-qemu-version", self.qemu_version]
         if not self.grants:
             return [*args, "--dm-no-grants"]
         for g in self.grants:
