@@ -87,9 +87,7 @@ async def test_destroying_a_guest_that_used_xenstore(spawn: Callable[..., Any]) 
                     await xs.introduce(domid, 0, 1)
                 await _wait_for(rundir / "domains" / f"{domid}.sock", xenstored)
                 await hv.domain_unpause(domid)
-                assert await hv.guest(domid, [{"op": "xs_read", "path": f"{home}/name"}]) == [
-                    b"g"
-                ]
+                assert await hv.guest(domid, [{"op": "xs_read", "path": f"{home}/name"}]) == [b"g"]
                 await hv.domain_destroy(domid)
             assert (await hv.version())["has_map2"] in (True, False)
         assert hv_daemon.proc.poll() is None, "hypervisor-sim died destroying the guest"
