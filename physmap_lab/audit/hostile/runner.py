@@ -144,6 +144,14 @@ class Victims:
             return False, exc.errno_name
         return True, got.decode() if isinstance(got, bytes) else str(got)
 
+    async def stub_of(self, domid: int) -> int | None:
+        """``libxl_get_stubdom_id``: the stub domain serving ``domid``, if it has one."""
+        try:
+            raw = (await self.xs.read(f"/local/domain/{domid}/image/device-model-domid")).decode()
+        except XsError:
+            return None
+        return int(raw) if raw.isdigit() and int(raw) else None
+
     async def acls(self, paths: Sequence[str]) -> dict[str, list[str]]:
         """The ACL of every node on the way to ``paths`` (missing nodes left out)."""
         out: dict[str, list[str]] = {}
@@ -249,7 +257,7 @@ async def _run(v: Victims, cfg: HostileConfig, out: ConfigRun, live: set[int]) -
         live.add(a)
         image.unlink(missing_ok=True)
     out.domids["A"] = a
-    stub = int(await v.xs.read(f"/local/domain/{a}/image/device-model-domid")) or None
+    stub = await v.stub_of(a)
     principal = _principal(cfg, a, stub)
     out.principal = principal
     # The attacker takes the device model's own options: its sockets, its restriction.
