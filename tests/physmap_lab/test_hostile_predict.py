@@ -154,3 +154,14 @@ def test_a_cell_off_the_prediction_is_flagged() -> None:
     assert visible("compat", False, "physmap-own", True)
     assert not visible("new", False, "physmap-plant", True)
     assert not visible("compat", False, "quota-fill", True)
+
+
+def test_a_fill_hits_the_node_size_of_its_directory_first() -> None:
+    from physmap_lab.audit.hostile.predict import NODE_SIZE, children_bytes
+
+    assert children_bytes(3) == len(b"n0\0n1\0n2\0")
+    # 423 nodes fit in one directory under C's 2048-byte node size; a thousand do not.
+    assert children_bytes(400) < NODE_SIZE < children_bytes(1000)
+    fill = {"attack": "quota-fill", "path": "device-model/6/hostile", "count": 900}
+    assert _p(STUB, fill) == (False, "ENOSPC")  # under the node quota, over the node size
+    assert _p(DOM0, fill) == (True, None)

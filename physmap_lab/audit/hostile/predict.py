@@ -9,7 +9,8 @@ do_set_target(); the quota check of domain_nbentry_inc()) and the hypervisor's
 * a domain's connection gets everything on nodes owned by it or by its SET_TARGET domain,
   else the first ACL entry naming either, else the owner entry's letter for everyone;
 * creating a node needs write on its nearest existing ancestor, and counts against the
-  creator's node quota (ENOSPC past it); changing permissions needs ownership;
+  creator's node quota, its name against its parent's node size (ENOSPC past either);
+  changing permissions needs ownership;
 * INTRODUCE, RELEASE and SET_TARGET are privileged-only (EACCES);
 * watch events of ``@introduceDomain`` reach a watcher that may read that special node;
 * a privcmd handle restricted to one domain gets EPERM for any other.
@@ -32,6 +33,9 @@ _LETTER: Final = {"n": 0, "r": R, "w": W, "b": R | W}
 
 #: The xenstore-side attacks and what each needs on its node.
 _NEEDS: Final = {"xs-read": R, "xs-write": W}
+#: C 4.17's node-size quota (``-S``, ``quota node-size``): a node's value, permissions and
+#: the names of its children, in bytes (xenstore-facts.md §7).
+NODE_SIZE: Final = 2048
 #: The reason of a watch that registered but was told nothing.
 NO_EVENT: Final = "no event"
 PRIVILEGED_ONLY: Final = frozenset({"introduce", "release", "set-target"})
@@ -140,8 +144,10 @@ def predict(
         made = node_access(p, where, W, acls, creating=True)
         if not made.succeeded or p.xenstore == "dom0":
             return made
-        # The fill's own directory plus one node per step, all owned by the creator.
-        fits = owned + 1 + int(step["count"]) <= node_quota
+        # The fill's own directory plus one node per step, all owned by the creator; and the
+        # directory itself, whose children's names count against the node-size quota.
+        count = int(step["count"])
+        fits = owned + 1 + count <= node_quota and children_bytes(count) < NODE_SIZE
         return OK if fits else Prediction(False, "ENOSPC")
     if attack == "xs-set-perms":
         path = str(step["path"])
@@ -155,6 +161,11 @@ def predict(
                 return got
         return OK
     return node_access(p, str(step["path"]), _NEEDS[attack], acls, creating=attack != "xs-read")
+
+
+def children_bytes(count: int) -> int:
+    """The NUL-terminated names ``n0`` .. ``n<count-1>`` of a fill directory's children."""
+    return sum(len(f"n{i}") + 1 for i in range(count))
 
 
 def physmap_paths(step: Mapping[str, Any]) -> list[str]:
