@@ -63,12 +63,6 @@ def map_anonymous(length: int, addr: int | None = None) -> int:
     return mmap_raw(addr, length, PROT_RW, flags, -1, 0)
 
 
-def map_file(fd: int, offset: int, length: int, addr: int | None = None) -> int:
-    """Map ``length`` bytes of ``fd`` at ``offset``; with ``addr``, over that address (MAP_FIXED)."""
-    flags = MAP_SHARED | (MAP_FIXED if addr is not None else 0)
-    return mmap_raw(addr, length, PROT_RW, flags, fd, offset)
-
-
 def read(addr: int, length: int) -> bytes:
     """Copy ``length`` bytes from a mapped address."""
     return ctypes.string_at(addr, length)

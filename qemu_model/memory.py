@@ -40,9 +40,6 @@ class RamList:
         self.blocks.append(block)
         return block
 
-    def by_name(self, name: str) -> RamBlock | None:
-        return next((b for b in self.blocks if b.name == name), None)
-
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN

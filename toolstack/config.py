@@ -11,7 +11,7 @@ import json
 import re
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Final, Literal, cast, get_args
+from typing import Any, Final, Literal, get_args
 
 from .dmperms import DEFAULT_GRANTS, GrantError, parse_grant
 
@@ -279,10 +279,3 @@ def parse_config(text: str, source: str = "<config>") -> DomainConfig:
         return check(DomainConfig(**fields))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def cast_vga(value: str) -> Vga:
-    """``value`` as a :data:`Vga`, or :class:`ConfigError`."""
-    if value not in VGA_CHOICES:
-        raise ConfigError(f"vga must be one of {', '.join(VGA_CHOICES)}, not {value!r}")
-    return cast(Vga, value)
