@@ -1,4 +1,4 @@
-"""Issue 6: a well-behaved client's latency while guests attack xenstored-sim.
+"""Under attack: a well-behaved client's latency while guests attack xenstored-sim.
 
 Two well-behaved clients, a guest on its own guest socket and the privileged toolstack
 socket, time READ and WRITE one request at a time, first with the attacker domains idle and
@@ -12,7 +12,7 @@ then while every attacker, through its own guest socket:
 
 The attackers run in a separate process, so that their Python does not share this process's
 interpreter lock with the timed client.  p50 and p99 are reported with and without the attack,
-and their ratio; the issue asks for the figures, so they have no goal.
+and their ratio; these figures are reported, not held to a goal.
 """
 
 from __future__ import annotations

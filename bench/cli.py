@@ -20,7 +20,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
-        description="Measure the issue-7 performance targets and write a JSON report.",
+        description="Measure the performance targets and write a JSON report.",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for smoke tests")
     p.add_argument("--only", choices=SECTIONS, action="append", help="run only this section")

@@ -105,7 +105,7 @@ def _verdict(passed: bool | None) -> str:
 
 
 def print_targets(console: Console, results: Results) -> None:
-    table = Table(title="physmap-lab issue 7: targets", show_lines=False)
+    table = Table(title="physmap-lab performance targets", show_lines=False)
     for col in ("section", "target", "figure", "goal", "result", "note"):
         table.add_column(col, justify="right" if col == "figure" else "left")
     for t in results.targets:

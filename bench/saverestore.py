@@ -1,4 +1,4 @@
-"""Issue 7 target 3: save and restore of a 256 MiB guest with 16 MiB of video memory.
+"""Performance target: save and restore of a 256 MiB guest with 16 MiB of video memory.
 
 Before each save the guest fills all of its RAM with pseudo-random bytes (its own
 ``mem_fill``), so the image carries 256 MiB of real data rather than the holes of a guest

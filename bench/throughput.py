@@ -1,4 +1,4 @@
-"""Issue 7 target 1: closed-loop throughput and test-xenstore latency, ours beside C.
+"""Performance target: closed-loop throughput and test-xenstore latency, ours beside C.
 
 Both daemons and every client run pinned to CPU 0: on a VM a cross-CPU wake-up costs about
 70 µs against 12 µs on one CPU, so unpinned figures measure the hypervisor, not the daemon

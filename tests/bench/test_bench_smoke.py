@@ -81,7 +81,7 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
             and sum(run["pages_per_round"]) == run["pages_sent"]
         )
     assert len(by_section["migration"]) == 6
-    assert "physmap-lab issue 7: targets" in log
+    assert "physmap-lab performance targets" in log
 
 
 def test_only_runs_the_named_section(tmp_path: Path) -> None:
