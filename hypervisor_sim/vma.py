@@ -2,8 +2,8 @@
 
 Python's :mod:`mmap` cannot place a mapping at a chosen address, and QEMU's mapcache needs
 exactly that: ``xen_remap_bucket`` maps the real guest frames over the dummy with MAP_FIXED so
-the virtual address devices hold stays valid (qemu-physmap.md §3.5).  These helpers call libc's
-``mmap``/``munmap`` directly and hand out plain integer addresses.
+the virtual address devices hold stays valid (docs/qemu-physmap.md, 'The mapcache').  These helpers
+call libc's ``mmap``/``munmap`` directly and hand out plain integer addresses.
 """
 
 from __future__ import annotations

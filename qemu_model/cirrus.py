@@ -4,7 +4,7 @@ BAR 0 is a 32 MiB window; ``vga.vram`` appears at its offset 0 only in linear VR
 which the guest selects through the extended sequencer register SR07.  The mapping is
 re-evaluated by ``cirrus_update_memory_access``, which is also the post_load hook: on restore
 the VRAM enters the address space (the listener's ``region_add``) only when post_load runs
-(qemu-physmap.md §4.5 step 6).
+(docs/qemu-physmap.md, 'Restore, new mode' step 6).
 
 The display geometry comes from the CRTC (0x3d4/0x3d5): CR01 horizontal display end,
 CR12/CR07 vertical display end, CR13/CR1B the line offset, as ``cirrus_get_resolution`` and

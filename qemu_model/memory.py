@@ -2,7 +2,7 @@
 
 Under Xen a RAM block owns no host memory: its ``ram_addr`` offset doubles as a guest frame
 number range, and the first pointer use maps the whole block through the mapcache, locked, and
-caches it in ``host`` (qemu-physmap.md §4.1, §4.2).
+caches it in ``host`` (docs/qemu-physmap.md, 'VRAM and the devices').
 """
 
 from __future__ import annotations

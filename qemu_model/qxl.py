@@ -2,14 +2,15 @@
 
 BAR 0 is ``vga.vram``, the QXL RAM, with the RAM header at its end; BAR 1 (``qxl.vram``) and
 the ROM (BAR 2) are sized but not backed here; BAR 3 holds the I/O ports.  What matters is
-how QXL derives pointers from the VRAM pointer (qemu-physmap.md §4.3):
+how QXL derives pointers from the VRAM pointer (docs/qemu-physmap.md, 'VRAM and the devices'):
 
 * ``init_qxl_ram`` at realize: ``ram = vga.vram_ptr + ram_header_offset``;
 * ``qxl_add_memslot``: a slot's host ``virt_start`` comes from the block's host pointer
   (``memory_region_get_ram_ptr``) plus the slot's offset into the BAR;
 * the primary surface's pointer is ``qxl_phys2virt`` of its QXLPHYSICAL address.
 
-These are the pointers a scheme that patches only ``vga.vram_ptr`` leaves behind (§4.7).
+These are the pointers a scheme that patches only ``vga.vram_ptr`` leaves behind
+(docs/qemu-physmap.md, 'Why not patch the pointers').
 
 The RAM header layout (little-endian; offsets from the header start):
 

@@ -5,11 +5,12 @@ foreign mappings and hypercalls made from device code), xenstore, and the QMP so
 code runs in a worker thread under one lock, the way QEMU's runs under the big QEMU lock; when
 it needs xenstore it calls back into trio with ``trio.from_thread.run``.
 
-Start-up follows QEMU with Xen (qemu-physmap.md §4.5): open the connections, create the ioreq
-server, build the machine (mapcache, ``xen_read_physmap``, devices), apply ``--restrict`` in
-``setup_post`` (close xenstore, restrict the hypervisor connections, §5.2), open QMP, then run
-the incoming load if ``--incoming`` was given.  Without ``-S`` the machine then runs, and an
-unrestricted device model writes ``running`` to its state node (§2.4).
+Start-up follows QEMU with Xen (docs/qemu-physmap.md, 'Restore, new mode'): open the connections,
+create the ioreq server, build the machine (mapcache, ``xen_read_physmap``, devices), apply
+``--restrict`` in ``setup_post`` (close xenstore, restrict the hypervisor connections,
+docs/qemu-physmap.md, 'Restriction'), open QMP, then run the incoming load if ``--incoming`` was
+given.  Without ``-S`` the machine then runs, and an unrestricted device model writes ``running`` to
+its state node (docs/qemu-physmap.md, 'Start-up and readiness').
 """
 
 from __future__ import annotations
@@ -298,11 +299,13 @@ class DeviceModel:
         await self._set_runstate("running")
 
     async def _record_dm_state(self) -> None:
-        """``xenstore_record_dm_state``: not registered at all when restricted (§2.4)."""
+        """``xenstore_record_dm_state``: not registered at all when restricted
+        (docs/qemu-physmap.md, 'Start-up and readiness')."""
         if self.cfg.restrict or self._xs_bridge is None or self.machine is None:
             return
         # Relative, as QEMU writes it: xenstored puts it under this connection's home, dom0's
-        # tree for a dom0 device model and the stub's own tree for a stub domain (§2.4, §5.5).
+        # tree for a dom0 device model and the stub's own tree for a stub domain
+        # (docs/qemu-physmap.md, 'Start-up and readiness', 'Stub domains').
         path = f"device-model/{self.cfg.domid}/state"
         ok = await trio.to_thread.run_sync(self._xs_bridge.write, path, "running")
         if not ok:

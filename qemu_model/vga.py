@@ -1,8 +1,9 @@
 """The VGA family: the common VRAM (``vga_common_init``) and the standard VGA with VBE.
 
-``vga_common_init`` (qemu-physmap.md §4.3) creates the ``vga.vram`` RAM block, registers it
-as Xen's framebuffer, caches ``vram_ptr`` from the block's host pointer and turns on dirty
-logging; all of this happens at realize time, BEFORE an incoming device state is loaded.
+``vga_common_init`` (docs/qemu-physmap.md, 'VRAM and the devices') creates the ``vga.vram`` RAM
+block, registers it as Xen's framebuffer, caches ``vram_ptr`` from the block's host pointer and
+turns on dirty logging; all of this happens at realize time, BEFORE an incoming device state is
+loaded.
 """
 
 from __future__ import annotations

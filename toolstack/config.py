@@ -55,7 +55,7 @@ class DomainConfig:
     toolstack: Flavour = "libxl"
     uuid: str | None = None
     #: Run the device model as an unprivileged stub domain (xl.cfg
-    #: ``device_model_stubdomain_override``; qemu-physmap.md §5.5).
+    #: ``device_model_stubdomain_override``; docs/qemu-physmap.md, 'Stub domains').
     dm_stubdom: bool = False
     #: The xenstore grants the stub domain gets (:mod:`toolstack.dmperms`); ``None``: the
     #: default set, which is empty.

@@ -3,8 +3,9 @@
 Flags follow C xenstored where it has them: ``-E`` nodes, ``-S`` node size, ``-W`` watches,
 ``-t`` transactions, ``-A`` permissions per node, ``-M`` path length, ``-Q name=value`` any
 quota, ``-q memory=N`` the soft memory quota, ``-w watch-event=SECONDS`` the watch-event
-timeout (xenstore-facts.md §7.1, §4.8; C 4.17's usage text).  Like C (``xs_lib.c``), the run directory comes from
-``XENSTORED_RUNDIR`` and the socket path from ``XENSTORED_PATH`` unless given as flags.
+timeout (docs/xenstore.md, 'Quotas', 'Watch events and the send queue'; C 4.17's usage text).  Like
+C (``xs_lib.c``), the run directory comes from ``XENSTORED_RUNDIR`` and the socket path from
+``XENSTORED_PATH`` unless given as flags.
 """
 
 from __future__ import annotations

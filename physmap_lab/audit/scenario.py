@@ -29,9 +29,11 @@ def expected_outcome(case: Case) -> str:
     """What the facts predict for a cell.
 
     Compat mode with a restricted device model cannot start: compat builds have no working
-    ``xentoolcore_restrict_all`` (qemu-physmap.md §5.3).  Compat mode with a toolstack that does
-    not carry the physmap keys aborts on restore (§4.6).  The pointer-fixup scheme cannot reach
-    QXL's derived pointers (§4.7).  New mode works everywhere (§4.5, §5.6).
+    ``xentoolcore_restrict_all`` (docs/qemu-physmap.md, 'Restriction').  Compat mode with a
+    toolstack that does not carry the physmap keys aborts on restore (docs/qemu-physmap.md,
+    'Restore, compat mode').  The pointer-fixup scheme cannot reach QXL's derived pointers
+    (docs/qemu-physmap.md, 'Why not patch the pointers').  New mode works everywhere
+    (docs/qemu-physmap.md, 'Restore, new mode', 'Restriction').
     """
     if case.mode == "compat" and case.restrict:
         return "refused"
@@ -44,9 +46,10 @@ def expected_outcome(case: Case) -> str:
 
 def outcome(seen: Observed, result: CaseResult) -> str:
     """``refused``: the device model would not start (create failed); ``aborted``: a later step
-    failed, the device model died (the compat shim's assertion, qemu-physmap.md §4.6);
-    ``corrupt``: every step ran but a view of the framebuffer or a derived pointer is wrong
-    (§4.7); ``intact``: the restored guest shows what it drew."""
+    failed, the device model died (the compat shim's assertion, docs/qemu-physmap.md, 'Restore,
+    compat mode'); ``corrupt``: every step ran but a view of the framebuffer or a derived pointer is
+    wrong (docs/qemu-physmap.md, 'Why not patch the pointers'); ``intact``: the restored guest shows
+    what it drew."""
     if seen.error is not None:
         return "refused" if seen.failed_step == "create" else "aborted"
     return "intact" if result.ok else "corrupt"

@@ -322,7 +322,8 @@ async def test_restrict_new_mode_restores_without_xenstore(lab: Lab) -> None:
         info = await q.execute("x-physmap-info")
     assert info["restricted"] and info["derived_ptrs_valid"]
     assert info["display_sha256"] == pattern_sha256("qxl")
-    # Restricted: no state node (libxl uses QMP instead, §2.4).
+    # Restricted: no state node (libxl uses QMP instead, docs/qemu-physmap.md, 'Start-up and
+    # readiness').
     with pytest.raises(XsError):
         await lab.xs.read(f"/local/domain/0/device-model/{dst}/state")
 

@@ -1,4 +1,4 @@
-"""Permission lists (xenstore-facts.md §3).
+"""Permission lists (docs/xenstore.md, 'Permissions').
 
 A list is a tuple of ``(mask, domid)`` pairs.  Entry 0 names the owner, and its letter is the
 access of every domain without an entry of its own; later entries are per-domain ACL entries,
@@ -46,7 +46,8 @@ def parse_perms(args: list[bytes]) -> Perms:
         m = _ENTRY.fullmatch(arg)
         if m is None:
             raise XsErrno("EINVAL")
-        # C strtol(s, NULL, 0): 0x is hex, a leading 0 octal, else decimal (§3.1).
+        # C strtol(s, NULL, 0): 0x is hex, a leading 0 octal, else decimal (docs/xenstore.md,
+        # 'Permissions').
         digits = m.group(2)
         if digits[:2] in (b"0x", b"0X"):
             domid = int(digits[2:], 16)

@@ -50,7 +50,8 @@ class DaemonConfig:
     sync: SyncPolicy = SyncPolicy.BATCH
     journal_max: int = DEFAULT_JOURNAL_MAX
     #: Seconds a watch event may wait unread on a guest connection before it is discarded
-    #: (C ``--timeout watch-event=``, xenstore-facts.md §4.8); 0 keeps events forever.
+    #: (C ``--timeout watch-event=``, docs/xenstore.md, 'Watch events and the send queue'); 0 keeps
+    #: events forever.
     watch_event_timeout: float = 20.0
     #: Descriptor of the state a live update handed over (server/live_update.py); the
     #: sockets come from it instead of being bound.

@@ -1,6 +1,6 @@
 """Live update: the daemon re-executes itself and keeps every client connection.
 
-Theory of operation (xenstore-facts.md §8.2, §8.3; C lu.c, lu_daemon.c).  A privileged client
+Theory of operation (docs/xenstore.md, 'Live update'; C lu.c, lu_daemon.c).  A privileged client
 sends CONTROL ``live-update -f <binary>`` (optional here: the default is the running
 program), optionally ``-c <cmdline>`` (extra arguments for the new process), then ``-s``.
 ``-s`` is handled inside the request's dispatch, so no other request is half done: the shell
