@@ -11,6 +11,7 @@ C (``xs_lib.c``), the run directory comes from ``XENSTORED_RUNDIR`` and the sock
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -163,6 +164,7 @@ async def _main(config: DaemonConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="xenstored-sim: %(message)s")
     os.makedirs(config.rundir, exist_ok=True)
     try:
         trio.run(_main, config)

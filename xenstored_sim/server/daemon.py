@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
-import sys
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,8 @@ from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
 from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
 from .live_update import LiveUpdater
 from .peer import peer_of
+
+log = logging.getLogger("xenstored_sim.server")
 
 
 @dataclass
@@ -154,7 +155,7 @@ class XenstoredServer:
             try:
                 listener = _listen_unix(path)
             except OSError as exc:
-                print(f"xenstored-sim: cannot serve {path}: {exc}", file=sys.stderr)
+                log.error("cannot serve %s: %s", path, exc)
                 return
         self.listeners[domid] = listener
         self._paths.append(path)
@@ -263,7 +264,7 @@ class XenstoredServer:
             out = self.engine.handle(conn_id, packet)
         except Exception:
             # A bug must not take the daemon down: this client alone is dropped.
-            traceback.print_exc()
+            log.exception("request %s of connection %d failed", packet.op, conn_id)
             client = self._clients.get(conn_id)
             if client is not None:
                 client.close()

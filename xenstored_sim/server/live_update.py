@@ -28,6 +28,7 @@ of updates the daemon has been through.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import socket
@@ -46,6 +47,8 @@ from ..core.migration import (
     restore_engine,
 )
 from ..wire import Op, Packet, encode
+
+log = logging.getLogger("xenstored_sim.live_update")
 
 if TYPE_CHECKING:
     from .daemon import XenstoredServer
@@ -163,7 +166,7 @@ class LiveUpdater:
             sys.stderr.flush()
             os.execv(path, argv)
         except OSError as exc:
-            print(f"xenstored-sim: live update failed: {exc}", file=sys.stderr)
+            log.error("live update failed: %s", exc)
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
