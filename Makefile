@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz clean image compose
+.PHONY: setup test unit demo bench lint fuzz clean image compose
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 
@@ -29,6 +29,10 @@ $(XEN_ROOT)/.unpacked: scripts/fetch-xen-utils.sh
 
 test: setup
 	$(PY) -m pytest -q
+
+# The fast ring alone: pure cores, no process or socket (markers set in tests/conftest.py).
+unit: setup
+	$(PY) -m pytest -q -m unit
 
 demo: setup
 	$(VENV)/bin/physmap-lab demo
