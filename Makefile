@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test unit demo bench lint fuzz clean image compose
+.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 
@@ -51,6 +51,31 @@ bench: setup
 
 fuzz: setup
 	$(PY) -m physmap_lab.fuzz --frames 1000000
+
+# The whole-stack random walk, long: `make soak SEED=7 STEPS=5000` replays one (no SEED: a new
+# one, printed first).
+SEED ?=
+STEPS ?= 2000
+soak: setup
+	$(PY) -m physmap_lab.soak $(if $(SEED),--seed $(SEED)) --steps $(STEPS)
+
+# Random differential run against C xenstored (../shared/oracle): make diff-c SEED="1 2" N=1000;
+# ONLY=I reruns one scenario; AGAINST=c FRESH=1 is the self-check (C reused against C fresh).
+N ?= 1000
+diff-c: setup
+	$(PY) tests/xenstored_sim/oracle/diffrun.py $(foreach s,$(or $(SEED),1),--seed $(s)) --n $(N) \
+		$(if $(ONLY),--only $(ONLY)) $(if $(AGAINST),--against $(AGAINST)) $(if $(FRESH),--fresh)
+
+# Every crash state of the durable store: the small workload under every --sync, the full one
+# under always and batch, and a seeded sample of the full one's many states under none.
+CRASH_TEST := tests/xenstored_sim/durability/test_crash_states.py
+crash-states: setup
+	XS_CRASH_WORKLOAD=small XS_CRASH_STATES=all $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k every_crash_state
+	XS_CRASH_WORKLOAD=full XS_CRASH_STATES=all $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k "every_crash_state and not none"
+	XS_CRASH_WORKLOAD=full XS_CRASH_STATES=400 $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k "every_crash_state and none"
 
 lint: setup
 	$(VENV)/bin/ruff check .

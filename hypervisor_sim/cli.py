@@ -15,12 +15,13 @@ import sys
 import trio
 
 from xenstored_sim.client.paths import parse_principal_sockets
+from xenstored_sim.startup import OneLineParser, os_errors
 
 from .server import AuditLog, HypervisorServer
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hypervisor-sim", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="hypervisor-sim", description=__doc__.splitlines()[0])
     p.add_argument("--rundir", required=True, help="the run directory (hypervisor.sock, mem/)")
     p.add_argument(
         "--xen-libs",
@@ -66,10 +67,28 @@ async def _run(server: HypervisorServer) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    audit = AuditLog(args.audit_log) if args.audit_log else None
+    audit: AuditLog | None = None
     try:
-        server = HypervisorServer(args.rundir, args.xen_libs, audit, args.principal_sockets)
-        trio.run(_run, server)
+        if args.audit_log:
+            try:
+                audit = AuditLog(args.audit_log)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot open the audit log {args.audit_log}: {exc.strerror}"
+                ) from None
+        trio.run(
+            _run,
+            HypervisorServer(args.rundir, args.xen_libs, audit, args.principal_sockets),
+        )
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        lines = os_errors(exc)
+        if lines is None:
+            raise
+        for line in lines:
+            print(f"hypervisor-sim: {line}", file=sys.stderr)
+        return 1
     finally:
         if audit is not None:
             audit.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolstack.config import DM_MODES, FLAVOURS, VGA_CHOICES
+from xenstored_sim.startup import OneLineParser
 
 from .demo import (
     DEFAULT_DEVICES,
@@ -54,7 +56,7 @@ RECORD_ABBREV: Final = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="A simulated Xen host that saves and restores QEMU's VRAM."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_host(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_host(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     p = sub.add_parser(
         "host",
         help="start or stop one simulated host (a run directory with its own daemons)",
@@ -155,7 +157,7 @@ def _host(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     from .audit.runner import DEVICES, DMS, MODES, TOOLSTACKS
 
     p = sub.add_parser(
@@ -360,6 +362,17 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     return outcome.exit_status
 
 
+def _unusable_dir(path: str) -> str | None:
+    """Why ``path`` cannot serve as a directory to write into (created if missing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -367,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--attach needs --rundir: the directory the daemons run on")
     if getattr(args, "migrate", False) and (args.attach or args.screenshots):
         parser.error("--migrate starts its own two hosts and takes no --attach or --screenshots")
+    for flag, path in ((f, getattr(args, f[2:], None)) for f in ("--rundir", "--out")):
+        if path and (problem := _unusable_dir(path)):
+            print(f"{PROG}: error: {flag} {path}: {problem}", file=sys.stderr)
+            return 1
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
     if args.command == "host":

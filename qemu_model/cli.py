@@ -14,7 +14,6 @@ QEMU's assertions fail (the compat map2 shim, a failed in-place replacement).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import trio
 
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenstored_sim.startup import OneLineParser, one_line
 
 from .errors import QemuAbort, QemuExit
 from .machine import DEVICES
@@ -34,7 +34,7 @@ PROG = "qemu-model"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog=PROG, description="A Xen HVM device model (QEMU, modelled).")
+    p = OneLineParser(prog=PROG, description="A Xen HVM device model (QEMU, modelled).")
     p.add_argument("--domid", type=int, required=True, help="the guest domain (-xen-domid)")
     p.add_argument(
         "--xen-mode",
@@ -84,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     except VncConfigError as exc:
         p.error(str(exc))
     rundir = Path(a.rundir)
+    if not rundir.is_dir():
+        p.error(f"--rundir {a.rundir}: no such directory")
     xenstore = a.xenstore or os.environ.get("XENSTORED_PATH") or str(rundir / "socket")
     return Config(
         domid=a.domid,
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: {exc.message}", file=sys.stderr, flush=True)
             return exc.status
         if isinstance(exc, HypervisorDisconnected | HypercallError | OSError):
-            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+            print(f"{PROG}: {one_line(exc)}", file=sys.stderr, flush=True)
             return 1
         if isinstance(exc, KeyboardInterrupt):
             return 130

@@ -19,9 +19,7 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from hypervisor_sim.client import HypervisorClient, open_hypervisor
 from hypervisor_sim.privcmd import Privcmd
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import XsClient, XsDisconnected, open_xenstore
+from xenstored_sim.startup import OwnedSocket, listen_unix
 from xenstored_sim.wire import XsError
 
 from . import qmp
@@ -144,6 +143,17 @@ class PrivcmdHypercalls:
         self._p.call("modified_memory", domid=domid, first_pfn=first_pfn, nr=nr)
 
 
+@contextlib.asynccontextmanager
+async def _open_hypervisor(path: Path) -> AsyncIterator[HypervisorClient]:
+    """``open_hypervisor``, with a failure to connect said in one line naming the socket."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            hv = await stack.enter_async_context(open_hypervisor(path))
+        except OSError as exc:
+            raise QemuExit(f"xen: cannot reach hypervisor-sim at {path}: {exc.strerror}") from None
+        yield hv
+
+
 class _QmpClient:
     def __init__(self) -> None:
         self.session = qmp.QmpSession()
@@ -165,6 +175,7 @@ class DeviceModel:
         self._clients: set[_QmpClient] = set()
         self._quit = trio.Event()
         self._fatal: BaseException | None = None
+        self._qmp_sock: OwnedSocket | None = None
         self._vnc: vnc.VncServer | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -173,7 +184,7 @@ class DeviceModel:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         try:
-            async with open_hypervisor(cfg.hypervisor_path) as hv:
+            async with _open_hypervisor(cfg.hypervisor_path) as hv:
                 self._hv = hv
                 self.mode = resolve_mode(cfg.xen_mode, bool((await hv.version())["has_map2"]))
                 self._privcmd = await trio.to_thread.run_sync(Privcmd, cfg.hypervisor_path)
@@ -269,8 +280,8 @@ class DeviceModel:
             await self._set_running()
 
     def _shutdown(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.cfg.qmp_path)
+        if self._qmp_sock is not None:
+            self._qmp_sock.remove()
         vnc.unlink_unix(self.cfg.vnc)
         if self.machine is not None:
             self.machine.close()
@@ -347,20 +358,17 @@ class DeviceModel:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         path = self.cfg.qmp_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
-        # Bind and listen under a temporary name, then rename: whoever sees the path can
-        # connect at once (a client waiting for the file never meets ECONNREFUSED).
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(str(tmp))
-        sock.listen(16)
-        os.chmod(tmp, 0o600)
-        os.rename(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QemuExit(f"cannot create {path.parent}: {exc.strerror}") from None
+        # Bound under a temporary name and renamed: whoever sees the path can connect at once.
+        # A live device model's socket is never replaced, and only our own is removed at exit.
+        try:
+            self._qmp_sock = listen_unix(str(path), backlog=16)
+        except OSError as exc:
+            raise QemuExit(f"QMP: {exc.strerror}") from None
+        sock = trio.socket.from_stdlib_socket(self._qmp_sock.sock)
         listener = trio.SocketListener(sock)
         task_status.started()
         async with listener, trio.open_nursery() as nursery:

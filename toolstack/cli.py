@@ -37,6 +37,7 @@ import trio
 from hypervisor_sim import guest_drivers
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import XsDisconnected
+from xenstored_sim.startup import OneLineParser
 from xenstored_sim.wire import XsError
 
 from . import migrate
@@ -108,7 +109,7 @@ def _grant_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument(
         "--rundir",
         default=argparse.SUPPRESS,
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, parents=[common], description="A toolstack for the simulated Xen host."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -509,6 +509,9 @@ class Libxl:
                 await self._xs("write", path, t.write(path, value), tx=True)
 
             await rm(dom)
+            # Left by an earlier domain with this domid that was never destroyed (it died
+            # with the hypervisor): its "running" must not pass for the new device model's.
+            await rm(dm_root(domid))
             await mknod(dom, ro)
             await rm(vm)
             await mknod(vm, ro)
@@ -595,6 +598,10 @@ class Libxl:
             )["domid"]
         )
         made.domid = domid
+        # The hypervisor gave out this domid: any configuration recorded under it belongs to
+        # a domain that no longer exists (libxl keys userdata by domid).
+        for stale in self.run.userdata_files(domid):
+            stale.unlink(missing_ok=True)
         made.files.append(
             self._store_userdata(domid, uuid, config.with_overrides(name=name, uuid=uuid))
         )
