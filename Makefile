@@ -7,9 +7,14 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states
+.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored
 
-setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
+setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked compiled
+
+# The mypyc-compiled sans-IO core of xenstored-sim, in .cache/mypyc/<hash of its sources>
+# (xenstored_sim/compiled.py); a no-op when up to date.  Without a build the pure core runs.
+compiled: $(VENV)/.installed
+	@$(PY) -c "import sys; from xenstored_sim.compiled import main; sys.exit(main(['build']))" || echo "xenstored-sim: using the pure-Python core"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +39,10 @@ test: setup
 unit: setup
 	$(PY) -m pytest -q -m unit
 
+# The unit ring of xenstored-sim on the pure-Python core (make test uses the compiled one).
+test-pure: setup
+	XENSTORED_SIM_PURE=1 $(PY) -m pytest -q tests/xenstored_sim/unit
+
 demo: setup
 	$(VENV)/bin/physmap-lab demo
 
@@ -48,6 +57,10 @@ compose: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# The xenstored-sim figures alone (closed loop, test-xenstore, CPU per op): a few minutes.
+bench-xenstored: setup
+	$(PY) bench/run.py --only throughput
 
 fuzz: setup
 	$(PY) -m physmap_lab.fuzz --frames 1000000

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from xenstored_sim.compiled import build_kind
+
 from . import attack, migration, saverestore, scale, screen, throughput
 from .daemons import BenchError, oracle_present
 from .results import SECTIONS, Results, print_comparison, print_targets
@@ -37,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         oracle=use_oracle,
         command=["bench/run.py", *(sys.argv[1:] if argv is None else argv)],
+        build=build_kind(),  # the daemons started here inherit this environment
     )
     wanted = args.only or list(SECTIONS)
     if not use_oracle:

@@ -242,7 +242,10 @@ class HypervisorServer:
             nursery.start_soon(self._async_call, conn, req.id, req.call, req.args)
             return
         try:
-            result = self.core.call(conn.id, req.call, req.args)
+            if req.call == "sequence":
+                result = self._sequence(conn, req.args)
+            else:
+                result = self.core.call(conn.id, req.call, req.args)
         except HypercallError as exc:
             self._audit(conn, req.call, req.args.get("domid"), exc.errno_name)
             await conn.send(error_reply(req.id, exc.errno_name, exc.message))
@@ -250,6 +253,33 @@ class HypervisorServer:
             self._audit(conn, req.call, req.args.get("domid"), "ok")
             await conn.send(ok_reply(req.id, result))
         self._apply_effects()
+
+    def _sequence(self, conn: Connection, args: dict[str, Any]) -> int:
+        """Synchronous hypercalls made one after the other, as a caller's loop would make them,
+        stopping at the first failure; each is audited as its own hypercall.  Only the round
+        trips are saved (a device model's per-page relocation loop)."""
+        check_args("sequence", args)
+        calls = args["calls"]
+        for i, item in enumerate(calls):
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], dict)
+                or item[0] in _ASYNC_CALLS
+                or item[0] == "sequence"
+            ):
+                raise HypercallError("EINVAL", f"sequence item {i} is not [call, {{args}}]")
+            call, call_args = item
+            try:
+                self.core.call(conn.id, call, call_args)
+            except HypercallError as exc:
+                self._audit(conn, call, call_args.get("domid"), exc.errno_name)
+                raise HypercallError(
+                    exc.errno_name, f"{exc.message} (call {i} of {len(calls)})"
+                ) from None
+            self._audit(conn, call, call_args.get("domid"), "ok")
+        return len(calls)
 
     async def _async_call(
         self, conn: Connection, rid: int, call: str, args: dict[str, Any]

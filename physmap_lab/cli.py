@@ -27,12 +27,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from toolstack.config import DM_MODES, FLAVOURS, VGA_CHOICES
+from toolstack.config import DM_MODES, DM_QEMU_VERSIONS, FLAVOURS, VGA_CHOICES
 from xenstored_sim.startup import OneLineParser
 
 from .demo import (
     DEFAULT_DEVICES,
     DEFAULT_MODES,
+    DEFAULT_QEMU,
     DEFAULT_TOOLSTACKS,
     CaseResult,
     DemoOutcome,
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help=f"toolstack flavours: {', '.join(FLAVOURS)} (default: libxl)",
     )
+    _add_qemu(p, f"default: {DEFAULT_QEMU}, the release that merged the series")
     p.add_argument(
         "--rundir",
         metavar="DIR",
@@ -120,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit(sub)
     _add_host(sub)
     return parser
+
+
+def _add_qemu(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--qemu",
+        dest="qemus",
+        action="extend",
+        nargs="+",
+        choices=DM_QEMU_VERSIONS,
+        metavar="V",
+        help=f"the QEMU the device model behaves as: {', '.join(DM_QEMU_VERSIONS)} ({default})",
+    )
 
 
 def _add_host(sub: argparse._SubParsersAction[OneLineParser]) -> None:
@@ -158,7 +172,7 @@ def _host(args: argparse.Namespace) -> int:
 
 
 def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
-    from .audit.runner import DEVICES, DMS, MODES, TOOLSTACKS
+    from .audit.runner import DEVICES, DMS, MODES, QEMUS, TOOLSTACKS
 
     p = sub.add_parser(
         "audit",
@@ -184,6 +198,7 @@ def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
             metavar=name[0].upper(),
             help=f"{', '.join(choices)} (default: all)",
         )
+    _add_qemu(p, f"default: {' and '.join(QEMUS)}; a privileged device model runs as the first")
 
 
 def _hex(value: int | None) -> str:
@@ -304,6 +319,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         args.modes or DEFAULT_MODES,
         args.devices or DEFAULT_DEVICES,
         args.toolstacks or DEFAULT_TOOLSTACKS,
+        args.qemus or [DEFAULT_QEMU],
     )
 
     def report(message: str) -> None:

@@ -2,7 +2,8 @@
 
 ::
 
-    qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--vga stdvga|cirrus|qxl]
+    qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--qemu-version 2.10|3.0|current]
+               [--vga stdvga|cirrus|qxl]
                [--incoming FILE|defer] [--restrict] [-S] [--rundir DIR] [--xenstore PATH]
                [--hypervisor PATH]
                [--memory-mib M] [--vram-mib V] [--vnc HOST:N|:N|unix:PATH|none]
@@ -29,6 +30,7 @@ from .errors import QemuAbort, QemuExit
 from .machine import DEVICES
 from .server import Config, serve
 from .ui.vnc import VncConfigError, parse_vnc
+from .version import DEFAULT_QEMU_VERSION, QEMU_VERSIONS, QemuVersion
 
 PROG = "qemu-model"
 
@@ -42,6 +44,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default="new",
         help="physmap handling: libs >= 4.10, XEN_COMPAT_PHYSMAP, the rejected pointer "
         "fix-up, or chosen from the hypervisor's library version",
+    )
+    p.add_argument(
+        "--qemu-version",
+        choices=QEMU_VERSIONS,
+        default=DEFAULT_QEMU_VERSION,
+        help="which QEMU to behave as: 2.10 (the release that merged the series, default), "
+        "3.0 (xentoolcore_restrict_all) or current (docs/fidelity.md)",
     )
     p.add_argument("--vga", choices=sorted(DEVICES), default="stdvga")
     p.add_argument(
@@ -98,6 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         start_paused=a.start_paused,
         memory_mib=a.memory_mib,
         vram_mib=a.vram_mib,
+        qemu_version=QemuVersion.parse(a.qemu_version),
         vnc=vnc,
         hypervisor=Path(a.hypervisor) if a.hypervisor else None,
     )

@@ -3,13 +3,13 @@
 ::
 
     xl-sim --rundir DIR [--json] create [CONFIG] [--name N] [--memory MiB] [--vga V]
-                                      [--videoram MiB] [--dm-mode M] [--dm-restrict]
+                                      [--videoram MiB] [--dm-mode M] [--dm-qemu-version V] [--dm-restrict]
                                       [--dm-stubdom [--dm-grant 'ACCESS PATH' ...]]
                                       [--toolstack libxl|unaware]
     xl-sim --rundir DIR [--json] list
     xl-sim --rundir DIR [--json] pause|unpause|destroy DOMID
     xl-sim --rundir DIR [--json] save [--checkpoint] [--toolstack F] DOMID FILE
-    xl-sim --rundir DIR [--json] restore FILE [--name N] [--dm-mode M] [--dm-restrict |
+    xl-sim --rundir DIR [--json] restore FILE [--name N] [--dm-mode M] [--dm-qemu-version V] [--dm-restrict |
                                       --no-dm-restrict] [--dm-stubdom | --no-dm-stubdom]
                                       [--dm-grant 'ACCESS PATH' ...] [--toolstack F]
     xl-sim --rundir DIR [--json] migrate DOMID ADDRESS:PORT [--max-rounds N]
@@ -41,7 +41,15 @@ from xenstored_sim.startup import OneLineParser
 from xenstored_sim.wire import XsError
 
 from . import migrate
-from .config import DM_MODES, FLAVOURS, VGA_CHOICES, ConfigError, DomainConfig, parse_config
+from .config import (
+    DM_MODES,
+    DM_QEMU_VERSIONS,
+    FLAVOURS,
+    VGA_CHOICES,
+    ConfigError,
+    DomainConfig,
+    parse_config,
+)
 from .libxl import Libxl, ToolstackError, open_libxl
 from .streamio import StreamError
 
@@ -131,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vga", choices=VGA_CHOICES)
     p.add_argument("--videoram", type=_int, help="video memory in MiB")
     p.add_argument("--dm-mode", choices=DM_MODES)
+    p.add_argument(
+        "--dm-qemu-version",
+        choices=DM_QEMU_VERSIONS,
+        help="the QEMU the device model behaves as (xl.cfg device_model_qemu_version)",
+    )
     p.add_argument("--dm-restrict", action="store_true", default=None)
     p.add_argument("--dm-stubdom", dest="dm_stubdom", action="store_true", default=None)
     _grant_arg(p)
@@ -157,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--name")
     p.add_argument("--dm-mode", choices=DM_MODES)
+    p.add_argument(
+        "--dm-qemu-version",
+        choices=DM_QEMU_VERSIONS,
+        help="the QEMU the device model behaves as (xl.cfg device_model_qemu_version)",
+    )
     p.add_argument("--dm-restrict", dest="dm_restrict", action="store_true", default=None)
     p.add_argument("--no-dm-restrict", dest="dm_restrict", action="store_false")
     p.add_argument("--dm-stubdom", dest="dm_stubdom", action="store_true", default=None)
@@ -220,6 +238,7 @@ def _create_config(args: argparse.Namespace) -> DomainConfig:
         vga=args.vga,
         videoram_mib=args.videoram,
         dm_mode=args.dm_mode,
+        dm_qemu_version=args.dm_qemu_version,
         dm_restrict=args.dm_restrict,
         dm_stubdom=args.dm_stubdom,
         dm_stubdom_grants=None if args.dm_grants is None else tuple(args.dm_grants),
@@ -284,6 +303,7 @@ async def run_command(args: argparse.Namespace) -> dict[str, Any]:
             overrides = {
                 "name": args.name,
                 "dm_mode": args.dm_mode,
+                "dm_qemu_version": args.dm_qemu_version,
                 "dm_restrict": args.dm_restrict,
                 "dm_stubdom": args.dm_stubdom,
                 "dm_stubdom_grants": None if args.dm_grants is None else tuple(args.dm_grants),

@@ -33,7 +33,7 @@ from xenstored_sim.wire import LocalProtocolError, XsError
 from . import devicemodel, stubdom
 from .audit import Audit
 from .config import DomainConfig, Flavour
-from .emulator_xenstore import XenstoreDataError, dm_root, physmap_pairs
+from .emulator_xenstore import PHYSMAP_FIELDS, XenstoreDataError, dm_root, physmap_pairs
 from .image import (
     ImageIndex,
     WriteSummary,
@@ -556,9 +556,9 @@ class Libxl:
             "domid": str(domid),
             "store/port": str(STORE_PORT),
             "store/ring-ref": str(STORE_GFN),
-            # libxl_get_stubdom_id reads this; 0 means the device model runs in dom0.
-            "image/device-model-domid": "0",
         }
+        # image/device-model-domid is written only by libxl__spawn_stub_dm (libxl_dm.c);
+        # libxl_get_stubdom_id reads it and takes a missing node for dom0.
 
         async def fill(t: Transaction) -> None:
             for key, value in entries.items():
@@ -960,10 +960,13 @@ class Libxl:
         root = dm_root(domid, dm_domid)
         entries: dict[str, dict[str, str | None]] = {}
         for child in await self.xs_directory(f"{root}/physmap"):
-            entries[child] = {
-                name: await self.xs_read(f"{root}/physmap/{child}/{name}")
-                for name in ("start_addr", "size", "name")
-            }
+            sub: dict[str, str | None] = {}
+            entries[child] = sub
+            for name in PHYSMAP_FIELDS:
+                sub[name] = await self.xs_read(f"{root}/physmap/{child}/{name}")
+                if sub[name] is None:
+                    # libxl stops at the first missing key (goto out); later ones are unread.
+                    return physmap_pairs(entries)
         return physmap_pairs(entries)
 
     async def save(

@@ -25,7 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
-from ..wire import DOMID_SELF, PAYLOAD_MAX, REL_PATH_MAX, Op, Packet
+from mypy_extensions import mypyc_attr
+
+from ..wire import DOMID_SELF, HEADER, PAYLOAD_MAX, REL_PATH_MAX, Op, Packet
 from . import control
 from .domains import Connection, ConnKind, Domain
 from .errors import XsErrno
@@ -82,6 +84,7 @@ _ERRNO_PAYLOAD: dict[str, bytes] = {}
 Handler = Callable[[Connection, Packet, "Transaction | None", "Outbox"], bytes]
 
 
+@mypyc_attr(native_class=False)  # compiled classes cannot extend list
 class Outbox(list[tuple[int, Packet]]):
     """Messages to send, in order, plus domain changes the I/O shell must act on."""
 
@@ -199,6 +202,13 @@ class XenstoreEngine:
             Op.RESET_WATCHES: self._op_reset_watches,
             Op.DIRECTORY_PART: self._op_directory_part,
         }
+        # The requests handle_fast answers, and its outbox (empty between requests).
+        self._fast: dict[int, Handler] = {
+            Op.READ: self._op_read,
+            Op.WRITE: self._op_write,
+            Op.DIRECTORY: self._op_directory,
+        }
+        self._fast_out = Outbox()
 
     # ----------------------------------------------------------------- connections
 
@@ -273,7 +283,6 @@ class XenstoreEngine:
         conn = self.conns[conn_id]
         out = Outbox()
         op = packet.op
-        self._after = None
         audit = self.audit
         if audit is not None:
             self._rule = self._apath = None
@@ -315,11 +324,44 @@ class XenstoreEngine:
             out.append(
                 (conn_id, Packet(_ERROR, packet.req_id, packet.tx_id, _errno_payload(result)))
             )
-        if self._after is not None:
-            out.append(self._after)
+        after = self._after  # set by WATCH only, as its last step
+        if after is not None:
+            self._after = None
+            out.append(after)
         if audit is not None:
             audit.append(self._record(conn, packet.op_name, packet.tx_id, result))
         return out
+
+    def handle_fast(self, conn_id: int, packet: Packet) -> bytes | Outbox | None:
+        """:meth:`handle` for the common requests, with less work per request.
+
+        A privileged READ, WRITE or DIRECTORY outside a transaction, with auditing off, runs
+        the same handler as :meth:`handle`; its reply comes back encoded, ready to send, when
+        it causes no other message, else as the :class:`Outbox` :meth:`handle` would return.
+        None: any other request; call :meth:`handle`.
+        """
+        conn = self.conns[conn_id]
+        handler = self._fast.get(packet.op)
+        if handler is None or packet.tx_id or not conn.privileged or self.audit is not None:
+            return None
+        out = self._fast_out
+        op = packet.op
+        try:
+            payload = handler(conn, packet, None, out)
+            if len(payload) > PAYLOAD_MAX:
+                raise XsErrno("E2BIG")
+        except XsErrno as exc:
+            op = _ERROR
+            payload = _errno_payload(exc.errno)
+        except BaseException:
+            self._fast_out = Outbox()  # drop what the failed request queued
+            raise
+        # watch events go before the reply (docs/xenstore.md, 'Reply headers and event order')
+        if out:
+            self._fast_out = Outbox()
+            out.append((conn_id, Packet(op, packet.req_id, 0, payload)))
+            return out
+        return HEADER.pack(op, packet.req_id, 0, len(payload)) + payload
 
     def _clear_audit_scratch(self) -> None:
         self._rule = self._apath = None
