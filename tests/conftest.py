@@ -27,6 +27,7 @@ _RINGS: Final = ("unit", "integration", "e2e")
 _E2E_DIRS: Final = ("e2e/", "faults/")
 _PROCESS_PATHS: Final = (
     "plugin/",
+    "robustness/",
     "bench/",
     "xenstored_sim/daemon/",
     "xenstored_sim/realclients/",
