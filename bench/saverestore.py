@@ -116,7 +116,7 @@ async def _one_mode(rundir: Path, work: Path, mode: str, sz: Sizes) -> dict[str,
                 cp_seconds, image, rundir / "mem" / "cp-restore.mem", sz.cat_repeats
             )
             # Restore downtime: from the restore call to the guest unpaused, which is when
-            # restore returns (libxl.py: _resume_dm_and_guest is its last step).
+            # restore returns (libxl/dm.py: _resume_dm_and_guest is its last step).
             t0 = time.perf_counter()
             restored = await xl.restore(image)
             restore_s = time.perf_counter() - t0
@@ -174,7 +174,7 @@ async def _measure(sz: Sizes) -> dict[str, Any]:
         rundir = work / "run"
         async with open_stack(rundir) as stack:
             # open_libxl and the device models it spawns find xenstored through the
-            # environment (libxl.py: rundir_from), so point it at this stack.
+            # environment (session.py: rundir_from), so point it at this stack.
             saved = os.environ.get("XENSTORED_PATH")
             os.environ["XENSTORED_PATH"] = str(stack.xenstored_socket)
             try:
