@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from xenhost.rundir import guest_memory_name
+
 from .frames import PAGE_SHIFT, PAGE_SIZE, FrameFile
 from .logdirty import SHADOW_OPS, DigestLog, VramTracker
 from .protocol import (
@@ -252,7 +254,7 @@ class Hypervisor:
         if max_pages <= 0 or max_pages > GFN_LIMIT:
             raise HypercallError("EINVAL", f"max_pages {max_pages} out of range")
         domid = self._next_domid
-        path = os.path.join(self.mem_dir, f"dom{domid}.mem")
+        path = os.path.join(self.mem_dir, guest_memory_name(domid))
         frames = self._frame_file(path)
         self._next_domid += 1
         self.domains[domid] = Domain(domid, name, max_pages, hvm, frames)

@@ -37,6 +37,7 @@ import trio
 from hypervisor_sim.client import HypervisorClient, open_hypervisor
 from hypervisor_sim.privcmd import Privcmd
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenhost import RunDir
 from xenstored_sim.client import XsClient, XsDisconnected, open_xenstore
 from xenstored_sim.startup import OwnedSocket, listen_unix
 from xenstored_sim.wire import XsError
@@ -77,11 +78,11 @@ class Config:
 
     @property
     def hypervisor_path(self) -> Path:
-        return self.hypervisor or self.rundir / "hypervisor.sock"
+        return self.hypervisor or RunDir(self.rundir).hypervisor_socket
 
     @property
     def qmp_path(self) -> Path:
-        return self.rundir / "qmp" / f"{self.domid}.sock"
+        return RunDir(self.rundir).qmp_socket(self.domid)
 
 
 def resolve_mode(requested: str, has_map2: bool) -> Mode:

@@ -25,8 +25,10 @@ from typing import Any, Final, TypeVar
 
 import trio
 
+import xenhost
 from hypervisor_sim.client import HypervisorClient, open_hypervisor
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenhost.rundir import principal_socket
 from xenstored_sim.client import Transaction, XsClient, XsDisconnected, open_xenstore
 from xenstored_sim.wire import LocalProtocolError, XsError
 
@@ -103,28 +105,28 @@ class RunDir:
     @property
     def hypervisor_socket(self) -> Path:
         if self.principals is not None:
-            return self.principals / "toolstack" / "hypervisor.sock"
-        return self.root / "hypervisor.sock"
+            return principal_socket(self.principals, "toolstack", "hypervisor")
+        return xenhost.RunDir(self.root).hypervisor_socket
 
     @property
     def dm_xenstore_socket(self) -> str:
         """The xenstore socket a device model in dom0 is given (``--xenstore``)."""
         if self.principals is not None:
-            return str(self.principals / "device-model" / "socket")
+            return str(principal_socket(self.principals, "device-model", "xenstored"))
         return self.xenstore_socket
 
     @property
     def dm_hypervisor_socket(self) -> Path:
         """The hypercall socket a device model is given (``--hypervisor``)."""
         if self.principals is not None:
-            return self.principals / "device-model" / "hypervisor.sock"
-        return self.root / "hypervisor.sock"
+            return principal_socket(self.principals, "device-model", "hypervisor")
+        return xenhost.RunDir(self.root).hypervisor_socket
 
     def qmp(self, domid: int) -> Path:
-        return self.root / "qmp" / f"{domid}.sock"
+        return xenhost.RunDir(self.root).qmp_socket(domid)
 
     def dm_log(self, domid: int) -> Path:
-        return self.root / "dm" / f"{domid}.log"
+        return xenhost.RunDir(self.root).dm_log(domid)
 
     @property
     def lib(self) -> Path:
@@ -154,8 +156,10 @@ def rundir_from(root: str | os.PathLike[str]) -> RunDir:
     principals = os.environ.get("PHYSMAP_LAB_PRINCIPALS")
     if principals:
         own = Path(principals).resolve()
-        return RunDir(path, str(own / "toolstack" / "socket"), own)
-    return RunDir(path, os.environ.get("XENSTORED_PATH") or str(path / "socket"))
+        return RunDir(path, str(principal_socket(own, "toolstack", "xenstored")), own)
+    return RunDir(
+        path, os.environ.get("XENSTORED_PATH") or str(xenhost.RunDir(path).xenstored_socket)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,7 +640,7 @@ class Libxl:
             incoming=str(incoming) if incoming is not None else None,
         )
         log = self.run.dm_log(domid)
-        (self.run.root / "qmp").mkdir(parents=True, exist_ok=True)
+        xenhost.RunDir(self.run.root).qmp_dir.mkdir(parents=True, exist_ok=True)
         pid = devicemodel.spawn_detached(program, argv, log)
         made.dm_pid = pid
         self.audit.record(

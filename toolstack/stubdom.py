@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+import xenhost
 from hypervisor_sim.protocol import HypercallError
 from xenstored_sim.wire import XsError
 
@@ -38,7 +39,7 @@ SOCKET_WAIT: Final = 5.0
 
 
 def guest_socket(lx: Libxl, stub: int) -> Path:
-    return lx.run.root / "domains" / f"{stub}.sock"
+    return xenhost.RunDir(lx.run.root).guest_socket(stub)
 
 
 async def stub_of(lx: Libxl, domid: int) -> int | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from xenhost import RunDir
+
 from ..auditlog import Principal, read_hypervisor, read_toolstack, read_xenstored
 from ..demo import (
     AFTER_RESTORE,
@@ -100,7 +102,7 @@ async def _run_once(
     problems: list[str] = []
     observed: list[tuple[Case, Observed, float, float]] = []
     async with AsyncExitStack() as daemons:
-        if accepts(str(root / "socket")):
+        if accepts(str(RunDir(root).xenstored_socket)):
             raise StepError(f"{root} already has a running xenstored")
         try:
             await daemons.enter_async_context(open_stack(root, audit=True))
@@ -118,9 +120,9 @@ async def _run_once(
     if stray:
         await _end_processes(stray)
         problems.append(f"device models left running: pids {stray}")
-    xs = read_xenstored(root / "audit" / "xenstored.jsonl")
-    hv = read_hypervisor(root / "audit" / "hypervisor.jsonl")
-    ts = read_toolstack(root / "audit" / "toolstack.jsonl")
+    xs = read_xenstored(RunDir(root).audit_log("xenstored"))
+    hv = read_hypervisor(RunDir(root).audit_log("hypervisor"))
+    ts = read_toolstack(RunDir(root).audit_log("toolstack"))
     scenarios = []
     for case, seen, w0, w1 in observed:
         result = evaluate(case, seen, None, seen.steps["total"])
@@ -232,7 +234,7 @@ async def run_enforced(
         if stray:
             await _end_processes(stray)
             problems.append(f"device models left running: pids {stray}")
-        xs = read_xenstored(root / "audit" / "xenstored.jsonl")
+        xs = read_xenstored(RunDir(root).audit_log("xenstored"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cells = []

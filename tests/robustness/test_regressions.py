@@ -14,6 +14,7 @@ import trio
 
 from physmap_lab.stack import Stack, open_stack, start_daemon
 from toolstack import devicemodel
+from xenhost import RunDir
 
 from .conftest import BIN, Xl
 
@@ -134,7 +135,7 @@ async def test_a_failed_second_device_model_keeps_the_first_ones_qmp_socket(
     stack: Stack, xl: Xl, tmp_path: Path
 ) -> None:
     domid = (await xl("create", "--memory", "16"))["domid"]
-    qmp = stack.rundir / "qmp" / f"{domid}.sock"
+    qmp = RunDir(stack.rundir).qmp_socket(domid)
     argv = ["qemu-model", "--domid", str(domid), "--rundir", str(stack.rundir)]
     proc = await trio.to_thread.run_sync(second, argv, stack.env())
     assert proc.returncode == 1 and "EEXIST" in proc.stderr
@@ -145,12 +146,12 @@ async def test_a_failed_second_device_model_keeps_the_first_ones_qmp_socket(
 
 async def test_xenstored_creates_the_audit_log_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    log = run / "audit" / "xenstored.jsonl"
+    log = RunDir(run).audit_log("xenstored")
     argv = [str(BIN / "xenstored-sim"), "--rundir", str(run), "--audit-log", str(log)]
     with subprocess.Popen(argv) as proc:
         try:
             with trio.fail_after(30):
-                while not _accepts(run / "socket"):
+                while not _accepts(RunDir(run).xenstored_socket):
                     assert proc.poll() is None
                     await trio.sleep(0.02)
         finally:
@@ -182,7 +183,7 @@ async def test_create_after_a_hypervisor_restart_waits_for_the_new_device_model(
     await start_daemon(hv, env=stack.env())
     new = await xl("create", "--memory", "16")
     assert new["domid"] == old["domid"]
-    assert (stack.rundir / "qmp" / f"{new['domid']}.sock").is_socket()
+    assert RunDir(stack.rundir).qmp_socket(new["domid"]).is_socket()
     await xl("pause", str(new["domid"]))
     assert [d["paused"] for d in (await xl("list"))["domains"]] == [True]
 
@@ -232,13 +233,13 @@ async def test_a_hypervisor_answers_only_after_removing_a_killed_ones_frames(
     tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
-    (run / "mem").mkdir(parents=True)
-    stale = run / "mem" / "dom3.mem"
+    RunDir(run).memory_dir.mkdir(parents=True)
+    stale = RunDir(run).guest_memory(3)
     stale.write_bytes(b"\0" * 4096)
     with subprocess.Popen([str(BIN / "hypervisor-sim"), "--rundir", str(run)]) as proc:
         try:
             with trio.fail_after(30):
-                while not _accepts(run / "hypervisor.sock"):
+                while not _accepts(RunDir(run).hypervisor_socket):
                     assert proc.poll() is None
                     await trio.sleep(0.005)
             assert not stale.exists()

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from xenhost import RunDir
+
 REPO = Path(__file__).resolve().parents[3]
 # ``../shared/oracle`` next to the repository; XS_ORACLE_DIR names another place.
 ORACLE = Path(os.environ.get("XS_ORACLE_DIR") or REPO.parent / "shared" / "oracle")
@@ -49,10 +51,10 @@ class Daemon:
 
     @property
     def socket(self) -> str:
-        return str(self.rundir / "socket")
+        return str(RunDir(self.rundir).xenstored_socket)
 
     def guest_socket(self, domid: int) -> str:
-        return str(self.rundir / "domains" / f"{domid}.sock")
+        return str(RunDir(self.rundir).guest_socket(domid))
 
     def alive(self) -> bool:
         return bool(self.procs) and self.procs[0].poll() is None
