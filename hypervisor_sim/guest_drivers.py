@@ -26,7 +26,9 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-DEVICES: Final = ("stdvga", "cirrus", "qxl")
+from xenhost.devices import DEVICE_NAMES
+
+DEVICES: Final = DEVICE_NAMES
 ACTIONS: Final = ("map_bar", "set_mode", "draw", "sha256")
 
 VGA_SBDF: Final = 0x10
@@ -217,6 +219,13 @@ def _qxl_set_mode(addr: int, params: Mapping[str, Any], w: int, h: int, bpp: int
     return _qxl_primary(addr, _int(params, "vram_mib", DEFAULT_VRAM_MIB), w, h, bpp)
 
 
+#: The depths each driver programs: VBE's, Cirrus's SR07 codes, the QXL surface formats.
+_DEPTHS: Final[Mapping[str, tuple[int, ...]]] = {
+    "stdvga": VBE_BPPS,
+    "cirrus": tuple(CIRRUS_SR7),
+    "qxl": tuple(QXL_FORMATS),
+}
+
 #: The driver actions by name.
 _ACTION_TABLE: Final[Mapping[str, Action]] = {
     "map_bar": _action_map_bar,
@@ -246,7 +255,7 @@ def _check_device(device: str) -> None:
 def _check_mode(device: str, width: int, height: int, bpp: int) -> None:
     if not (1 <= width <= 4096 and 1 <= height <= 4096):
         raise ValueError("width and height must be 1..4096")
-    allowed = {"stdvga": VBE_BPPS, "cirrus": tuple(CIRRUS_SR7), "qxl": tuple(QXL_FORMATS)}[device]
+    allowed = _DEPTHS[device]
     if bpp not in allowed:
         raise ValueError(f"{device} does not do {bpp} bpp (allowed: {allowed})")
     if device == "cirrus" and (width % 8 or width > 2048 or height > 1024):

@@ -49,7 +49,7 @@ from .ready import accepts
 from .stack import Stack, executable, open_stack
 
 DEFAULT_MODES: Final = ("new", "compat")
-DEFAULT_DEVICES: Final = ("stdvga", "cirrus", "qxl")
+DEFAULT_DEVICES: Final = xenhost.DEVICE_NAMES
 DEFAULT_TOOLSTACKS: Final = ("libxl",)
 
 #: Where the guest puts the framebuffer: above 0xbffff, so compat mode records it

@@ -18,6 +18,7 @@ NO_TRIO_MODULES = [
     "xenhost",
     "xenhost.rundir",
     "xenhost.process",
+    "xenhost.devices",
     "xenstored_sim.wire",
     "xenstored_sim.core",
     "xenstored_sim.startup",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from xenhost import RunDir
+from xenhost.devices import DEVICE_NAMES
 
 from ..auditlog import Principal, read_hypervisor, read_toolstack, read_xenstored
 from ..demo import (
@@ -37,7 +38,7 @@ from .scenario import Scenario, build, median
 
 TOOLSTACKS: Final = ("libxl", "unaware")
 MODES: Final = ("compat", "new", "pointer-fixup")
-DEVICES: Final = ("stdvga", "cirrus", "qxl")
+DEVICES: Final = DEVICE_NAMES
 DMS: Final = ("privileged", "restricted")
 #: The QEMU versions whose restriction differs: 2.10 (xen_restrict of the devicemodel and
 #: foreignmemory handles) and 3.0 (xentoolcore_restrict_all, xenstore closed).
