@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 
+import xenhost
 from physmap_lab.stack import Stack, open_stack, start_daemon
 from toolstack import devicemodel
 from xenhost import RunDir
@@ -105,13 +105,7 @@ async def test_a_stale_socket_is_replaced(stack: Stack, daemon: str) -> None:
     assert not first.socket_path.exists()  # removed at exit: it was its own
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
+_accepts = xenhost.accepts
 
 
 def test_a_socket_replaced_after_bind_is_not_removed(tmp_path: Path) -> None:

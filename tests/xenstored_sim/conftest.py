@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import xenhost
 from physmap_lab.stack import terminate
 from xenhost import RunDir
 from xenstored_sim.client import XsClient, open_xenstore
@@ -241,13 +242,7 @@ class RunningDaemon:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
 
-def _accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+_accepts = xenhost.accepts
 
 
 def _sim_executable() -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import xenhost
 from physmap_lab.stack import terminate
 from xenhost import RunDir
 from xenstored_sim.wire import Op
@@ -105,13 +106,7 @@ class LiveDaemon:
         return env
 
 
-def _accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+_accepts = xenhost.accepts
 
 
 @pytest.fixture

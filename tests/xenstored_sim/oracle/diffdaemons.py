@@ -9,13 +9,13 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import xenhost
 from xenhost import RunDir
 
 REPO = Path(__file__).resolve().parents[3]
@@ -27,13 +27,7 @@ def oracle_present() -> bool:
     return (ORACLE / "guests" / "xsshim-rings.c").is_file()
 
 
-def accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+accepts = xenhost.accepts
 
 
 class Daemon:
