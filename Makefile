@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored
+.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked compiled
 
@@ -34,6 +34,10 @@ $(XEN_ROOT)/.unpacked: scripts/fetch-xen-utils.sh
 
 test: setup
 	$(PY) -m pytest -q
+
+# The fast ring alone: pure cores, no process or socket (markers set in tests/conftest.py).
+unit: setup
+	$(PY) -m pytest -q -m unit
 
 # The unit ring of xenstored-sim on the pure-Python core (make test uses the compiled one).
 test-pure: setup

@@ -1,11 +1,12 @@
-"""Issue 6: a well-behaved client's latency while guests attack xenstored-sim.
+"""Under attack: a well-behaved client's latency while guests attack xenstored-sim.
 
 Two well-behaved clients, a guest on its own guest socket and the privileged toolstack
 socket, time READ and WRITE one request at a time, first with the attacker domains idle and
 then while every attacker, through its own guest socket:
 
 - floods requests without ever reading a reply (the daemon must stop reading that connection,
-  not queue without bound: xenstore-facts.md §9, the outstanding-request quota);
+  not queue without bound: docs/xenstore.md, 'Security advisories the tests cover', the
+  outstanding-request quota);
 - holds the most watches and transactions its quotas allow, the watches on its own home so
   that its flood fires events it never reads;
 - builds a tree as deep as the path-length limit allows.

@@ -137,7 +137,7 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
 
             # Watches: fan-out on one node, then writes elsewhere must not slow down.
             before = _unrelated_writes(main, done, sz, rng)
-        # Every WATCH fires once when registered (xenstore-facts.md §4.2).
+        # Every WATCH fires once when registered (docs/xenstore.md, 'Watches').
         watchers = [WireConn(d.socket) for _ in range(sz.connections)]
         counts = [_share(sz.watches, len(watchers), i) for i in range(len(watchers))]
         for i, (w, n) in enumerate(zip(watchers, counts, strict=True)):

@@ -36,8 +36,8 @@ from .protocol import (
 
 XEN_VERSION: Final = "4.17"
 #: Pages a domain may hold beyond ``max_pages``: the device model populates VRAM and ROMs on
-#: top of guest RAM (qemu-physmap.md §4.1, ``xen_ram_alloc``); libxl adds video memory to the
-#: domain's allowance in the same way.
+#: top of guest RAM (docs/qemu-physmap.md, 'VRAM and the devices', ``xen_ram_alloc``); libxl adds
+#: video memory to the domain's allowance in the same way.
 EXTRA_PAGES: Final = 65536
 #: gfns are below 2**40 (52-bit guest-physical addresses on x86).
 GFN_LIMIT: Final = 1 << 40
@@ -51,7 +51,8 @@ def all_ones(size: int) -> int:
 
 
 def map2_available(libs: str) -> bool:
-    """``xenforeignmemory_map2`` exists from Xen 4.10 libraries on (qemu-physmap.md §0, §6.2)."""
+    """``xenforeignmemory_map2`` exists from Xen 4.10 libraries on (docs/qemu-physmap.md, 'Sources
+    and versions', 'XEN_COMPAT_PHYSMAP')."""
     try:
         major, minor = (int(p) for p in libs.split(".")[:2])
     except ValueError:

@@ -3,7 +3,7 @@
 Each connection has a reader task that splits frames and runs synchronous hypercalls in order
 through the pure core (:mod:`hypervisor_sim.core`).  ``guest`` and ``guest_driver`` wait for the
 guest's vCPU (and maybe for a device model's ``ioreq_complete``), so each runs in a task of its
-own in the connection's nursery: a device model can issue hypercalls, such as
+own in the connection's nursery: a device model can make hypercalls, such as
 ``relocate_memory``, while an ioreq it owes an answer to is pending.  Guest actors live in the
 server's nursery, one per domain, and stop when the domain is destroyed.
 """

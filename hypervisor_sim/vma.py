@@ -2,8 +2,8 @@
 
 Python's :mod:`mmap` cannot place a mapping at a chosen address, and QEMU's mapcache needs
 exactly that: ``xen_remap_bucket`` maps the real guest frames over the dummy with MAP_FIXED so
-the virtual address devices hold stays valid (qemu-physmap.md §3.5).  These helpers call libc's
-``mmap``/``munmap`` directly and hand out plain integer addresses.
+the virtual address devices hold stays valid (docs/qemu-physmap.md, 'The mapcache').  These helpers
+call libc's ``mmap``/``munmap`` directly and hand out plain integer addresses.
 """
 
 from __future__ import annotations
@@ -61,12 +61,6 @@ def map_anonymous(length: int, addr: int | None = None) -> int:
     """A zero-filled shared anonymous mapping; with ``addr`` it replaces what is there."""
     flags = MAP_SHARED | MAP_ANONYMOUS | (MAP_FIXED if addr is not None else 0)
     return mmap_raw(addr, length, PROT_RW, flags, -1, 0)
-
-
-def map_file(fd: int, offset: int, length: int, addr: int | None = None) -> int:
-    """Map ``length`` bytes of ``fd`` at ``offset``; with ``addr``, over that address (MAP_FIXED)."""
-    flags = MAP_SHARED | (MAP_FIXED if addr is not None else 0)
-    return mmap_raw(addr, length, PROT_RW, flags, fd, offset)
 
 
 def read(addr: int, length: int) -> bytes:

@@ -2,7 +2,7 @@
 
 The library layer over :class:`~hypervisor_sim.privcmd.Privcmd` and :mod:`hypervisor_sim.vma`,
 with the semantics of Xen's ``xenforeignmemory_map2`` (tools/include/xenforeignmemory.h, Xen
-4.10, qemu-physmap.md §0 and §3.5):
+4.10, docs/qemu-physmap.md, 'Sources and versions', 'The mapcache'):
 
 * ``addr`` is a placement hint, as for mmap(2); with ``MAP_FIXED`` in ``flags`` the mapping
   replaces whatever is at ``addr`` (the mapcache's in-place replacement of a dummy entry).

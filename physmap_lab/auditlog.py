@@ -68,10 +68,11 @@ class Principal(enum.StrEnum):
 
 
 class PathClass(enum.StrEnum):
-    #: ``/local/domain/<dm>/device-model/<domid>/physmap`` and below (qemu-physmap.md §1.1).
+    #: ``/local/domain/<dm>/device-model/<domid>/physmap`` and below (docs/qemu-physmap.md, 'The
+    #: keys').
     PHYSMAP = "physmap"
     #: ``/local/domain/<dm>/device-model/<domid>/state``, the device model's readiness node
-    #: (qemu-physmap.md §2.4).
+    #: (docs/qemu-physmap.md, 'Start-up and readiness').
     DM_STATE = "dm-state"
     #: The rest of ``/local/domain/<dm>/device-model/<domid>``: the directory itself and any
     #: other key the device model and the toolstack share.
@@ -89,7 +90,8 @@ TOOLSTACK_MODULES: Final = frozenset(
 DEVICE_MODEL_PROGRAM: Final = "qemu-model"
 DEVICE_MODEL_MODULES: Final = frozenset({"qemu_model", "qemu_model.cli"})
 
-#: Results that mean the daemon refused the request on permission grounds (xenstore-facts.md).
+#: Results that mean the daemon refused the request on permission grounds (C ``send_error``;
+#: docs/xenstore.md, 'Permissions').
 DENIED_RESULTS: Final = frozenset({"EACCES", "EPERM"})
 #: xenstored records a connection's arrival and departure alongside its requests.
 CONNECTION_EVENTS: Final = frozenset({"connect", "disconnect"})

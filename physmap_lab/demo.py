@@ -5,7 +5,8 @@ an administrator and a guest would (DESIGN.md, the ``physmap-lab demo`` contract
 
 1. ``xl-sim create``: the toolstack builds the domain and spawns its ``qemu-model``;
 2. ``xl-sim guest``: the guest maps the VGA BAR at 0xf0000000 (above 0xbffff, so compat QEMU
-   tracks it: qemu-physmap.md §1.2), sets a linear mode and draws a known pattern;
+   tracks it: docs/qemu-physmap.md, 'When QEMU writes the keys'), sets a linear mode and draws a
+   known pattern;
 3. QMP ``x-physmap-info``: what the device model displays through its own pointers;
 4. ``xl-sim save``: suspend, write the image, destroy the domain (as ``xl save`` does);
 5. ``xl-sim restore``: a new domain and a new device model loading the saved device state;
@@ -53,7 +54,8 @@ DEFAULT_DEVICES: Final = xenhost.DEVICE_NAMES
 DEFAULT_TOOLSTACKS: Final = ("libxl",)
 
 #: Where the guest puts the framebuffer: above 0xbffff, so compat mode records it
-#: (qemu-physmap.md §1.2), at the address of libxl's example keys (§1.1).
+#: (docs/qemu-physmap.md, 'When QEMU writes the keys'), at the address of libxl's example keys
+#: (docs/qemu-physmap.md, 'The keys').
 BAR_ADDR: Final = guest_drivers.DEFAULT_BAR_ADDR
 #: A mode every card can show: cirrus' 9-bit CRTC offset caps the pitch at 4088 bytes
 #: (QEMU ``cirrus_get_offsets``), too little for 1024 pixels of 32 bits.
@@ -82,7 +84,7 @@ class Case:
     mode: str
     device: str
     toolstack: str = "libxl"
-    #: Start the device model with ``dm_restrict`` (qemu-physmap.md §5.2).
+    #: Start the device model with ``dm_restrict`` (docs/qemu-physmap.md, 'Restriction').
     restrict: bool = False
     #: The QEMU the device model behaves as (``qemu-model --qemu-version``); 2.10 merged the
     #: series and is the default.
@@ -128,8 +130,9 @@ def expected_to_work(case: Case) -> bool:
     """Whether save/restore should bring the framebuffer back in this case.
 
     New mode (and ``auto``, which picks it or compat) needs nothing from the toolstack.  Compat
-    mode needs a toolstack that carries the physmap keys across (qemu-physmap.md §2).  The
-    pointer-fixup scheme cannot reach QXL's derived pointers (§4.7).
+    mode needs a toolstack that carries the physmap keys across (docs/qemu-physmap.md, 'libxl:
+    restore').  The pointer-fixup scheme cannot reach QXL's derived pointers (docs/qemu-physmap.md,
+    'Why not patch the pointers').
     """
     if case.mode == "compat" and case.toolstack != "libxl":
         return False

@@ -377,4 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The steps raise physmap_lab.soak.WalkFailure: run that module's main, not __main__'s copy.
+    from physmap_lab import soak
+
+    sys.exit(soak.main())

@@ -23,8 +23,8 @@ class QemuAbort(Exception):
 class CompatMap2Assertion(QemuAbort):
     """The compat ``xenforeignmemory_map2`` shim was given an address or flags.
 
-    qemu-physmap.md §6.1: libraries older than 4.10 have no map2, and QEMU's inline shim asserts
-    ``addr == NULL && flags == 0`` before calling ``xenforeignmemory_map``.
+    docs/qemu-physmap.md, 'XEN_COMPAT_PHYSMAP': libraries older than 4.10 have no map2, and QEMU's
+    inline shim asserts ``addr == NULL && flags == 0`` before calling ``xenforeignmemory_map``.
     """
 
 

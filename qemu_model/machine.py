@@ -4,8 +4,8 @@ Everything here is synchronous, like QEMU's device code under the big lock.  The
 shell owns the I/O; it calls :meth:`Machine.handle_ioreq` for each guest access and the
 ``*_devices_state`` methods for QMP.
 
-Init order (qemu-physmap.md §1.3, 2017 ``xen_hvm_init``): mapcache → RAM → listeners →
-``xen_read_physmap`` → devices.  A restore is an incoming load in runstate ``inmigrate``
+Init order (docs/qemu-physmap.md, 'Reading the keys back', 2017 ``xen_hvm_init``): mapcache → RAM →
+listeners → ``xen_read_physmap`` → devices.  A restore is an incoming load in runstate ``inmigrate``
 (K6: there is no other "restore" signal).
 """
 
@@ -84,11 +84,11 @@ class Machine:
         # QEMU 2.10 restricts in xen_hvm_init, before the machine exists.
         self.restricted_handles = restricted_handles
         self.restricted = bool(restricted_handles)
-        # Compat builds see only the map2 shim (qemu-physmap.md §6.1).
+        # Compat builds see only the map2 shim (docs/qemu-physmap.md, 'XEN_COMPAT_PHYSMAP').
         fm: ForeignMemoryLike = CompatForeignMemory(fmem) if mode == "compat" else fmem
         self.xen = XenHvm(domid, mode, hypercalls, xenstore, fm, self.in_migrate, self.version)
         self.notifier = RecordingNotifier()
-        # §3.6: the translation callback only in compat builds.
+        # docs/qemu-physmap.md, 'The mapcache': the translation callback only in compat builds.
         self.mapcache = MapCache(
             fm,
             domid,
@@ -116,7 +116,8 @@ class Machine:
         return block
 
     def get_ram_ptr(self, block: RamBlock) -> int | None:
-        """``qemu_map_ram_ptr`` under Xen (§4.2): map the whole block once, locked."""
+        """``qemu_map_ram_ptr`` under Xen (docs/qemu-physmap.md, 'VRAM and the devices'): map the
+        whole block once, locked."""
         if block.host is None:
             block.host = self.mapcache.map(block.offset, block.max_length, lock=True)
         return block.host
@@ -160,7 +161,7 @@ class Machine:
         self.xen.pointer_fixups.append(fixup)
 
     # ----------------------------------------------------------------------------------------
-    # Privileges (§5.2)
+    # Privileges (docs/qemu-physmap.md, 'Restriction')
 
     def restrict(self, handles: RestrictableHandles) -> None:
         """``xen_restrict``: QEMU 2.10 restricts the devicemodel and foreignmemory handles (the

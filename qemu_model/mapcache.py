@@ -1,6 +1,6 @@
 """QEMU's Xen mapcache (``hw/xen/xen-mapcache.c``): guest memory mapped in 1 MiB buckets.
 
-Theory of operation (qemu-physmap.md §3):
+Theory of operation (docs/qemu-physmap.md, 'The mapcache'):
 
 * Guest memory is mapped bucket by bucket.  An entry maps ``size`` bytes (whole buckets) of the
   guest frames starting at bucket ``paddr_index`` and keeps a bitmap of the pages that mapped.
@@ -35,7 +35,7 @@ from .errors import QemuAbort, QemuExit
 from .version import QemuVersion
 from .xenforeignmemory import ForeignMemoryFailed, ForeignMemoryLike
 
-# §3.1, 64-bit host.
+# docs/qemu-physmap.md, 'The mapcache', 64-bit host.
 MCACHE_BUCKET_SHIFT: Final = 20
 MCACHE_BUCKET_SIZE: Final = 1 << MCACHE_BUCKET_SHIFT
 MCACHE_MAX_SIZE: Final = 1 << 35
@@ -119,7 +119,7 @@ class MapCache:
     """The mapcache of one device model for guest ``domid``.
 
     ``in_migrate`` answers whether the runstate is INMIGRATE; ``phys_offset_to_gaddr`` is the
-    translation callback, given only in compat mode (§3.6).
+    translation callback, given only in compat mode (docs/qemu-physmap.md, 'The mapcache').
     """
 
     def __init__(
@@ -232,8 +232,9 @@ class MapCache:
             return ptr
 
     def replace_cache_entry(self, old_phys_addr: int, new_phys_addr: int, size: int) -> int | None:
-        """``xen_replace_cache_entry`` (§3.7): map ``new_phys_addr`` over the entry of the old
-        address at the same virtual address.  Returns the pointer, or None."""
+        """``xen_replace_cache_entry`` (docs/qemu-physmap.md, 'The mapcache'): map ``new_phys_addr``
+        over the entry of the old address at the same virtual address.  Returns the pointer, or
+        None."""
         if not size:
             raise QemuAbort("xen_replace_cache_entry: Assertion `size' failed.")
         old_index = old_phys_addr >> MCACHE_BUCKET_SHIFT
@@ -310,8 +311,8 @@ class MapCache:
     def invalidate(self) -> None:
         """``xen_invalidate_map_cache`` (IOREQ_TYPE_INVALIDATE): unmap every unlocked head entry.
 
-        Locked entries such as the VRAM survive (§3.8, M6); chained entries are untouched; no
-        notifier is called and the flags are kept.
+        Locked entries such as the VRAM survive (docs/qemu-physmap.md, 'The mapcache', M6); chained
+        entries are untouched; no notifier is called and the flags are kept.
         """
         for chain in self._buckets.values():
             head = chain[0]

@@ -2,7 +2,7 @@
 
 Under Xen a RAM block owns no host memory: its ``ram_addr`` offset doubles as a guest frame
 number range, and the first pointer use maps the whole block through the mapcache, locked, and
-caches it in ``host`` (qemu-physmap.md §4.1, §4.2).
+caches it in ``host`` (docs/qemu-physmap.md, 'VRAM and the devices').
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ class RamList:
         self._next = _align(self._next + size)
         self.blocks.append(block)
         return block
-
-    def by_name(self, name: str) -> RamBlock | None:
-        return next((b for b in self.blocks if b.name == name), None)
 
 
 def _align(n: int) -> int:

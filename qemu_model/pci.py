@@ -171,7 +171,8 @@ class PCIDevice:
         return None
 
     def load_config(self, config: bytes) -> None:
-        """Copy the saved config in, then update the BAR mappings (QEMU's order, §4.5)."""
+        """Copy the saved config in, then update the BAR mappings (QEMU's order,
+        docs/qemu-physmap.md, 'Restore, new mode')."""
         self.config[:] = config
         self.update_mappings()
 

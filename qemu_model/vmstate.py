@@ -1,8 +1,8 @@
 """The device-state file of ``xen-save-devices-state``: one msgpack map.
 
 QEMU writes its device sections in a fixed order and loads them in the same order; the order
-here is the part that matters for the physmap (qemu-physmap.md §4.5 step 6): the PCI config
-comes first, so the BAR is mapped (and ``xen_add_to_physmap`` runs) before the device
+here is the part that matters for the physmap (docs/qemu-physmap.md, 'Restore, new mode' step 6):
+the PCI config comes first, so the BAR is mapped (and ``xen_add_to_physmap`` runs) before the device
 registers and the post_load hooks.
 
 Format (msgpack, ``use_bin_type=True``)::

@@ -2,7 +2,8 @@
 
 The physmap is the device model's list of RAM regions the guest has moved: where the guest
 mapped the VRAM BAR (``start_addr``) and where the VRAM's frames live in ram_addr space
-(``phys_offset``).  What happens to it depends on the mode (qemu-physmap.md §1, §4):
+(``phys_offset``).  What happens to it depends on the mode (docs/qemu-physmap.md, 'The keys',
+'Restore, new mode'):
 
 * fresh boot, every mode: relocate the frames to the BAR and remember the entry; compat mode
   also writes the xenstore keys (K1, K2);
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 Mode = Literal["new", "compat", "pointer-fixup"]
 MODES: Final[tuple[Mode, ...]] = ("new", "compat", "pointer-fixup")
 
-#: The legacy VGA window 0xa0000-0xbffff is never tracked (§1.2).
+#: The legacy VGA window 0xa0000-0xbffff is never tracked (docs/qemu-physmap.md, 'When QEMU writes
+#: the keys').
 LEGACY_VGA_END: Final = 0xBFFFF
 #: XEN_DOMCTL_MEM_CACHEATTR_WB (xen/include/public/domctl.h).
 XEN_DOMCTL_MEM_CACHEATTR_WB: Final = 6
@@ -175,7 +177,7 @@ class XenHvm:
         self.pointer_fixups: list[PointerFixup] = []
 
     # ----------------------------------------------------------------------------------------
-    # Translation (§1.4)
+    # Translation (docs/qemu-physmap.md, 'Reading the keys back')
 
     def get_physmapping(self, start_addr: int, size: int) -> XenPhysmap | None:
         start_addr &= ~((1 << XC_PAGE_SHIFT) - 1)
@@ -202,8 +204,9 @@ class XenHvm:
     # RAM
 
     def ram_alloc(self, block: RamBlock) -> None:
-        """``xen_ram_alloc`` (§4.1): populate a non-main block at its ram_addr gfns on a fresh
-        boot; during INMIGRATE the memory comes from the image."""
+        """``xen_ram_alloc`` (docs/qemu-physmap.md, 'VRAM and the devices'): populate a non-main
+        block at its ram_addr gfns on a fresh boot; during INMIGRATE the memory comes from the
+        image."""
         if self._in_migrate():
             log.warning(
                 "xen: do not alloc %#x bytes of ram at %#x when runstate is INMIGRATE",
@@ -222,7 +225,7 @@ class XenHvm:
         self.framebuffer = block
 
     # ----------------------------------------------------------------------------------------
-    # The memory listener's physmap hooks (§1.2)
+    # The memory listener's physmap hooks (docs/qemu-physmap.md, 'When QEMU writes the keys')
 
     def add_to_physmap(self, start_addr: int, size: int, block: RamBlock) -> int:
         """``xen_add_to_physmap``: 0 on success or when already tracked, else not handled.
@@ -241,7 +244,8 @@ class XenHvm:
         self.log_for_dirtybit = block
 
         if self._in_migrate():
-            # §4.5 step 6: no relocation, no cache pin, no xenstore write.
+            # docs/qemu-physmap.md, 'Restore, new mode', step 6: no relocation, no cache
+            # pin, no xenstore write.
             if self.mode == "pointer-fixup":
                 self._fixup_pointers(block, entry)
                 return 0
@@ -267,11 +271,13 @@ class XenHvm:
             )
         except Exception as exc:
             log.error("pin_memory_cacheattr failed: %s", exc)
-        # xen_save_physmap's result is ignored by the caller (§1.1): a failed write is silent.
+        # xen_save_physmap's result is ignored by the caller (docs/qemu-physmap.md, 'The keys'): a
+        # failed write is silent.
         return self.save_physmap(entry)
 
     def remove_from_physmap(self, start_addr: int, size: int) -> int:
-        """``xen_remove_from_physmap``: move the frames home; the xenstore keys stay (§1.2)."""
+        """``xen_remove_from_physmap``: move the frames home; the xenstore keys stay
+        (docs/qemu-physmap.md, 'When QEMU writes the keys')."""
         entry = self.get_physmapping(start_addr, size)
         if entry is None:
             return -1
@@ -305,7 +311,7 @@ class XenHvm:
         return 0
 
     # ----------------------------------------------------------------------------------------
-    # xenstore (compat only, §1.1 and §1.3)
+    # xenstore (compat only, docs/qemu-physmap.md, 'The keys', 'Reading the keys back')
 
     def save_physmap(self, entry: XenPhysmap) -> int:
         """``xen_save_physmap``: the K1 writes in compat mode, a no-op stub otherwise."""
@@ -351,7 +357,7 @@ class XenHvm:
         return value
 
     # ----------------------------------------------------------------------------------------
-    # pointer-fixup (§4.7)
+    # pointer-fixup (docs/qemu-physmap.md, 'Why not patch the pointers')
 
     def _fixup_pointers(self, block: RamBlock, entry: XenPhysmap) -> None:
         """The never-merged earlier attempt, reconstructed: map the real frames at a NEW

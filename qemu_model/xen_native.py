@@ -1,8 +1,8 @@
 """The library shims QEMU compiles in for old Xen control libraries.
 
-qemu-physmap.md §6.1: when the libraries predate 4.10, ``XEN_COMPAT_PHYSMAP`` is defined and
-QEMU supplies an inline ``xenforeignmemory_map2`` that asserts a NULL address and zero flags,
-plus a ``xentoolcore_restrict_all`` stub that fails with ENOTTY.
+docs/qemu-physmap.md, 'XEN_COMPAT_PHYSMAP': when the libraries predate 4.10, ``XEN_COMPAT_PHYSMAP``
+is defined and QEMU supplies an inline ``xenforeignmemory_map2`` that asserts a NULL address and
+zero flags, plus a ``xentoolcore_restrict_all`` stub that fails with ENOTTY.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The library itself is :mod:`hypervisor_sim.xenforeignmemory`: real mmaps of a domain's frames,
 with ``MAP_FIXED`` placing a mapping over an existing one atomically, which is how
-``xen_replace_cache_entry`` swaps the dummy for the guest's frames (qemu-physmap.md §3.5, §3.7).
-Here the device model adds QEMU's view of a failure: a NULL from ``xenforeignmemory_map2``.
+``xen_replace_cache_entry`` swaps the dummy for the guest's frames (docs/qemu-physmap.md, 'The
+mapcache'). Here the device model adds QEMU's view of a failure: a NULL from
+``xenforeignmemory_map2``.
 """
 
 from __future__ import annotations

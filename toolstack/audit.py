@@ -25,10 +25,6 @@ class Audit:
         if directory.is_dir():
             self._file = open(xenhost.RunDir(rundir).audit_log("toolstack"), "a", encoding="utf-8")  # noqa: SIM115
 
-    @property
-    def enabled(self) -> bool:
-        return self._file is not None
-
     def record(self, action: str, result: str = "ok", **fields: Any) -> None:
         if self._file is None:
             return

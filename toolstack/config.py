@@ -11,7 +11,7 @@ import json
 import re
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Final, Literal, cast, get_args
+from typing import Any, Final, Literal, get_args
 
 from xenhost.devices import DISPLAY_DEVICES
 
@@ -64,7 +64,7 @@ class DomainConfig:
     toolstack: Flavour = "libxl"
     uuid: str | None = None
     #: Run the device model as an unprivileged stub domain (xl.cfg
-    #: ``device_model_stubdomain_override``; qemu-physmap.md §5.5).
+    #: ``device_model_stubdomain_override``; docs/qemu-physmap.md, 'Stub domains').
     dm_stubdom: bool = False
     #: The xenstore grants the stub domain gets (:mod:`toolstack.dmperms`); ``None``: the
     #: default set, which is empty.
@@ -294,10 +294,3 @@ def parse_config(text: str, source: str = "<config>") -> DomainConfig:
         return check(DomainConfig(**fields))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def cast_vga(value: str) -> Vga:
-    """``value`` as a :data:`Vga`, or :class:`ConfigError`."""
-    if value not in VGA_CHOICES:
-        raise ConfigError(f"vga must be one of {', '.join(VGA_CHOICES)}, not {value!r}")
-    return cast(Vga, value)

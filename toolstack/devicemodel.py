@@ -37,7 +37,8 @@ def dm_argv(
     """The device model's arguments (without the program).
 
     With ``dm_restrict`` libxl passes ``-S`` and learns readiness over QMP, since a restricted
-    QEMU cannot write its state node (qemu-physmap.md §2.4, ``libxl_dm.c``).
+    QEMU cannot write its state node (docs/qemu-physmap.md, 'Start-up and readiness',
+    ``libxl_dm.c``).
     """
     argv = [
         "--domid",

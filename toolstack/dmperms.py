@@ -2,11 +2,11 @@
 
 A grant is written as the audit prints a derived permission: an access letter and a path
 template, ``"b /local/domain/0/device-model/$DOMID/physmap/*"``.  ``$DOMID`` stands for the guest's
-domid and a ``*`` component for any one child (a physmap entry's offset, qemu-physmap.md §1.1).
-The toolstack turns each grant into an ACL entry for the stub domain (xenstore-facts.md §3.1:
-``r``, ``w`` or ``b`` followed by the domid) on the node itself or, for a template with a ``*``,
-on the directory above the first ``*`` and on every node that already matches: nodes created
-later under that directory copy its ACL (xenstore-facts.md §3.7).
+domid and a ``*`` component for any one child (a physmap entry's offset, docs/qemu-physmap.md, 'The
+keys'). The toolstack turns each grant into an ACL entry for the stub domain (docs/xenstore.md,
+'Permissions': ``r``, ``w`` or ``b`` followed by the domid) on the node itself or, for a template
+with a ``*``, on the directory above the first ``*`` and on every node that already matches: nodes
+created later under that directory copy its ACL (docs/xenstore.md, 'New nodes').
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Final
 
 #: What a stub device model is granted by default: nothing.  It records readiness in the
 #: relative ``device-model/<domid>/state`` (QEMU's ``xenstore_record_dm_state``,
-#: qemu-physmap.md §2.4), which lands in the stub's own, stub-owned tree (§5.5), and in new mode
-#: it needs nothing under dom0's tree for the physmap either (§5.6).
+#: docs/qemu-physmap.md, 'Start-up and readiness'), which lands in the stub's own, stub-owned tree
+#: (docs/qemu-physmap.md, 'Stub domains'), and in new mode it needs nothing under dom0's tree for
+#: the physmap either (docs/qemu-physmap.md, 'Restriction').
 DEFAULT_GRANTS: Final[tuple[str, ...]] = ()
 
 _COMPONENT: Final = re.compile(r"^(\*|\$DOMID|[A-Za-z0-9_@-]+)$")
@@ -79,8 +80,8 @@ def merge(letters: Iterable[str]) -> str:
 
 
 def with_entry(perms: Sequence[str], domid: int, letter: str) -> list[str]:
-    """``perms`` (owner entry first, xenstore-facts.md §3.2) with ``domid`` given ``letter``
-    on top of what an entry of its own already gave it."""
+    """``perms`` (owner entry first, docs/xenstore.md, 'Permissions') with ``domid`` given
+    ``letter`` on top of what an entry of its own already gave it."""
     if not perms:
         raise ValueError("a node always has an owner entry")
     out = [perms[0]]

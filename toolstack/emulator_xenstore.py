@@ -2,10 +2,10 @@
 
 On save libxl lists ``<dm root>/physmap`` and packs every entry's ``start_addr``, ``size`` and
 ``name`` as relative ``key\\0value\\0`` pairs after the emulator sub-header ``{emulator_id = 2
-(Qemu Upstream), index = 0}``; an entry missing any of the three fails the save (qemu-physmap.md
-§2.1, K3).  On restore every pair is written under ``<dm root>/`` before the device model starts;
-an empty, absolute or unterminated key, or an unterminated value, fails the restore
-(qemu-physmap.md §2.3, K5; ``libxl_dom_save.c``).
+(Qemu Upstream), index = 0}``; an entry missing any of the three fails the save
+(docs/qemu-physmap.md, 'libxl: save', K3).  On restore every pair is written under ``<dm root>/``
+before the device model starts; an empty, absolute or unterminated key, or an unterminated value,
+fails the restore (docs/qemu-physmap.md, 'libxl: restore', K5; ``libxl_dom_save.c``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def encode(
 
 
 def check_restore_key(key: str) -> None:
-    """K5, what libxl's restore checks: a non-empty, relative key (qemu-physmap.md §2.3).
+    """K5, what libxl's restore checks: a non-empty, relative key (docs/qemu-physmap.md, 'libxl:
+    restore').
 
     Nothing else: a key xenstored then refuses is a failed write that libxl ignores.
     """

@@ -1,9 +1,9 @@
 """A whole save image: xl's header, then the libxl stream with guest memory, the device model's
 xenstore keys and its device state.
 
-Record order for a plain HVM save (qemu-physmap.md §2.2; ``libxl_stream_write.c``):
-``LIBXC_CONTEXT`` (memory follows inline) → ``EMULATOR_XENSTORE_DATA`` (only when there are
-keys) → ``EMULATOR_CONTEXT`` → ``END``.
+Record order for a plain HVM save (docs/qemu-physmap.md, 'The stream record';
+``libxl_stream_write.c``): ``LIBXC_CONTEXT`` (memory follows inline) → ``EMULATOR_XENSTORE_DATA``
+(only when there are keys) → ``EMULATOR_CONTEXT`` → ``END``.
 
 :func:`read_image` checks an entire image before anything is created from it and returns an
 index of where everything is; :func:`load_pages` and :func:`copy_emulator_context` then read the

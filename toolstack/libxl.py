@@ -627,7 +627,8 @@ class Libxl:
         xenstore = self.run.dm_xenstore_socket
         dm_domid = 0
         if config.dm_stubdom:
-            # The device model acts as its stub domain, on that domain's socket (§5.5).
+            # The device model acts as its stub domain, on that domain's socket
+            # (docs/qemu-physmap.md, 'Stub domains').
             dm_domid = await stubdom.build(self, domid, config.stubdom_grants)
             xenstore = str(stubdom.guest_socket(self, dm_domid))
         program = devicemodel.dm_program()
@@ -655,8 +656,8 @@ class Libxl:
     ) -> None:
         """Wait as libxl's spawn does: for ``running`` in the state node of the domain the
         device model runs in (``dm_domid``, 0 without a stub domain), or with ``dm_restrict``
-        for QMP ``query-status`` (qemu-physmap.md §2.4).  A device model that exits first, or
-        takes longer than :attr:`dm_start_timeout`, is an error."""
+        for QMP ``query-status`` (docs/qemu-physmap.md, 'Start-up and readiness').  A device model
+        that exits first, or takes longer than :attr:`dm_start_timeout`, is an error."""
         died = False
         failure: BaseException | None = None
 
@@ -702,8 +703,9 @@ class Libxl:
 
     async def _wait_state_running(self, domid: int, dm_domid: int) -> None:
         # QEMU writes the relative ``device-model/<domid>/state``, which xenstored resolves
-        # under the home of the device model's own connection (qemu-physmap.md §2.4): dom0's
-        # tree for a dom0 device model, the stub's tree (made stub-owned, §5.5) otherwise.
+        # under the home of the device model's own connection (docs/qemu-physmap.md, 'Start-up and
+        # readiness'): dom0's tree for a dom0 device model, the stub's tree (made stub-owned,
+        # docs/qemu-physmap.md, 'Stub domains') otherwise.
         path = f"{dm_root(domid, dm_domid)}/state"
         async with self.xs.watch(path, f"dm-state-{domid}") as events:
             self.audit.record("xs_watch", path=path)
@@ -1116,7 +1118,8 @@ class Libxl:
             if index.xenstore is not None and index.xenstore.pairs:
                 if config.toolstack == "libxl":
                     # libxl__restore_emulator_xenstore_data: plain writes under the device
-                    # model's root, before the device model exists (qemu-physmap.md §2.3, K5).
+                    # model's root, before the device model exists (docs/qemu-physmap.md, 'libxl:
+                    # restore', K5).
                     stub = await self.xs_read(f"/local/domain/{domid}/image/device-model-domid")
                     root = dm_root(domid, int(stub) if stub and stub.isdigit() else 0)
                     for key, value in index.xenstore.pairs:

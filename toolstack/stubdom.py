@@ -1,13 +1,13 @@
 """Device-model stub domains: the domain, its xenstore identity and the grants it gets.
 
 As libxl does for ``device_model_stubdomain_override`` (``libxl_dm.c``, ``libxl__spawn_stub_dm``;
-qemu-physmap.md §5.5, xenstore-facts.md §3.5): the toolstack creates a small domain for the
-device model, introduces it to xenstored (which opens ``RUNDIR/domains/<stub>.sock``, its ring),
-makes it the guest's target holder with SET_TARGET, records it in
-``/local/domain/<domid>/image/device-model-domid`` and makes
+docs/qemu-physmap.md, 'Stub domains', docs/xenstore.md, 'SET_TARGET and stub domains'): the
+toolstack creates a small domain for the device model, introduces it to xenstored (which opens
+``RUNDIR/domains/<stub>.sock``, its ring), makes it the guest's target holder with SET_TARGET,
+records it in ``/local/domain/<domid>/image/device-model-domid`` and makes
 ``/local/domain/<stub>/device-model/<domid>`` owned by the stub and readable by the guest.  The
-device model then speaks xenstore only through the stub's socket, as an unprivileged domain,
-with the grants of :mod:`toolstack.dmperms` and nothing else.
+device model then speaks xenstore only through the stub's socket, as an unprivileged domain, with
+the grants of :mod:`toolstack.dmperms` and nothing else.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ async def _make(lx: Libxl, stub: int, domid: int, name: str, grants: Sequence[st
     try:
         await lx.xs.introduce(stub, STUB_STORE_GFN, STUB_STORE_PORT)
         lx.audit.record("xs_introduce", domid=stub)
-        # xs_set_target: the stub acts as owner of the guest's nodes (xenstore-facts.md §3.5).
+        # xs_set_target: the stub acts as owner of the guest's nodes (docs/xenstore.md, 'SET_TARGET
+        # and stub domains').
         await lx.xs.set_target(stub, domid)
         lx.audit.record("xs_set_target", domid=stub, call=f"{stub} {domid}")
     except XsError as exc:
@@ -145,7 +146,7 @@ async def _existing(lx: Libxl, top: str, pattern: list[str]) -> list[str]:
 
 async def destroy(lx: Libxl, stub: int) -> None:
     """Remove the stub domain's tree, release it (xenstored drops its socket, the nodes it owns
-    and every ACL entry naming it, xenstore-facts.md §6.7) and destroy it."""
+    and every ACL entry naming it, docs/xenstore.md, 'Domains') and destroy it."""
     await lx.xs_rm(f"/local/domain/{stub}")
     try:
         await lx.xs.release(stub)

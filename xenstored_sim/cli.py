@@ -3,8 +3,9 @@
 Flags follow C xenstored where it has them: ``-E`` nodes, ``-S`` node size, ``-W`` watches,
 ``-t`` transactions, ``-A`` permissions per node, ``-M`` path length, ``-Q name=value`` any
 quota, ``-q memory=N`` the soft memory quota, ``-w watch-event=SECONDS`` the watch-event
-timeout (xenstore-facts.md §7.1, §4.8; C 4.17's usage text).  Like C (``xs_lib.c``), the run directory comes from
-``XENSTORED_RUNDIR`` and the socket path from ``XENSTORED_PATH`` unless given as flags.
+timeout (docs/xenstore.md, 'Quotas', 'Watch events and the send queue'; C 4.17's usage text).  Like
+C (``xs_lib.c``), the run directory comes from ``XENSTORED_RUNDIR`` and the socket path from
+``XENSTORED_PATH`` unless given as flags.
 """
 
 from __future__ import annotations
@@ -247,8 +248,11 @@ def _announce(config: DaemonConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
-    if config.verbose:
-        logging.basicConfig(level=logging.DEBUG, format="xenstored-sim: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if config.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="xenstored-sim: %(message)s",
+    )
     try:
         _prepare(config)
         trio.run(_main, config)

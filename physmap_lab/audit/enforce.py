@@ -1,15 +1,16 @@
 """Least privilege, enforced: re-run cells with the device model in a stub domain that holds
 exactly the xenstore permissions the audit derived, and nothing else.
 
-libxl runs a stub device model as its own unprivileged domain (qemu-physmap.md §5.5,
-xenstore-facts.md §3.5): its xenstore requests arrive on the stub's guest socket and pass only
-where a node's ACL names the stub.  ``xl-sim --dm-stubdom --dm-grant …`` builds that domain and
-grants it the set given (:mod:`toolstack.dmperms`).  The variants:
+libxl runs a stub device model as its own unprivileged domain (docs/qemu-physmap.md, 'Stub domains',
+docs/xenstore.md, 'SET_TARGET and stub domains'): its xenstore requests arrive on the stub's guest
+socket and pass only where a node's ACL names the stub.  ``xl-sim --dm-stubdom --dm-grant …`` builds
+that domain and grants it the set given (:mod:`toolstack.dmperms`).  The variants:
 
 * ``stubdom``: create and restore with a stub device model holding the derived set;
 * ``stubdom-no-physmap-grant``: the same without the set's physmap permissions;
 * ``restore-in-stubdom``: create and save with the device model in dom0, restore into a stub
-  holding the derived set (the keys libxl carried land under ``/local/domain/0``, §2.3);
+  holding the derived set (the keys libxl carried land under ``/local/domain/0``,
+  docs/qemu-physmap.md, 'libxl: restore');
 * ``restore-in-stubdom-no-physmap-grant``: that restore without the physmap permissions.
 
 Pure: the derived sets and the audit records of a cell's time window in, findings out.
@@ -28,7 +29,7 @@ from .privilege import Permission, home_of, template
 from .scenario import outcome
 
 #: The devices the enforced re-run covers by default: a plain framebuffer and the one with
-#: derived pointers (qemu-physmap.md §4.7).
+#: derived pointers (docs/qemu-physmap.md, 'Why not patch the pointers').
 ENFORCED_DEVICES: Final = ("stdvga", "qxl")
 #: The modes whose derived set is enforced: the legacy path and its replacement.
 ENFORCED_MODES: Final = ("compat", "new")
@@ -85,11 +86,12 @@ class Variant:
 
 
 def expected(kind: str, mode: str) -> str:
-    """What the facts predict.  New mode needs nothing for the physmap (qemu-physmap.md §5.6).
-    Compat mode needs its physmap permissions on the dom0-owned path it hard-codes (§1.1,
-    §5.5); even with them, a device model that runs in a stub domain from the start loses the
-    keys at save, because libxl reads them from the stub's own directory (§2.1) while the
-    device model wrote them under ``/local/domain/0``."""
+    """What the facts predict.  New mode needs nothing for the physmap (docs/qemu-physmap.md,
+    'Restriction'). Compat mode needs its physmap permissions on the dom0-owned path it hard-codes
+    (docs/qemu-physmap.md, 'The keys', 'Stub domains'); even with them, a device model that runs in
+    a stub domain from the start loses the keys at save, because libxl reads them from the stub's
+    own directory (docs/qemu-physmap.md, 'libxl: save') while the device model wrote them under
+    ``/local/domain/0``."""
     if mode != "compat":
         return "intact"
     return "intact" if kind == RESTORE_STUBDOM else "aborted"
@@ -102,7 +104,8 @@ def acl_kind(perms: Iterable[Permission]) -> list[Permission]:
 
 def grantable(perms: Iterable[Permission]) -> list[Permission]:
     """The permissions a stub needs an ACL entry for: reads and writes outside its own tree
-    (``~``), whose ``device-model/<domid>`` libxl makes owned by the stub (§5.5)."""
+    (``~``), whose ``device-model/<domid>`` libxl makes owned by the stub (docs/qemu-physmap.md,
+    'Stub domains')."""
     return [p for p in acl_kind(perms) if not p.own_home]
 
 

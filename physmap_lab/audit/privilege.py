@@ -2,14 +2,15 @@
 
 A permission is an access (``r``, ``w`` or a privileged-only op such as ``introduce``) on a
 path template: the guest's domid becomes ``$DOMID`` and a physmap entry's offset ``*``, so one
-set covers every domain (qemu-physmap.md §1.1 for the physmap layout).
+set covers every domain (docs/qemu-physmap.md, 'The keys' for the physmap layout).
 
 A device model names its state node relative to its own connection's home (QEMU's
-``xenstore_record_dm_state``, qemu-physmap.md §2.4), so the node lands in dom0's tree for a
-dom0 device model and in the stub's own, stub-owned tree for a stub domain (§5.5).  That node is
-written ``~/device-model/$DOMID/state``: the device model's own tree, wherever it runs.  Every
-other path stays absolute, above all the physmap keys compat mode hard-codes under
-``/local/domain/0`` (§1.1, §5.5), so a write under a dom0-owned path stays visible as one.
+``xenstore_record_dm_state``, docs/qemu-physmap.md, 'Start-up and readiness'), so the node lands in
+dom0's tree for a dom0 device model and in the stub's own, stub-owned tree for a stub domain
+(docs/qemu-physmap.md, 'Stub domains').  That node is written ``~/device-model/$DOMID/state``: the
+device model's own tree, wherever it runs.  Every other path stays absolute, above all the physmap
+keys compat mode hard-codes under ``/local/domain/0`` (docs/qemu-physmap.md, 'The keys', 'Stub
+domains'), so a write under a dom0-owned path stays visible as one.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def template(path: str, home: int | None = None) -> str:
     """``path`` with the guest's domid as ``$DOMID`` and physmap offsets as ``*``.
 
     ``home`` is the domid of the device model's connection: its state node under
-    ``/local/domain/<home>`` becomes ``~/device-model/$DOMID/state`` (qemu-physmap.md §2.4).
+    ``/local/domain/<home>`` becomes ``~/device-model/$DOMID/state`` (docs/qemu-physmap.md,
+    'Start-up and readiness').
     """
     info = classify_path(path)
     if home is not None and info.kind is PathClass.DM_STATE and info.dm_domid == home:

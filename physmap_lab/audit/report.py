@@ -215,7 +215,7 @@ def screen_lines(scenarios: Sequence[Scenario]) -> list[str]:
         "",
         "What the device model shows after restore (QMP `screendump`): QXL restored in new "
         "mode keeps the guest's picture; after pointer-fixup its surface pointer still points "
-        "at the old mapping (qemu-physmap.md §4.7).",
+        "at the old mapping (docs/qemu-physmap.md, 'Why not patch the pointers').",
         "",
         "| " + " | ".join(label for label, _ in shown) + " |",
         "| " + " | ".join("---" for _ in shown) + " |",
@@ -333,11 +333,12 @@ def stubdom_lines(
         "Each cell re-runs create → draw → save → restore with the device model as an "
         "unprivileged stub domain (`xl-sim --dm-stubdom`), granted by SET_PERMS exactly the "
         "derived set below and nothing else. `~` is the device model's own tree: its state "
-        "node, which QEMU names relative to its connection's home (qemu-physmap.md §2.4), "
-        "lands in `/local/domain/<stub>/device-model/<domid>`, which libxl makes owned by the "
-        "stub (§5.5), so it needs no grant. *stubdom*: create and restore in a stub domain; "
-        "*restore-in-stubdom*: create and save with the device model in dom0, restore into a "
-        "stub (libxl writes the carried keys under `/local/domain/0`, qemu-physmap.md §2.3); "
+        "node, which QEMU names relative to its connection's home (docs/qemu-physmap.md, "
+        "'Start-up and readiness'), lands in `/local/domain/<stub>/device-model/<domid>`, which "
+        "libxl makes owned by the stub (docs/qemu-physmap.md, 'Stub domains'), so it needs no "
+        "grant. *stubdom*: create and restore in a stub domain; *restore-in-stubdom*: create and "
+        "save with the device model in dom0, restore into a stub (libxl writes the carried keys "
+        "under `/local/domain/0`, docs/qemu-physmap.md, 'libxl: restore'); "
         "*-no-physmap-grant*: the same with the set's physmap permissions withheld.",
         "",
     ]

@@ -46,9 +46,10 @@ def expected_outcome(case: Case) -> str:
 
 def outcome(seen: Observed, result: CaseResult) -> str:
     """``refused``: the device model would not start (create failed); ``aborted``: a later step
-    failed, the device model died (the compat shim's assertion, qemu-physmap.md §4.6);
-    ``corrupt``: every step ran but a view of the framebuffer or a derived pointer is wrong
-    (§4.7); ``intact``: the restored guest shows what it drew."""
+    failed, the device model died (the compat shim's assertion, docs/qemu-physmap.md, 'Restore,
+    compat mode'); ``corrupt``: every step ran but a view of the framebuffer or a derived pointer is
+    wrong (docs/qemu-physmap.md, 'Why not patch the pointers'); ``intact``: the restored guest shows
+    what it drew."""
     if seen.error is not None:
         return "refused" if seen.failed_step == "create" else "aborted"
     return "intact" if result.ok else "corrupt"

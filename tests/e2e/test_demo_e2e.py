@@ -132,7 +132,8 @@ def test_screenshots_show_the_drawn_pixels_before_save_and_after_restore(demo: D
 
 
 def test_new_mode_keeps_the_vram_pointer_from_init(demo: Demo) -> None:
-    # The dummy mapping handed out at init is replaced in place (qemu-physmap.md §3).
+    # The dummy mapping handed out at init is replaced in place (docs/qemu-physmap.md, 'The
+    # mapcache').
     for r in _by_mode(demo, "new"):
         assert isinstance(r["vram_ptr_at_init"], int) and r["vram_ptr_at_init"] > 0
         assert r["vram_ptr_at_init"] == r["vram_ptr_after_load"], r
@@ -156,7 +157,8 @@ def test_new_mode_keeps_the_physmap_out_of_xenstore(demo: Demo) -> None:
         ops, ok = r["physmap_xenstore_ops"], r["physmap_xenstore_ops_ok"]
         assert set(ops) == {"toolstack", "device-model", "guest"}
         # Nobody reads or writes a physmap key: the device model and the guest send nothing,
-        # and the toolstack's save only lists the directory and finds none (libxl §2.1).
+        # and the toolstack's save only lists the directory and finds none (libxl
+        # docs/qemu-physmap.md, 'libxl: save').
         assert ok == {"toolstack": 0, "device-model": 0, "guest": 0}, r
         assert ops["device-model"] == ops["guest"] == 0, r
         assert ops["toolstack"] <= 1, r
@@ -167,7 +169,7 @@ def test_compat_mode_couples_the_toolstack_and_the_device_model(demo: Demo) -> N
     for r in _by_mode(demo, "compat"):
         ok = r["physmap_xenstore_ops_ok"]
         # The device model writes the keys, the toolstack saves and plants them, the
-        # restored device model reads them back (qemu-physmap.md §1-2).
+        # restored device model reads them back (docs/qemu-physmap.md, 'The keys').
         assert ok["device-model"] > 0 and ok["toolstack"] > 0, r
         assert ok["guest"] == 0
         assert r["dm_physmap_ops"]["saved"] > 0 and r["dm_physmap_ops"]["restored"] > 0

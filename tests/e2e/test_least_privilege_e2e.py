@@ -1,6 +1,6 @@
 """End to end: ``physmap-lab audit`` derives the device model's permission set, then re-runs
-the cells with the device model in a stub domain holding exactly that set (qemu-physmap.md
-§5.5), on real processes.
+the cells with the device model in a stub domain holding exactly that set (docs/qemu-physmap.md,
+'Stub domains'), on real processes.
 
 One small run (libxl, compat and new, stdvga, privileged) is shared by every test here.
 """
@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-#: The device model's readiness node, named relative to its own home (qemu-physmap.md §2.4).
+#: The device model's readiness node, named relative to its own home (docs/qemu-physmap.md,
+#: 'Start-up and readiness').
 STATE = "w ~/device-model/$DOMID/state"
 
 
@@ -72,7 +73,8 @@ def test_every_enforced_cell_ends_as_the_facts_predict(enforced: Enforced) -> No
 
 def test_new_mode_passes_in_a_stub_with_nothing_for_the_physmap(enforced: Enforced) -> None:
     assert enforced.derived["new"] == [STATE]
-    # Its state node is in the stub's own, stub-owned tree (§5.5): nothing under dom0's tree.
+    # Its state node is in the stub's own, stub-owned tree (docs/qemu-physmap.md, 'Stub domains'):
+    # nothing under dom0's tree.
     assert enforced.granted["new"] == []
     assert enforced.conclusions["new_set_has_nothing_under_dom0s_tree"] is True
     c = enforced.cell("new", "stubdom")
@@ -104,8 +106,8 @@ def test_compat_needs_to_write_under_the_dom0_owned_physmap_path(enforced: Enfor
 
 
 def test_compat_in_a_stub_from_creation_loses_its_keys_at_save(enforced: Enforced) -> None:
-    # libxl saves from the stub's own device-model directory (qemu-physmap.md §2.1), where the
-    # compat device model, writing under /local/domain/0, left nothing.
+    # libxl saves from the stub's own device-model directory (docs/qemu-physmap.md, 'libxl: save'),
+    # where the compat device model, writing under /local/domain/0, left nothing.
     c = enforced.cell("compat", "stubdom")
     assert c["denied_ops"] == 0 and c["dm_physmap_ok"] > 0
     assert c["keys_carried"] == {} and c["outcome"] == "aborted"

@@ -108,7 +108,8 @@ def test_failed_requests_need_no_permission() -> None:
         rec(2, "WRITE", "/local/domain/0/device-model/3/state", DM),
     ]
     perms = needed(recs)
-    # qemu-physmap.md §2.4: the device model names its state node relative to its home.
+    # docs/qemu-physmap.md, 'Start-up and readiness': the device model names its state node relative
+    # to its home.
     assert [str(p) for p in perms] == ["w ~/device-model/$DOMID/state"]
     assert all(p.own_home and not p.dom0_owned and not p.physmap for p in perms)
     (seen,) = needed([rec(3, "READ", "/local/domain/0/device-model/3/state", XL)])

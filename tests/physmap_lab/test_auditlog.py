@@ -134,7 +134,8 @@ def test_classify_path(path: str, kind: PathClass, domid: int | None) -> None:
 def test_a_stub_domain_device_model_path_names_its_domain() -> None:
     info = classify_path("/local/domain/5/device-model/7/physmap/1f00000/size")
     assert (info.kind, info.domid, info.dm_domid) == (PathClass.PHYSMAP, 7, 5)
-    # A stub device model's readiness node, in the stub's own tree (qemu-physmap.md §2.4, §5.5).
+    # A stub device model's readiness node, in the stub's own tree (docs/qemu-physmap.md, 'Start-up
+    # and readiness', 'Stub domains').
     info = classify_path("/local/domain/5/device-model/7/state")
     assert (info.kind, info.domid, info.dm_domid) == (PathClass.DM_STATE, 7, 5)
 
@@ -146,7 +147,7 @@ def test_a_stub_domain_device_model_path_names_its_domain() -> None:
     key=st.sampled_from(["start_addr", "size", "name"]),
 )
 def test_every_physmap_key_is_a_physmap_path(dm: int, domid: int, offset: int, key: str) -> None:
-    # qemu-physmap.md §1.1: decimal domid, hex phys_offset without 0x.
+    # docs/qemu-physmap.md, 'The keys': decimal domid, hex phys_offset without 0x.
     info = classify_path(f"/local/domain/{dm}/device-model/{domid}/physmap/{offset:x}/{key}")
     assert (info.kind, info.domid, info.dm_domid) == (PathClass.PHYSMAP, domid, dm)
 

@@ -251,6 +251,7 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
     assert re.match(r"physmap-lab( \w+)?: error: ", capsys.readouterr().err)
 
 
+@pytest.mark.integration
 def test_help_names_the_demo_and_the_audit() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "physmap_lab", "--help"], capture_output=True, text=True, check=True
@@ -258,6 +259,7 @@ def test_help_names_the_demo_and_the_audit() -> None:
     assert "demo" in proc.stdout and "audit" in proc.stdout
 
 
+@pytest.mark.integration
 def test_attach_without_daemons_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,8 @@ from physmap_lab.audit.privilege import Permission
 from physmap_lab.auditlog import Peer, XenstoreRequest, classify_peer
 
 DM = "/local/domain/0/device-model/$DOMID"
-#: In the device model's own tree (qemu-physmap.md §2.4), stub-owned in a stub (§5.5).
+#: In the device model's own tree (docs/qemu-physmap.md, 'Start-up and readiness'), stub-owned in a
+#: stub (docs/qemu-physmap.md, 'Stub domains').
 STATE = Permission("w", "~/device-model/$DOMID/state", False, False)
 PHYS_R = Permission("r", f"{DM}/physmap", True, True)
 PHYS_W = Permission("w", f"{DM}/physmap/*/size", True, True)

@@ -1,4 +1,5 @@
-"""The mapcache against qemu-physmap.md §7 M1-M6, with real mappings over a real frame file."""
+"""The mapcache against docs/qemu-physmap.md, 'Test labels' M1-M6, with real mappings over a real
+frame file."""
 
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def test_m2_failed_mapping_becomes_a_zeroed_dummy_during_inmigrate(rig: Rig) -> 
     assert entry is not None and entry.dummy and entry.lock == 1
     assert entry.valid_mapping.bit_count() == VRAM // 4096
     assert vma.read(ptr, VRAM) == bytes(VRAM)
-    # Any failing mapping gets a dummy during INMIGRATE, not just VRAM (§3.4 observation).
+    # Any failing mapping gets a dummy during INMIGRATE, not just VRAM (docs/qemu-physmap.md,
+    # 'The mapcache').
     other = rig.mc.map(0x40000000, 0, lock=False)
     assert other is not None and vma.read(other, 16) == bytes(16)
 
@@ -117,7 +119,8 @@ def test_m3_replace_maps_real_frames_over_the_same_address(rig: Rig) -> None:
     data = rig.populate(BAR, VRAM, seed=9)
     new = rig.mc.replace_cache_entry(PHYS_OFFSET, BAR, VRAM)
     assert new == ptr
-    # The entry keeps its place in the OLD bucket's chain with the NEW index (§3.7).
+    # The entry keeps its place in the OLD bucket's chain with the NEW index (docs/qemu-physmap.md,
+    # 'The mapcache').
     [entry] = [e for e in rig.mc.chain(PHYS_OFFSET >> 20) if e.vaddr_base is not None]
     assert entry.paddr_index == BAR >> 20 and not entry.dummy and entry.vaddr_base == ptr
     assert rig.mc.find_entry(BAR >> 20, VRAM) is None  # lookups by the new address miss it

@@ -1,4 +1,5 @@
-"""The physmap and restore flows of qemu-physmap.md §7 (K1, K2, R1-R6) at the pure layer.
+"""The physmap and restore flows of docs/qemu-physmap.md, 'Test labels' (K1, K2, R1-R6) at the pure
+layer.
 
 The guest is played by :mod:`hypervisor_sim.guest_drivers`: its ops become ioreqs to the
 machine (config space, ports) or writes to the fake guest memory, as hypervisor-sim does.
@@ -134,7 +135,8 @@ def test_fresh_boot_relocates_vram_and_the_device_sees_the_drawing(
         "pin_memory_cacheattr",
         {"domid": SRC, "start": BAR >> 12, "end": (BAR + VRAM - 1) >> 12, "type": 6},
     ) in host.hv.calls
-    # VRAM was populated at its ram_addr gfns by the device model (§4.1).
+    # VRAM was populated at its ram_addr gfns by the device model (docs/qemu-physmap.md, 'VRAM and
+    # the devices').
     assert ("populate_physmap", {"domid": SRC, "nr": VRAM >> 12}) in host.hv.calls
     assert info["display_sha256"] == want
     assert info["derived_ptrs_valid"]
@@ -254,7 +256,7 @@ def test_r1_new_mode_restores_through_the_dummy_at_the_same_address(
     assert entry.dummy
     assert dst.display() is None  # no mode until the registers are loaded
     populates = [c for c in host.hv.calls if c[0] == "populate_physmap" and c[1]["domid"] == DST]
-    assert populates == []  # INMIGRATE: no populate (§4.1)
+    assert populates == []  # INMIGRATE: no populate (docs/qemu-physmap.md, 'VRAM and the devices')
     dst.load_devices_state(state)
     info = dst.info()
     assert info["vram_ptr"] == info["vram_ptr_at_init"] == ptr == info["block_host"]
@@ -285,7 +287,8 @@ def test_r1_cirrus_maps_the_vram_only_in_post_load(host: Host) -> None:
 def test_r3_compat_with_keys_maps_real_vram_at_init(host: Host) -> None:
     src, want = host.boot_and_draw("compat", "stdvga")
     state = migrate(host, src)
-    # libxl restores the keys for the new domain before it starts the device model (§2.3).
+    # libxl restores the keys for the new domain before it starts the device model
+    # (docs/qemu-physmap.md, 'libxl: restore').
     for path, value in list(host.xs.nodes.items()):
         host.xs.nodes[path.replace(f"/device-model/{SRC}/", f"/device-model/{DST}/")] = value
     host.xs.log.clear()

@@ -70,8 +70,8 @@ def test_with_entry_keeps_the_owner_and_only_adds_access(
 def test_config_carries_stubdom_and_its_grants() -> None:
     cfg = parse_config("device_model_stubdomain_override = 1\n")
     assert cfg.dm_stubdom and cfg.stubdom_grants == DEFAULT_GRANTS
-    # The readiness node is in the stub's own tree (qemu-physmap.md §2.4, §5.5): nothing
-    # under dom0's tree is granted by default.
+    # The readiness node is in the stub's own tree (docs/qemu-physmap.md, 'Start-up and readiness',
+    # 'Stub domains'): nothing under dom0's tree is granted by default.
     assert DEFAULT_GRANTS == ()
     cfg = cfg.with_overrides(dm_stubdom_grants=("r  /local/domain/0/x",))
     assert cfg.stubdom_grants == ("r /local/domain/0/x",)

@@ -226,6 +226,7 @@ def test_savefile_header_rules() -> None:
     assert read_image(io.BytesIO(bytes(data))).xenstore is not None
 
 
+@pytest.mark.integration
 def test_images_pass_xens_own_verify_stream_v2(tmp_path: Path) -> None:
     """Differential check against Xen's verifier (xen-utils-4.17, unpacked by `make setup`).
 

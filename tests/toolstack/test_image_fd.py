@@ -250,6 +250,7 @@ def test_page_data_header_keeps_within_libxc_limits() -> None:
         ms.page_data_header([-1])
 
 
+@pytest.mark.integration
 def test_saved_images_pass_xens_own_verify_stream_v2(files: Path) -> None:
     """Differential check of a descriptor-written image against Xen's verifier (no
     EMULATOR_XENSTORE_DATA: its Python 3 port mis-compares that record, see test_image.py)."""

@@ -87,6 +87,7 @@ def test_global_options_work_before_and_after_the_command() -> None:
     assert (g.action, g.seed, g.addr, g.width) == ("draw", 9, 0xF0000000, 1024)
 
 
+@pytest.mark.integration
 def test_xl_sim_reports_errors_as_json(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin"}
     proc = subprocess.run(

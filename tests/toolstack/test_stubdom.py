@@ -1,5 +1,6 @@
 """``xl-sim --dm-stubdom``: the device model as an unprivileged stub domain, against the real
-daemons and the real device model (qemu-physmap.md §5.5, xenstore-facts.md §3.5)."""
+daemons and the real device model (docs/qemu-physmap.md, 'Stub domains', docs/xenstore.md,
+'SET_TARGET and stub domains')."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ async def test_new_mode_stubdom_create_save_restore_destroy(
         f"r{domid}",
     ]
     # No grant: the device model wrote its readiness node relative to its home, into the
-    # stub's own tree (qemu-physmap.md §2.4, §5.5); dom0's tree holds nothing of it.
+    # stub's own tree (docs/qemu-physmap.md, 'Start-up and readiness', 'Stub domains'); dom0's tree
+    # holds nothing of it.
     state = f"/local/domain/{stub}/device-model/{domid}/state"
     assert (await xs_perms(stack, state))[0] == f"n{stub}"
     assert await xs_read(stack, state) == "running"

@@ -166,7 +166,8 @@ async def test_compat_save_restore_carries_and_plants_the_physmap_keys(
     assert keys[next(k for k in keys if k.endswith("start_addr"))] == "f0000000"
     assert restored["xenstore_keys"] == keys
     assert after == before
-    # K5/§2.4: the keys are written before the device model is spawned.
+    # K5/docs/qemu-physmap.md, 'Start-up and readiness': the keys are written before the device
+    # model is spawned.
     steps = [a for a in audit(stack.rundir) if a["command"] == "restore"]
     writes = [i for i, a in enumerate(steps) if "/physmap/" in a.get("path", "")]
     spawn = next(i for i, a in enumerate(steps) if a["action"] == "spawn")

@@ -62,7 +62,7 @@ _CLEANUP_GRACE: Final = 5.0
 
 
 class DirectoryPart(NamedTuple):
-    """One DIRECTORY_PART reply (xenstore-facts.md §1.5).
+    """One DIRECTORY_PART reply (docs/xenstore.md, 'Payloads').
 
     ``generation`` changes whenever the children change; ``complete`` is true when the reply
     reaches the end of the child list.  The next offset is the given one plus
@@ -221,7 +221,8 @@ class XsClient:
             with self._reader_scope:
                 while True:
                     data = await self._stream.receive_some(_RECEIVE_SIZE)
-                    # Bytes read go to the decoder before the next checkpoint (guideline §12.9).
+                    # Bytes read go to the decoder before the next checkpoint, so a
+                    # cancellation loses none.
                     self._decoder.receive_data(bytes(data))
                     self._handle_buffered()
                     if not data:
@@ -416,7 +417,7 @@ class XsClient:
     ) -> AsyncIterator[Watch]:
         """``async with xs.watch(path, token) as events: async for ev in events:``
 
-        The first event is the one the daemon sends on registration (xenstore-facts.md §4.2).
+        The first event is the one the daemon sends on registration (docs/xenstore.md, 'Watches').
         Leaving the block sends UNWATCH.  See :class:`Watch` for buffering.
         """
         if buffer < 1:

@@ -15,7 +15,7 @@ DEFAULT_RUNDIR: Final = "/var/run/xenstored"
 
 def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
     """The xenstored socket path: ``$XENSTORED_PATH``, else ``$XENSTORED_RUNDIR/socket``,
-    else ``/var/run/xenstored/socket`` (xenstore-facts.md §1.15, Xen ``xs_lib.c``).
+    else ``/var/run/xenstored/socket`` (docs/xenstore.md, 'Socket location', Xen ``xs_lib.c``).
 
     An empty variable counts as unset.  ``environ`` defaults to :data:`os.environ`.
     """

@@ -1,11 +1,11 @@
 """Matching replies to requests by ``req_id``, without I/O.
 
-The daemon echoes each request's ``req_id`` in its reply (xenstore-facts.md §1.7), so a client
-may keep many requests outstanding on one connection.  :class:`ReplyMatcher` is the bookkeeping
-of jeepney's ``io/common.py`` for that: a waiter is registered *before* its request is written
-(the daemon may answer before the writer returns), a reply goes to exactly one waiter, and when
-the connection goes away every waiter is failed, so none is left waiting (the pyxs defect of
-aesthetics-anchors.md §9, item 5).
+The daemon echoes each request's ``req_id`` in its reply (C ``send_reply``; docs/xenstore.md, 'Reply
+headers and event order'), so a client may keep many requests outstanding on one connection.
+:class:`ReplyMatcher` is the bookkeeping of jeepney's ``io/common.py`` for that: a waiter is
+registered *before* its request is written (the daemon may answer before the writer returns), a
+reply goes to exactly one waiter, and when the connection goes away every waiter is failed, so none
+is left waiting (pyxs's reader thread dies on an unknown reply and leaves its callers waiting).
 """
 
 from __future__ import annotations

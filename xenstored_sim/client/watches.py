@@ -1,13 +1,13 @@
 """Demultiplexing WATCH_EVENTs to the watches of one connection, without I/O.
 
-A WATCH_EVENT carries the *changed* path and the token (xenstore-facts.md §1.5), not the path
+A WATCH_EVENT carries the *changed* path and the token (docs/xenstore.md, 'Payloads'), not the path
 the watch was registered on, so an event is routed to every watch with that token whose path
 is the event path or one of its ancestors.  That is the same rule the daemon uses to fire it
-(§4.3, C ``watch.c`` ``is_child``), and every event a daemon sends satisfies it: the initial
-event carries the watch path as given (§4.2), relative watches get relative paths (§4.5), and a
-removed descendant fires with the watch's own path (§4.4).  Two watches on overlapping paths
-that share a token cannot be told apart on the wire: each receives every event of the other
-that falls under its own path.  Give such watches distinct tokens.
+(C ``watch.c`` ``is_child``; docs/xenstore.md, 'Watches'), and every event a daemon sends
+satisfies it: the initial event carries the watch path as given, relative watches get relative
+paths, and a removed descendant fires with the watch's own path.  Two watches on overlapping paths
+that share a token cannot be told apart on the wire: each receives every event of the other that
+falls under its own path.  Give such watches distinct tokens.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def parse_watch_event(packet: Packet) -> WatchEvent:
 def watch_covers(watch_path: str, event_path: str) -> bool:
     """Whether a watch on ``watch_path`` fires for a change of ``event_path``.
 
-    ``/`` covers every absolute path but no ``@`` name (xenstore-facts.md §4.3).
+    ``/`` covers every absolute path but no ``@`` name (docs/xenstore.md, 'Watches').
     """
     if event_path == watch_path:
         return True
@@ -71,7 +71,8 @@ class WatchTable(Generic[S]):
         return path in self._by_token.get(token, {})
 
     def add(self, path: str, token: str, sink: S) -> None:
-        """Register a watch; the same (path, token) twice is refused, as by the daemon (§4.1)."""
+        """Register a watch; the same (path, token) twice is refused, as by the daemon
+        (docs/xenstore.md, 'Watches')."""
         paths = self._by_token.setdefault(token, {})
         if path in paths:
             raise KeyError((path, token))

@@ -1,4 +1,4 @@
-"""XS_CONTROL commands (xenstore-facts.md §8.1), answered in C 4.17's formats."""
+"""XS_CONTROL commands (docs/xenstore.md, 'Control'), answered in C 4.17's formats."""
 
 from __future__ import annotations
 

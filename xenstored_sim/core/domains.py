@@ -1,4 +1,4 @@
-"""Introduced domains and connections (xenstore-facts.md §6)."""
+"""Introduced domains and connections (docs/xenstore.md, 'Domains')."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class Domain:
     def __init__(self, domid: int, port: int) -> None:
         self.domid = domid
         self.port = port
-        # SET_TARGET: this domain acts as owner of nodes owned by ``target`` (§3.5).
+        # SET_TARGET: this domain acts as owner of nodes owned by ``target`` (docs/xenstore.md,
+        # 'SET_TARGET and stub domains').
         self.target: int | None = None
         self.conn_ids: set[int] = set()
 
@@ -57,5 +58,6 @@ class Connection:
         self.transactions: dict[int, Transaction] = {}
         self.next_tx = 1
         self.peer = peer
-        #: bytes of this connection's watches (path + token), charged to its domain (§4.11)
+        #: bytes of this connection's watches (path + token), charged to its domain
+        #: (docs/xenstore.md, 'Quotas')
         self.watch_mem = 0

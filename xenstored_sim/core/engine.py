@@ -7,13 +7,14 @@ client, :meth:`~XenstoreEngine.handle` for each request, and
 :class:`Outbox`: every message the request causes, in the order C xenstored queues them, as
 ``(conn_id, Packet)`` pairs.  The shell only routes them.
 
-Ordering (xenstore-facts.md §1.13): watch events caused by a request are queued before its
-reply, also for the requester's own watches; the first event of a new WATCH follows its OK.
+Ordering (docs/xenstore.md, 'Reply headers and event order'): watch events caused by a request are
+queued before its reply, also for the requester's own watches; the first event of a new WATCH
+follows its OK.
 
-Request processing follows C's ``process_message`` (§1.12): an unknown type is ENOSYS, a
-privileged-only type from a guest is EACCES, a non-zero unknown transaction id is ENOENT
-(WATCH and UNWATCH ignore the id), then the handler runs.  A reply over 4096 bytes becomes
-E2BIG (XSA-72); an event over 4096 bytes is dropped (XSA-324).
+Request processing follows C's ``process_message`` (docs/xenstore.md, 'Reply headers and event
+order'): an unknown type is ENOSYS, a privileged-only type from a guest is EACCES, a non-zero
+unknown transaction id is ENOENT (WATCH and UNWATCH ignore the id), then the handler runs.  A reply
+over 4096 bytes becomes E2BIG (XSA-72); an event over 4096 bytes is dropped (XSA-324).
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ _ERROR: Final = int(Op.ERROR)
 PRIVILEGED_OPS: Final = frozenset(
     {Op.CONTROL, Op.INTRODUCE, Op.RELEASE, Op.IS_DOMAIN_INTRODUCED, Op.RESUME, Op.SET_TARGET}
 )
-# WATCH and UNWATCH ignore tx_id since the XSA-115 fix (§4.1).
+# WATCH and UNWATCH ignore tx_id since the XSA-115 fix (docs/xenstore.md, 'Watches').
 _TX_FREE: Final = frozenset({int(Op.WATCH), int(Op.UNWATCH)})
-# Errors that fail the enclosing transaction, whose commit then answers ENOMEM (§5.3); EIO is
-# a node write over the memory quota (C ``write_node`` fails the transaction).
+# Errors that fail the enclosing transaction, whose commit then answers ENOMEM (docs/xenstore.md,
+# 'Transactions'); EIO is a node write over the memory quota (C ``write_node`` fails the
+# transaction).
 _TX_FAILING: Final = frozenset({"ENOSPC", "ENOMEM", "EIO"})
 # Replies up to this size use C's built-in buffer and are never refused for memory.
 _REPLY_BUFFER: Final = 16
@@ -106,7 +108,8 @@ def _errno_payload(errno: str) -> bytes:
 
 
 def _onearg(payload: bytes) -> bytes:
-    """C ``onearg``: exactly one NUL, and it ends the payload; else EINVAL (§1.6)."""
+    """C ``onearg``: exactly one NUL, and it ends the payload; else EINVAL (docs/xenstore.md,
+    'Payloads')."""
     n = len(payload)
     if n == 0 or payload[-1] != 0 or payload.find(b"\0") != n - 1:
         raise XsErrno("EINVAL")
@@ -156,7 +159,7 @@ class XenstoreEngine:
         self.quotas = quotas if quotas is not None else Quotas()
         self.watches = WatchRegistry()
         self.domains: dict[int, Domain] = {}
-        # 4.17 keeps the special names' permissions apart from the tree (§2.6).
+        # 4.17 keeps the special names' permissions apart from the tree (docs/xenstore.md, 'Paths').
         self.special_perms: dict[str, Perms] = {
             INTRODUCE_DOMAIN: DEFAULT_PERMS,
             RELEASE_DOMAIN: DEFAULT_PERMS,
@@ -241,7 +244,7 @@ class XenstoreEngine:
         return conn_id
 
     def disconnect(self, conn_id: int) -> None:
-        """Forget a client: its watches and transactions go (§5.8)."""
+        """Forget a client: its watches and transactions go (docs/xenstore.md, 'Transactions')."""
         conn = self.conns.pop(conn_id, None)
         if conn is None:
             return
@@ -353,7 +356,8 @@ class XenstoreEngine:
         except BaseException:
             self._fast_out = Outbox()  # drop what the failed request queued
             raise
-        if out:  # watch events go before the reply (§1.13)
+        # watch events go before the reply (docs/xenstore.md, 'Reply headers and event order')
+        if out:
             self._fast_out = Outbox()
             out.append((conn_id, Packet(op, packet.req_id, 0, payload)))
             return out
@@ -397,7 +401,7 @@ class XenstoreEngine:
         return path
 
     def _perm(self, conn: Connection, perms: Perms) -> int:
-        """C ``perm_for_conn`` for an unprivileged connection (§3.3)."""
+        """C ``perm_for_conn`` for an unprivileged connection (docs/xenstore.md, 'Permissions')."""
         owner = perms[0][1]
         domid = conn.domid
         target = conn.target
@@ -423,7 +427,7 @@ class XenstoreEngine:
         if path in nodes:
             return nodes[path]
         if txn.node_limit and len(nodes) >= txn.node_limit:
-            raise XsErrno("ENOSPC")  # transaction-nodes quota (§7.3)
+            raise XsErrno("ENOSPC")  # transaction-nodes quota (docs/xenstore.md, 'Quotas')
         node = self.store.nodes.get(path)
         if node is None:
             nodes[path] = None
@@ -460,8 +464,8 @@ class XenstoreEngine:
     ) -> str:
         """C errno_from_parents(): the error stands only if the nearest existing ancestor
         grants any of the rights asked for, so a guest cannot probe for nodes under a
-        directory it may not use (§3.8).  Each ancestor looked at counts as read by the
-        transaction (C ask_parents() reads them), privileged or not."""
+        directory it may not use (docs/xenstore.md, 'Permissions').  Each ancestor looked at counts
+        as read by the transaction (C ask_parents() reads them), privileged or not."""
         if txn is None and conn.privileged:
             self._rule = "privileged"
             return errno  # nothing to record, and every ancestor grants everything
@@ -495,7 +499,7 @@ class XenstoreEngine:
                 node.acc = acc
 
     def domain_memory(self, domid: int) -> int:
-        """Bytes charged to a domain's memory quota (xenstore-facts.md §7.3): the nodes it
+        """Bytes charged to a domain's memory quota (docs/xenstore.md, 'Quotas'): the nodes it
         owns, its connections' watches and its transactions' private copies."""
         mem = self.store.memory.get(domid, 0)
         dom = self.domains.get(domid)
@@ -585,8 +589,8 @@ class XenstoreEngine:
     def _watch_permitted(
         self, conn: Connection, path: str, node: Node | None, old_perms: Perms | None
     ) -> bool:
-        """XSA-115 (§4.6): the watcher must be able to read the node or its parent; for
-        SET_PERMS the old permissions count too.  Special names use their own perms."""
+        """XSA-115 (docs/xenstore.md, 'Watches'): the watcher must be able to read the node or its
+        parent; for SET_PERMS the old permissions count too.  Special names use their own perms."""
         if path[0] == "@":
             perms = self.special_perms.get(path)
             return perms is not None and bool(self._perm(conn, perms) & PERM_READ)
@@ -644,7 +648,8 @@ class XenstoreEngine:
         path = self._path(conn, _onearg(p.payload))
         node = self._get(txn, path)
         if node is not None:
-            # An existing node is OK and unchanged, but still needs write access (§3.8).
+            # An existing node is OK and unchanged, but still needs write access (docs/xenstore.md,
+            # 'Permissions').
             if conn.privileged:
                 self._rule = "privileged"
             elif not self._perm(conn, node.perms) & PERM_WRITE:
@@ -671,7 +676,7 @@ class XenstoreEngine:
             if not self._perm(conn, parent.perms) & PERM_WRITE:
                 self._rule = "ancestor-eacces"
                 raise XsErrno("EACCES")
-            # An unprivileged creator owns what it creates (§3.7).
+            # An unprivileged creator owns what it creates (docs/xenstore.md, 'New nodes').
             perms = ((perms[0][0], conn.domid), *perms[1:])
             q = self.quotas
             owned = self.store.owned.get(conn.domid, 0)
@@ -741,9 +746,10 @@ class XenstoreEngine:
         return OK
 
     def _delete_tree(self, out: Outbox, txn: Transaction | None, top: str, node: Node) -> None:
-        """Remove a subtree (no per-child permission checks, §3.9) and fire its watches:
-        each removed descendant fires the watches set exactly on it, in post-order, then
-        the top fires its own watches and its ancestors' (§4.4).
+        """Remove a subtree (no per-child permission checks, docs/xenstore.md, 'Permissions') and
+        fire its watches: each removed descendant fires the watches set exactly on it, in
+        post-order, then the top fires its own watches and its ancestors' (docs/xenstore.md,
+        'Watches').
 
         C rm_node(): the parent is read first (EINVAL if a transaction no longer sees it);
         walk_node_tree() reads each child as it descends and stops with EIO at one that a
@@ -939,14 +945,15 @@ class XenstoreEngine:
             raise XsErrno("E2BIG")  # 4.17: E2BIG once a domain has more than the quota
         relative = raw[:1] not in (b"/", b"@")
         # C add_watch charges path + token to the domain, dom0 included: ENOMEM over the
-        # quota (§4.11).
+        # quota (docs/xenstore.md, 'Quotas').
         cost = len(path) + len(token)
         if not conn.privileged and self._over_memory(conn.domid, cost):
             raise XsErrno("ENOMEM")
         if self.watches.add(conn.id, path, token, relative) is None:
             raise XsErrno("EEXIST")
         conn.watch_mem += cost
-        # The first event carries the path as given and follows the OK (§4.2).
+        # The first event carries the path as given and follows the OK (docs/xenstore.md,
+        # 'Watches').
         event = raw + b"\0" + token + b"\0"
         if len(event) <= PAYLOAD_MAX:
             self._after = (conn.id, Packet(_WATCH_EVENT, 0, 0, event))
@@ -975,7 +982,8 @@ class XenstoreEngine:
     def _op_reset_watches(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        # Drops the caller's transactions too, the current one included (§4.10, XSA-484).
+        # Drops the caller's transactions too, the current one included (docs/xenstore.md,
+        # 'Watches', XSA-484).
         self.watches.remove_conn(conn.id)
         conn.watch_mem = 0
         conn.transactions.clear()
@@ -987,7 +995,7 @@ class XenstoreEngine:
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
         if txn is not None:
-            raise XsErrno("EBUSY")  # no nesting (§5.1)
+            raise XsErrno("EBUSY")  # no nesting (docs/xenstore.md, 'Transactions')
         if not conn.privileged:
             dom = self.domains.get(conn.domid)
             open_tx = sum(len(self.conns[c].transactions) for c in dom.conn_ids) if dom else 0
@@ -1069,7 +1077,8 @@ class XenstoreEngine:
     def _op_get_domain_path(
         self, conn: Connection, p: Packet, txn: Transaction | None, out: Outbox
     ) -> bytes:
-        domid = atoi(_onearg(p.payload)) & 0xFFFFFFFF  # 4.17 uses atoi (§6.4)
+        # 4.17 uses atoi (docs/xenstore.md, 'Domains')
+        domid = atoi(_onearg(p.payload)) & 0xFFFFFFFF
         return b"/local/domain/%d\0" % domid
 
     def _op_is_domain_introduced(
@@ -1094,7 +1103,8 @@ class XenstoreEngine:
             return OK  # dom0 is the privileged socket: nothing to serve
         dom = self.domains.get(domid)
         if dom is not None:
-            # Re-introduction resets the domain's connections (§6.1) and fires nothing.
+            # Re-introduction resets the domain's connections (docs/xenstore.md, 'Domains') and
+            # fires nothing.
             dom.port = port
             for cid in dom.conn_ids:
                 self.watches.remove_conn(cid)
@@ -1133,7 +1143,7 @@ class XenstoreEngine:
         return OK
 
     def release_domain(self, out: Outbox, domid: int) -> list[str]:
-        """Forget an introduced domain (C ``do_release``; §6.2, §6.7).
+        """Forget an introduced domain (C ``do_release``; docs/xenstore.md, 'Domains').
 
         Its connections are dropped first, so its own node removals do not wake it.  Every
         node it owns goes, with its subtree and normal RM events (XSA-419); its ACL

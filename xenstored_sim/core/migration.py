@@ -6,7 +6,7 @@ engine, plus what the I/O shell knows (the descriptors of the listening and clie
 each connection's unread input and unsent output), into one byte string, and
 :func:`parse_stream` and :func:`restore_engine` rebuild it on the other side.
 
-Framing follows Xen's ``docs/designs/xenstore-migration.md`` (xenstore-facts.md §8.3): the
+Framing follows Xen's ``docs/designs/xenstore-migration.md`` (docs/xenstore.md, 'Live update'): the
 header is the 8 bytes ``xenstore``, a version and flags (both u32 big-endian; flags bit 0
 would mark big-endian records, and this stream is little-endian), then records of ``type``
 and ``len`` (u32 each) whose bodies are padded to 8 bytes, ending with END.  The record types
@@ -24,8 +24,9 @@ WATCH_DATA
 TRANSACTION_DATA
     one per open transaction: its private copies of the nodes it touched, the generations
     it recorded, its modified paths in order, its held-back watch events, the failed flag
-    and the per-owner node deltas.  C xenstored does not carry transactions over (§8.3);
-    this daemon does, so a client may commit a transaction it opened before the update.
+    and the per-owner node deltas.  C xenstored does not carry transactions over (docs/xenstore.md,
+    'Live update'); this daemon does, so a client may commit a transaction it opened before the
+    update.
 NODE_DATA
     one record holding :meth:`Journal.snapshot <.journal.Journal.snapshot>` of the store:
     nodes with generations, the generation counter, the domain table and the special
@@ -405,7 +406,7 @@ class LiveUpdateSession:
 
 
 class LiveUpdateControl:
-    """CONTROL ``live-update`` sub-commands as C answers them (xenstore-facts.md §8.2; C
+    """CONTROL ``live-update`` sub-commands as C answers them (docs/xenstore.md, 'Live update'; C
     lu.c, lu_daemon.c).  :meth:`command` returns the reply text, or a :class:`StartRequest`
     the shell carries out; ``XsErrno("EINVAL")`` for malformed arguments.
 

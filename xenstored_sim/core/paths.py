@@ -1,4 +1,4 @@
-"""Node names: validation, relative paths and the path-length limit (xenstore-facts.md §2).
+"""Node names: validation, relative paths and the path-length limit (docs/xenstore.md, 'Paths').
 
 C xenstored 4.17 (``canonicalize``, ``is_valid_nodename`` in xenstored_core.c) accepts the
 characters ``A-Z a-z 0-9 - / _ @``, refuses an empty path, ``//`` and a trailing ``/`` (except
@@ -43,7 +43,7 @@ def canonicalize(raw: bytes, implicit: str, path_max: int, *, allow_special: boo
 
     ``implicit`` is the connection's home (``/local/domain/<domid>``); a relative path is
     appended to it.  ``@`` names are accepted only where ``allow_special`` (WATCH, UNWATCH,
-    SET_PERMS, GET_PERMS; xenstore-facts.md §2.6).
+    SET_PERMS, GET_PERMS; docs/xenstore.md, 'Paths').
     """
     if raw[:1] == b"@":
         if allow_special and _SPECIAL.fullmatch(raw):
@@ -54,7 +54,8 @@ def canonicalize(raw: bytes, implicit: str, path_max: int, *, allow_special: boo
             raise XsErrno("EINVAL")
         path = raw.decode("ascii")
     else:
-        # An empty relative path becomes "<implicit>/": a trailing slash, so EINVAL (§2.2).
+        # An empty relative path becomes "<implicit>/": a trailing slash, so EINVAL
+        # (docs/xenstore.md, 'Paths').
         if _SEGMENT.fullmatch(raw) is None:
             raise XsErrno("EINVAL")
         path = implicit + "/" + raw.decode("ascii")

@@ -1,4 +1,4 @@
-"""Permission lists (xenstore-facts.md §3).
+"""Permission lists (docs/xenstore.md, 'Permissions').
 
 A list is a tuple of ``(mask, domid)`` pairs.  Entry 0 names the owner, and its letter is the
 access of every domain without an entry of its own; later entries are per-domain ACL entries,

@@ -1,6 +1,7 @@
-"""Per-domain quotas of C xenstored 4.17 (xenstore-facts.md §7).
+"""Per-domain quotas of C xenstored 4.17 (docs/xenstore.md, 'Quotas').
 
-They bind unprivileged domains only: dom0 and socket connections are exempt (§7.2).
+They bind unprivileged domains only: dom0 and socket connections are exempt (docs/xenstore.md,
+'Quotas').
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Quotas:
         if attr is None or attr == "soft_memory" or value < 1:
             raise XsErrno("EINVAL")
         if attr == "path_max":
-            value = min(value, 2048)  # capped at XENSTORE_REL_PATH_MAX (§7.1)
+            value = min(value, 2048)  # capped at XENSTORE_REL_PATH_MAX (docs/xenstore.md, 'Quotas')
         setattr(self, attr, value)
 
 

@@ -7,10 +7,10 @@ insertion-ordered set, because C xenstored lists children in creation order and 
 re-created child moves to the end (oracle README, "Tree semantics").
 
 Every modification stamps the node with the next value of one global counter, the
-*generation* (xenstore-facts.md §5.5).  DIRECTORY_PART reports it and transactions compare it
-at commit.  The counter advances exactly as in C 4.17, so generation numbers match the
-oracle's: a created node, each written node, each deleted node and each removal of a child
-entry from a parent all take one number, and TRANSACTION_START takes one.
+*generation* (docs/xenstore.md, 'Transactions').  DIRECTORY_PART reports it and transactions compare
+it at commit.  The counter advances exactly as in C 4.17, so generation numbers match the oracle's:
+a created node, each written node, each deleted node and each removal of a child entry from a parent
+all take one number, and TRANSACTION_START takes one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .perms import DEFAULT_PERMS, Perms
 NO_GENERATION = -1
 
 # C 4.17 sizes a node as its record header plus 8 bytes per permission entry, the value and
-# the NUL-terminated child names (struct xs_tdb_record_hdr; xenstore-facts.md §7.3).
+# the NUL-terminated child names (struct xs_tdb_record_hdr; docs/xenstore.md, 'Quotas').
 NODE_HEADER_SIZE = 24
 PERM_ENTRY_SIZE = 8
 
@@ -126,9 +126,9 @@ class Store:
         self.owned[domid] = self.owned.get(domid, 0) + delta
 
     def charge(self, path: str, node: Node) -> None:
-        """Re-account ``node`` stored at ``path`` to its owner's memory (xenstore-facts.md
-        §7.3, C ``do_tdb_write``).  ``node.acc`` is always charged to the current owner: an
-        owner change must :meth:`uncharge` first."""
+        """Re-account ``node`` stored at ``path`` to its owner's memory (docs/xenstore.md, 'Quotas',
+        C ``do_tdb_write``).  ``node.acc`` is always charged to the current owner: an owner change
+        must :meth:`uncharge` first."""
         owner = node.perms[0][1]
         acc = node.size() + len(path) if owner else 0
         if acc != node.acc:

@@ -1,4 +1,4 @@
-"""Transactions as an overlay of touched nodes (xenstore-facts.md §5).
+"""Transactions as an overlay of touched nodes (docs/xenstore.md, 'Transactions').
 
 Theory of operation (C 4.17, xenstored_transaction.c).  A transaction never copies the tree.
 The first time it touches a node (read, write, the parent read when creating a child, a
@@ -7,10 +7,11 @@ notes the node's generation at that moment.  From then on it works on its copy, 
 writes by others are invisible inside.  At commit every noted generation is compared with
 the store's current one: any difference means someone changed a node after the transaction
 looked at it, and the commit fails with EAGAIN.  A write by someone else *before* the first
-touch is no conflict (§5.5 a).
+touch is no conflict (docs/xenstore.md, 'Transactions').
 
 Modified nodes are written back in the order they were first modified, each taking a new
-generation; watch events recorded during the transaction fire only then (§4.12).
+generation; watch events recorded during the transaction fire only then (docs/xenstore.md,
+'Watches').
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Transaction:
         self.id = tx_id
         self.conn_id = conn_id
         self.domid = domid
-        # 0 means unlimited (privileged connections, §5.7).
+        # 0 means unlimited (privileged connections, docs/xenstore.md, 'Transactions').
         self.node_limit = node_limit
         # path -> private copy, or None if absent inside the transaction
         self.nodes: dict[str, Node | None] = {}
@@ -69,7 +70,7 @@ class Transaction:
         # owner domid -> nodes created minus nodes deleted inside the transaction
         self.owned_delta: dict[int, int] = {}
         # C keeps private copies in its database under "<tx generation>/<path>" and charges
-        # them, key included, to the transaction's domain (xenstore-facts.md §7.3).
+        # them, key included, to the transaction's domain (docs/xenstore.md, 'Quotas').
         self.key_extra = len(str(generation)) + 1
         #: bytes of the private copies (only counted for unprivileged connections)
         self.memory = 0

@@ -1,4 +1,4 @@
-"""Watch registrations and their matching (xenstore-facts.md §4).
+"""Watch registrations and their matching (docs/xenstore.md, 'Watches').
 
 A change at path P fires every watch on P or on an ancestor of P; ``/`` matches every
 non-special path, and an ``@`` name matches only itself.  Watches fire per connection in

@@ -14,7 +14,7 @@ block another:
 
 * A client that sends but never reads fills only its own queue.  Before each request the
   reader waits while the queue holds ``limit`` unsent messages: the ``outstanding`` quota
-  for guests (C stops reading a guest's ring the same way, xenstore-facts.md §7.3), a larger
+  for guests (C stops reading a guest's ring the same way, docs/xenstore.md, 'Quotas'), a larger
   bound for privileged sockets.
 * Watch events caused by *other* connections cannot wait.  If a queue ever holds more than
   :data:`BACKLOG_MAX` messages, or more bytes than :data:`BACKLOG_SLOTS_MIN` (or ``limit``,
@@ -22,11 +22,11 @@ block another:
   connection is closed rather than letting memory grow.  The byte bound matters for guests:
   a guest's own writes can queue large events on its other, unread connections (XSA-326).
 * A header announcing more than 4096 bytes is a protocol violation: the connection is
-  dropped without a reply (§1.10).
+  dropped without a reply (docs/xenstore.md, 'Wire format').
 
-Watch events get two more rules of C's ``send_event`` (xenstore-facts.md §4.8, XSA-326).  A
-non-special event identical to one still queued and unsent is dropped.  On a guest
-connection an event still wholly unsent after the watch-event timeout (20 s by default, C's
+Watch events get two more rules of C's ``send_event`` (docs/xenstore.md, 'Watch events and the send
+queue', XSA-326).  A non-special event identical to one still queued and unsent is dropped.  On a
+guest connection an event still wholly unsent after the watch-event timeout (20 s by default, C's
 ``--timeout watch-event=``) is discarded.
 """
 
@@ -90,7 +90,8 @@ class ClientConnection:
         self._limit = limit
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
-        # Queued, wholly unsent watch events (encoded) -> how many (§4.8).
+        # Queued, wholly unsent watch events (encoded) -> how many (docs/xenstore.md, 'Watch events
+        # and the send queue').
         self._unsent_events: dict[bytes, int] = {}
         # Seconds an event may wait unsent (guests only), and (deadline, event) in order.
         self._event_timeout = event_timeout
@@ -305,7 +306,8 @@ class ClientConnection:
                 try:
                     packet = decoder.next_packet()
                 except RemoteProtocolError:
-                    self.close()  # no reply: C closes the socket at once (§1.10)
+                    # no reply: C closes the socket at once (docs/xenstore.md, 'Wire format')
+                    self.close()
                     return
                 if packet is NEED_DATA:
                     break

@@ -17,10 +17,9 @@ new process then adopts the sockets instead of binding them.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
-import sys
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,8 @@ from .live_update import LiveUpdater
 from .peer import peer_of
 from .trace import Tracer
 
+log = logging.getLogger("xenstored_sim.server")
+
 
 @dataclass
 class DaemonConfig:
@@ -51,7 +52,8 @@ class DaemonConfig:
     sync: SyncPolicy = SyncPolicy.BATCH
     journal_max: int = DEFAULT_JOURNAL_MAX
     #: Seconds a watch event may wait unread on a guest connection before it is discarded
-    #: (C ``--timeout watch-event=``, xenstore-facts.md §4.8); 0 keeps events forever.
+    #: (C ``--timeout watch-event=``, docs/xenstore.md, 'Watch events and the send queue'); 0 keeps
+    #: events forever.
     watch_event_timeout: float = 20.0
     #: Descriptor of the state a live update handed over (server/live_update.py); the
     #: sockets come from it instead of being bound.
@@ -160,7 +162,7 @@ class XenstoredServer:
             try:
                 owned: OwnedSocket | None = listen_unix(path)
             except OSError as exc:
-                print(f"xenstored-sim: {exc.strerror}", file=sys.stderr)
+                log.error("%s", exc.strerror)
                 return
             assert owned is not None
             listener = owned.sock
@@ -287,7 +289,7 @@ class XenstoredServer:
                 out = fast
         except Exception:
             # A bug must not take the daemon down: this client alone is dropped.
-            traceback.print_exc()
+            log.exception("request %s of connection %d failed", packet.op, conn_id)
             client = self._clients.get(conn_id)
             if client is not None:
                 client.close()

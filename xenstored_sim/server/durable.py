@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
-import sys
 from typing import Final
 
 from ..core import XenstoreEngine
@@ -69,8 +69,7 @@ class SyncPolicy(enum.Enum):
     NONE = "none"
 
 
-def _log(message: str) -> None:
-    print(f"xenstored-sim: state: {message}", file=sys.stderr, flush=True)
+log = logging.getLogger("xenstored_sim.state")
 
 
 class DurableStore:
@@ -123,7 +122,12 @@ class DurableStore:
             data = io.read_all(fd)
             payloads, good, problem = read_frames(data)
             if problem is not None:
-                _log(f"{path}: {problem}; dropped {len(data) - good} bytes of a torn tail")
+                log.warning(
+                    "state: %s: %s; dropped %d bytes of a torn tail",
+                    path,
+                    problem,
+                    len(data) - good,
+                )
                 io.ftruncate(fd, good)
                 io.fsync(fd)
             try:
@@ -139,9 +143,12 @@ class DurableStore:
         self._remove_stale()
         self._journal = Journal(engine)
         if payloads or problem is not None:
-            _log(
-                f"restored {len(engine.store.nodes)} nodes, {len(engine.domains)} domains "
-                f"from {self.state_dir} ({len(payloads)} journal records)"
+            log.info(
+                "state: restored %d nodes, %d domains from %s (%d journal records)",
+                len(engine.store.nodes),
+                len(engine.domains),
+                self.state_dir,
+                len(payloads),
             )
 
     def _remove_stale(self) -> None:

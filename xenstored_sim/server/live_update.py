@@ -1,6 +1,6 @@
 """Live update: the daemon re-executes itself and keeps every client connection.
 
-Theory of operation (xenstore-facts.md §8.2, §8.3; C lu.c, lu_daemon.c).  A privileged client
+Theory of operation (docs/xenstore.md, 'Live update'; C lu.c, lu_daemon.c).  A privileged client
 sends CONTROL ``live-update -f <binary>`` (optional here: the default is the running
 program), optionally ``-c <cmdline>`` (extra arguments for the new process), then ``-s``.
 ``-s`` is handled inside the request's dispatch, so no other request is half done: the shell
@@ -28,6 +28,7 @@ of updates the daemon has been through.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import socket
@@ -46,6 +47,8 @@ from ..core.migration import (
     restore_engine,
 )
 from ..wire import Op, Packet, encode
+
+log = logging.getLogger("xenstored_sim.live_update")
 
 if TYPE_CHECKING:
     from .daemon import XenstoredServer
@@ -163,7 +166,7 @@ class LiveUpdater:
             sys.stderr.flush()
             os.execv(path, argv)
         except OSError as exc:
-            print(f"xenstored-sim: live update failed: {exc}", file=sys.stderr)
+            log.error("live update failed: %s", exc)
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)

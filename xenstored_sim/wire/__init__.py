@@ -17,7 +17,6 @@ from .ops import (
     HEADER_SIZE,
     PAYLOAD_MAX,
     REL_PATH_MAX,
-    XS_TYPE_COUNT_4_17,
     XSD_ERRORS,
     Op,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "PAYLOAD_MAX",
     "REL_PATH_MAX",
     "XSD_ERRORS",
-    "XS_TYPE_COUNT_4_17",
     "LocalProtocolError",
     "Op",
     "Packet",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from .ops import XSD_ERRORS
-
 
 class ProtocolError(Exception):
     """Base class of framing errors."""
@@ -29,8 +27,3 @@ class XsError(Exception):
         self.path = path
         where = " ".join(p for p in (op, path) if p)
         super().__init__(f"{errno_name}: {where}" if where else errno_name)
-
-    @property
-    def is_known(self) -> bool:
-        """Whether the name is one of ``xsd_errors[]``."""
-        return self.errno_name in XSD_ERRORS

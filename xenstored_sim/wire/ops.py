@@ -37,9 +37,6 @@ class Op(enum.IntEnum):
     DIRECTORY_PART = 22
 
 
-#: ``XS_TYPE_COUNT`` as far as Xen 4.17 goes (GET/SET_FEATURE and GET/SET_QUOTA came in 4.21).
-XS_TYPE_COUNT_4_17: Final = 23
-
 #: ``xsd_errors[]``, in the order of ``xs_wire.h``.
 XSD_ERRORS: Final = (
     "EINVAL",

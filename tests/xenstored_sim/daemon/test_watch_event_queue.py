@@ -1,6 +1,6 @@
-"""Watch events queued for a guest that does not read (xenstore-facts.md §4.8, XSA-326):
-identical unsent events are sent once, and events left unsent past the watch-event timeout
-(``-w watch-event=N``) are discarded.
+"""Watch events queued for a guest that does not read (docs/xenstore.md, 'Watch events and the send
+queue', XSA-326): identical unsent events are sent once, and events left unsent past the watch-event
+timeout (``-w watch-event=N``) are discarded.
 
 To keep events unsent, the guest pipelines READs of a 4000-byte node and reads nothing: the
 kernel buffer fills, the daemon queues replies up to the ``outstanding`` quota and stops

@@ -1,6 +1,6 @@
 """A stateful property test of the pure engine against a small reference model.
 
-The model is a dict tree with C 4.17's permission rules (xenstore-facts.md §3): three
+The model is a dict tree with C 4.17's permission rules (docs/xenstore.md, 'Permissions'): three
 connections (the privileged socket and guests 1 and 2) send random requests, and after every
 step the engine's tree, permissions, watch events, transaction results and node accounting
 must agree with the model.  Where C's answer depends on details the model does not track, the
@@ -41,7 +41,7 @@ def name(path: str) -> str:
 
 
 def is_under(path: str, top: str) -> bool:
-    """``path`` is ``top`` or below it (the watch match of §4.3)."""
+    """``path`` is ``top`` or below it (the watch match of docs/xenstore.md, 'Watches')."""
     return top == "/" or path == top or path.startswith(top + "/")
 
 
@@ -63,7 +63,8 @@ class Model:
 
     @staticmethod
     def perm(domid: int | None, perms: Perms) -> int:
-        """C ``perm_for_conn`` (§3.3); ``None`` is the privileged socket."""
+        """C ``perm_for_conn`` (docs/xenstore.md, 'Permissions'); ``None`` is the privileged
+        socket."""
         if domid is None or perms[0][1] == domid:
             return READ | WRITE
         for letter, who in perms[1:]:
@@ -88,7 +89,7 @@ class Model:
         return node is not None and bool(self.perm(domid, node.perms) & READ)
 
     def create(self, domid: int | None, path: str, value: bytes) -> None:
-        """Create ``path`` and its missing parents (§3.7)."""
+        """Create ``path`` and its missing parents (docs/xenstore.md, 'New nodes')."""
         missing = []
         p = path
         while p not in self.nodes:
@@ -203,7 +204,7 @@ class EngineMachine(RuleBasedStateMachine):
         }
 
     def readable(self, model: Model, path: str) -> dict[int | None, bool]:
-        """The XSA-115 filter (§4.6): the path or its parent is readable."""
+        """The XSA-115 filter (docs/xenstore.md, 'Watches'): the path or its parent is readable."""
         return {c: model.can_read(c, path) or model.can_read(c, parent(path)) for c in CONNS}
 
     # -- rules -----------------------------------------------------------------------
@@ -243,7 +244,8 @@ class EngineMachine(RuleBasedStateMachine):
             if result == "OK":
                 self.model.remove(path)
                 # The privileged socket sees everything: the top's event for watches on it
-                # and its ancestors, and exact events on removed descendants (§4.4).
+                # and its ancestors, and exact events on removed descendants (docs/xenstore.md,
+                # 'Watches').
                 want = sorted(
                     (path, t) if is_under(path, w) else (w, t)
                     for w, t in self.watches[None]
@@ -303,7 +305,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert result == "EEXIST"
             return
         assert result == "OK"
-        assert events[who] == [(wpath, token)]  # the initial event (§4.2)
+        assert events[who] == [(wpath, token)]  # the initial event (docs/xenstore.md, 'Watches')
         self.watches[who].add((wpath, token))
 
     @rule(who=conns, wpath=st.sampled_from(WATCH_PATHS), token=st.sampled_from(TOKENS))
@@ -330,7 +332,7 @@ class EngineMachine(RuleBasedStateMachine):
     ) -> None:
         """Writes and removals in a transaction: invisible until commit; a write by someone
         else to a node the transaction already wrote makes the commit fail with EAGAIN
-        (§5.4, §5.5)."""
+        (docs/xenstore.md, 'Transactions')."""
         tx = int(self.ok(who, Op.TRANSACTION_START, b"\0").rstrip(b"\0"))
         inside = self.model.copy()
         written: list[str] = []
@@ -350,7 +352,8 @@ class EngineMachine(RuleBasedStateMachine):
                 if result == "OK":
                     inside.create(who, path, value)
                     written.append(path)
-            assert not any(events.values())  # nothing fires before commit (§4.12)
+            # nothing fires before commit (docs/xenstore.md, 'Watches')
+            assert not any(events.values())
             # Outside the transaction nothing changed.
             assert self.tree() == self.model_tree(self.model)
         conflict = interfere and bool(written)

@@ -5,7 +5,7 @@ serves guest sockets) and on a fresh xenstored-sim; the transcripts of every pac
 must be identical.  A step's transcript is what its connection received up to and including the
 reply, so watch events sent to another connection show up at that connection's next step:
 both daemons queue an event before answering the request that caused it
-(xenstore-facts.md §1.13), so the transcript does not depend on timing.
+(docs/xenstore.md, 'Reply headers and event order'), so the transcript does not depend on timing.
 
 The whole module is skipped when ``../shared/oracle`` is absent.
 """

@@ -1,4 +1,4 @@
-"""The ``memory`` quota (xenstore-facts.md §7.3) against the real C xenstored 4.17.7: the
+"""The ``memory`` quota (docs/xenstore.md, 'Quotas') against the real C xenstored 4.17.7: the
 same requests with ``-Q memory=3000`` to both daemons give the same answers and the same
 CONTROL ``quota <domid>`` reports.  Skipped when ``../shared/oracle`` is absent."""
 

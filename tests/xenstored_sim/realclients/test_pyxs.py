@@ -1,6 +1,6 @@
 """pyxs 0.4.1 from PyPI, a synchronous threaded client, against the daemon.
 
-What pyxs's own daemon tests expect is summarised in xenstore-facts.md §10.3.  pyxs refuses
+What pyxs's own daemon tests expect is summarised in docs/xenstore.md, 'Real clients'.  pyxs refuses
 RELEASE/RESUME/SET_TARGET client-side unless ``Client.SU`` is true, which it reads from
 ``/proc/xen/capabilities``; the tests set it.
 """

@@ -1,4 +1,5 @@
-"""Xen's own ``test-xenstore`` (tools/tests/xenstore, xenstore-facts.md §10.1) against the daemon.
+"""Xen's own ``test-xenstore`` (tools/tests/xenstore, docs/xenstore.md, 'Real clients') against the
+daemon.
 
 It comes from Debian's xen-utils-4.17, unpacked by ``scripts/fetch-xen-utils.sh`` (the
 ``xen_root`` fixture).  Exit status 0 is a pass, 3 a failed test, 2 no connection.
@@ -68,7 +69,8 @@ def test_whole_suite(xen_root: pathlib.Path, xenstored: Daemon) -> None:
 
 def test_whole_suite_leaves_the_store_clean(xen_root: pathlib.Path, xenstored: Daemon) -> None:
     run_test_xenstore(xen_root, xenstored, "-i", "20")
-    # Its final clean-up removes xenstore-test in a transaction once it is empty (§10.1.1).
+    # Its final clean-up removes xenstore-test in a transaction once it is empty (docs/xenstore.md,
+    # 'Real clients').
     env = xenstored.client_env()
     proc = subprocess.run(
         ["xenstore-exists", "xenstore-test"], env=env, capture_output=True, check=False

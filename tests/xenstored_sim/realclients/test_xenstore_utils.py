@@ -1,7 +1,7 @@
 """Debian's xenstore-utils (libxenstore's command-line clients) against the daemon.
 
-They find the daemon through XENSTORED_PATH, as libxenstore does (xenstore-facts.md §1.15).
-``scripts/install-debian-packages.sh`` installs them.
+They find the daemon through XENSTORED_PATH, as libxenstore does (docs/xenstore.md, 'Socket
+location'). ``scripts/install-debian-packages.sh`` installs them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Denial of service: one guest misbehaving in every way it can must not stall anyone else, and
-the daemon's memory stays bounded (xenstore-facts.md §9.4 XSA-206, §9.11 XSA-326, §9.17
-XSA-416).
+the daemon's memory stays bounded (docs/xenstore.md, 'Security advisories the tests cover' XSA-206,
+docs/xenstore.md, 'Security advisories the tests cover' XSA-326, docs/xenstore.md, 'Security
+advisories the tests cover' XSA-416).
 
 The bounds below are deliberately generous: they tell a bounded daemon from one that keeps
 whatever a guest sends, not a fast daemon from a slow one.

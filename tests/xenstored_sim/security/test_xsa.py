@@ -1,9 +1,11 @@
-"""Regression tests of the xenstore security advisories (xenstore-facts.md §9), each against a
-real ``xenstored-sim`` process over its privileged socket and its guest sockets.
+"""Regression tests of the xenstore security advisories (docs/xenstore.md, 'Security advisories the
+tests cover'), each against a real ``xenstored-sim`` process over its privileged socket and its
+guest sockets.
 
-XSA-38 (§9.1) is about ring indexes a guest writes into its shared ring page; guest sockets have
-no ring page, so it cannot apply here.  XSA-206, XSA-326's outstanding and memory bounds and
-XSA-416 need a flooding client and an RSS measurement: they live in ``test_dos.py``.
+XSA-38 (docs/xenstore.md, 'Security advisories the tests cover') is about ring indexes a guest
+writes into its shared ring page; guest sockets have no ring page, so it cannot apply here.
+XSA-206, XSA-326's outstanding and memory bounds and XSA-416 need a flooding client and an RSS
+measurement: they live in ``test_dos.py``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def test_probe_battery_replays_identically() -> None:
             continue
         payload = bytes.fromhex(step["payload"])
         if step.get("dropped"):
-            # An oversized header kills the connection before the engine sees it (§1.10).
+            # An oversized header kills the connection before the engine sees it (docs/xenstore.md,
+            # 'Wire format').
             decoder = PacketDecoder()
             decoder.receive_data(encode_unchecked(step["op"], 1, step["tx"], payload))
             with pytest.raises(RemoteProtocolError):

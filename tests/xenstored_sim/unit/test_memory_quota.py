@@ -1,4 +1,4 @@
-"""The ``memory`` quota of C 4.17 (xenstore-facts.md §7.3), figures as the C oracle gave them
+"""The ``memory`` quota of C 4.17 (docs/xenstore.md, 'Quotas'), figures as the C oracle gave them
 with ``-Q memory=3000``: nodes are charged record + path, watches path + token, transaction
 copies record + "<generation>/<path>"; a node write over the quota is EIO, a watch ENOMEM."""
 

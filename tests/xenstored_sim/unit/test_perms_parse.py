@@ -1,4 +1,5 @@
-"""Permission strings are parsed as C's strtol(s, NULL, 0) does (xenstore-facts.md §3.1)."""
+"""Permission strings are parsed as C's strtol(s, NULL, 0) does (docs/xenstore.md,
+'Permissions')."""
 
 from __future__ import annotations
 

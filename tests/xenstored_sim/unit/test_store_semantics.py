@@ -63,7 +63,7 @@ def test_transaction_conflicts_only_after_first_touch(h) -> None:
     p, o = h.socket(), h.socket()
     h.req(p, Op.WRITE, b"/t\0a")
     tx = int(h.req(p, Op.TRANSACTION_START, b"\0")[:-1])
-    h.req(o, Op.WRITE, b"/t\0before-touch")  # not a conflict (§5.5 a)
+    h.req(o, Op.WRITE, b"/t\0before-touch")  # not a conflict (docs/xenstore.md, 'Transactions')
     assert h.req(p, Op.READ, b"/t\0", tx) == b"before-touch"
     h.req(p, Op.WRITE, b"/t\0mine", tx)
     assert h.req(p, Op.TRANSACTION_END, b"T\0", tx) == b"OK\0"
