@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from toolstack.config import DM_MODES, VGA_CHOICES
+from xenhost import RunDir, device_model_domains, device_models
 
 from .soak import (
     CORRUPTS,
@@ -29,8 +30,6 @@ from .soak import (
     Run,
     Walk,
     WalkFailure,
-    device_model_domains,
-    device_models,
 )
 from .stack import executable
 
@@ -187,7 +186,7 @@ def qmp(w: Walk) -> None:
     if not live:
         return
     domid, dom = w.rng.choice(live)
-    status = qmp_query_status(str(w.run / "qmp" / f"{domid}.sock"))
+    status = qmp_query_status(str(RunDir(w.run).qmp_socket(domid)))
     want = "paused" if dom.paused else "running"
     if status != want:
         raise WalkFailure(f"QMP query-status of domain {domid}: {status}, expected {want}")

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import xenhost
 from hypervisor_sim.client import HypervisorClient
 from hypervisor_sim.protocol import HypercallError
+from xenhost.rundir import principal_socket
 from xenstored_sim.client import XsClient
 from xenstored_sim.wire import XsError
 
@@ -51,28 +53,28 @@ class RunDir:
     @property
     def hypervisor_socket(self) -> Path:
         if self.principals is not None:
-            return self.principals / "toolstack" / "hypervisor.sock"
-        return self.root / "hypervisor.sock"
+            return principal_socket(self.principals, "toolstack", "hypervisor")
+        return xenhost.RunDir(self.root).hypervisor_socket
 
     @property
     def dm_xenstore_socket(self) -> str:
         """The xenstore socket a device model in dom0 is given (``--xenstore``)."""
         if self.principals is not None:
-            return str(self.principals / "device-model" / "socket")
+            return str(principal_socket(self.principals, "device-model", "xenstored"))
         return self.xenstore_socket
 
     @property
     def dm_hypervisor_socket(self) -> Path:
         """The hypercall socket a device model is given (``--hypervisor``)."""
         if self.principals is not None:
-            return self.principals / "device-model" / "hypervisor.sock"
-        return self.root / "hypervisor.sock"
+            return principal_socket(self.principals, "device-model", "hypervisor")
+        return xenhost.RunDir(self.root).hypervisor_socket
 
     def qmp(self, domid: int) -> Path:
-        return self.root / "qmp" / f"{domid}.sock"
+        return xenhost.RunDir(self.root).qmp_socket(domid)
 
     def dm_log(self, domid: int) -> Path:
-        return self.root / "dm" / f"{domid}.log"
+        return xenhost.RunDir(self.root).dm_log(domid)
 
     @property
     def lib(self) -> Path:
@@ -102,8 +104,10 @@ def rundir_from(root: str | os.PathLike[str]) -> RunDir:
     principals = os.environ.get("PHYSMAP_LAB_PRINCIPALS")
     if principals:
         own = Path(principals).resolve()
-        return RunDir(path, str(own / "toolstack" / "socket"), own)
-    return RunDir(path, os.environ.get("XENSTORED_PATH") or str(path / "socket"))
+        return RunDir(path, str(principal_socket(own, "toolstack", "xenstored")), own)
+    return RunDir(
+        path, os.environ.get("XENSTORED_PATH") or str(xenhost.RunDir(path).xenstored_socket)
+    )
 
 
 class Session:

@@ -19,6 +19,7 @@ from typing import Final
 
 import trio
 
+import xenhost
 from hypervisor_sim.protocol import HypercallError
 from xenstored_sim.wire import XsError
 
@@ -36,7 +37,7 @@ SOCKET_WAIT: Final = 5.0
 
 
 def guest_socket(lx: Session, stub: int) -> Path:
-    return lx.run.root / "domains" / f"{stub}.sock"
+    return xenhost.RunDir(lx.run.root).guest_socket(stub)
 
 
 async def stub_of(lx: Session, domid: int) -> int | None:

@@ -11,6 +11,8 @@ from typing import Final
 
 import trio
 
+import xenhost
+
 from .. import devicemodel, stubdom
 from ..config import DomainConfig
 from ..emulator_xenstore import dm_root
@@ -56,7 +58,7 @@ class DeviceModel(DomainBuilder):
             incoming=str(incoming) if incoming is not None else None,
         )
         log = self.run.dm_log(domid)
-        (self.run.root / "qmp").mkdir(parents=True, exist_ok=True)
+        xenhost.RunDir(self.run.root).qmp_dir.mkdir(parents=True, exist_ok=True)
         pid = devicemodel.spawn_detached(program, argv, log)
         made.dm_pid = pid
         self.audit.record(
