@@ -31,6 +31,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, cast
 
+from xenhost import RunDir
 from xenstored_sim.wire import HEADER, NEED_DATA, Op, Packet, PacketDecoder
 
 from .daemons import BenchError, xenstored_sim
@@ -125,7 +126,7 @@ def _attack(
     holders: list[_Raw] = []
     floods: list[tuple[socket.socket, bytes]] = []
     for d in domids:
-        guest = f"{rundir}/domains/{d}.sock"
+        guest = str(RunDir(rundir).guest_socket(d))
         home = b"/local/domain/%d" % d
         conn, held = _hold_quotas(guest, home)
         report.put({"domid": d, **held})
@@ -202,7 +203,7 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
         attackers = [ATTACKER_BASE + i for i in range(sz.attackers)]
         for domid in (GOOD_DOMID, *attackers):
             _introduce(priv, domid)
-        guest_path = Path(rundir) / "domains" / f"{GOOD_DOMID}.sock"
+        guest_path = RunDir(Path(rundir)).guest_socket(GOOD_DOMID)
         _wait_path(guest_path)
         guest = WireConn(str(guest_path))
         clients = {

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from physmap_lab.ready import accepts
 from physmap_lab.stack import executable, terminate, xenstored_command
+from xenhost import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 # The C xenstored oracle: ../shared/oracle beside the repository, or $PHYSMAP_LAB_ORACLE_DIR.
@@ -71,7 +72,7 @@ def xenstored_sim() -> Iterator[Xenstored]:
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
             )
         try:
-            sock = str(run / "socket")
+            sock = str(RunDir(run).xenstored_socket)
             _wait_socket(sock, proc, log)
             yield Xenstored("xenstored-sim", sock, proc.pid)
         finally:

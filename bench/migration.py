@@ -24,6 +24,7 @@ import trio
 from hypervisor_sim.client import open_hypervisor
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from physmap_lab.migration import Host, start_receiver, two_hosts
+from xenhost import RunDir
 
 from .daemons import scratch_dir
 from .results import Results, Target
@@ -59,7 +60,7 @@ async def _dirty(h: Host, domid: int, pages: int, rate: int, stop: trio.Event) -
     """The guest writing ``rate`` random pages of its RAM per second until paused or gone."""
     rng = random.Random(rate)
     per_tick = max(1, round(rate * TICK_S))
-    async with open_hypervisor(h.rundir / "hypervisor.sock") as hv:
+    async with open_hypervisor(RunDir(h.rundir).hypervisor_socket) as hv:
         while rate and not stop.is_set():
             ops: list[Mapping[str, Any]] = [
                 {"op": "mem_write", "gpa": rng.randrange(pages) << 12, "data": rng.randbytes(8)}
@@ -82,7 +83,7 @@ async def _one(src: Host, dst: Host, mode: str, rate: int, sz: Sizes) -> dict[st
     )  # fmt: skip
     domid = int(made["domid"])
     fill = {"op": "mem_fill", "gpa": 0, "len": sz.memory_mib * MIB, "seed": rate}
-    async with open_hypervisor(src.rundir / "hypervisor.sock") as hv:
+    async with open_hypervisor(RunDir(src.rundir).hypervisor_socket) as hv:
         await hv.guest(domid, [fill])
     receiver, where = await start_receiver(dst)
     stop = trio.Event()

@@ -32,6 +32,7 @@ import trio
 from physmap_lab.stack import open_stack
 from toolstack.config import DomainConfig
 from toolstack.libxl import Libxl, open_libxl
+from xenhost import RunDir
 
 from .daemons import scratch_dir
 from .results import Results, Target, ratio
@@ -102,7 +103,7 @@ async def _one_mode(rundir: Path, work: Path, mode: str, sz: Sizes) -> dict[str,
             await xl.guest_ops(created.domid, [fill])
             ram = await _ram_sha256(xl, created.domid, sz)
             image = work / f"{mode}-{i}.img"
-            memfile = rundir / "mem" / f"dom{created.domid}.mem"
+            memfile = RunDir(rundir).guest_memory(created.domid)
             cp_save_s = await trio.to_thread.run_sync(
                 cp_seconds, memfile, work / "cp-save.img", sz.cat_repeats
             )
@@ -113,10 +114,10 @@ async def _one_mode(rundir: Path, work: Path, mode: str, sz: Sizes) -> dict[str,
             st = image.stat()
             cat_s = await trio.to_thread.run_sync(cat_seconds, image, sz.cat_repeats)
             cp_restore_s = await trio.to_thread.run_sync(
-                cp_seconds, image, rundir / "mem" / "cp-restore.mem", sz.cat_repeats
+                cp_seconds, image, RunDir(rundir).memory_dir / "cp-restore.mem", sz.cat_repeats
             )
             # Restore downtime: from the restore call to the guest unpaused, which is when
-            # restore returns (libxl.py: _resume_dm_and_guest is its last step).
+            # restore returns (libxl/dm.py: _resume_dm_and_guest is its last step).
             t0 = time.perf_counter()
             restored = await xl.restore(image)
             restore_s = time.perf_counter() - t0
@@ -174,7 +175,7 @@ async def _measure(sz: Sizes) -> dict[str, Any]:
         rundir = work / "run"
         async with open_stack(rundir) as stack:
             # open_libxl and the device models it spawns find xenstored through the
-            # environment (libxl.py: rundir_from), so point it at this stack.
+            # environment (session.py: rundir_from), so point it at this stack.
             saved = os.environ.get("XENSTORED_PATH")
             os.environ["XENSTORED_PATH"] = str(stack.xenstored_socket)
             try:

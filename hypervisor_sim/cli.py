@@ -14,6 +14,7 @@ import sys
 
 import trio
 
+from xenhost import RunDir
 from xenstored_sim.client.paths import parse_principal_sockets
 from xenstored_sim.startup import OneLineParser, os_errors
 
@@ -44,7 +45,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.principal_sockets = parse_principal_sockets(args.principal_socket)
     except ValueError as exc:
         p.error(str(exc))
-    main_socket = os.path.join(args.rundir, "hypervisor.sock")
+    main_socket = str(RunDir(args.rundir).hypervisor_socket)
     if any(
         os.path.abspath(path) == os.path.abspath(main_socket) for _, path in args.principal_sockets
     ):

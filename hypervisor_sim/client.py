@@ -2,7 +2,7 @@
 
 ::
 
-    async with open_hypervisor(rundir / "hypervisor.sock") as hv:
+    async with open_hypervisor(RunDir(rundir).hypervisor_socket) as hv:
         domid = await hv.domain_create("guest", max_pages=4096)
         await hv.populate_physmap(domid, range(0, 4096))
         server = await hv.ioreq_server_create(domid)

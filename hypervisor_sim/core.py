@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
+
+from xenhost.rundir import guest_memory_name
 
 from .frames import PAGE_SHIFT, PAGE_SIZE, FrameFile
 from .logdirty import SHADOW_OPS, DigestLog, VramTracker
@@ -208,12 +210,12 @@ class Hypervisor:
         """Run one hypercall for ``conn``; raises :class:`HypercallError`."""
         check_args(call, args)
         self.check_target(conn, call, args.get("domid"))
-        handler = getattr(self, f"_call_{call}", None)
+        handler = self.HYPERCALLS.get(call)
         if handler is None:
             # guest and guest_driver run in the shell's guest actor.
             raise HypercallError("ENOSYS", f"{call} is not a synchronous call", call)
         try:
-            return handler(conn, **args)
+            return handler(self, conn, **args)
         except HypercallError as exc:
             if exc.call is not None:
                 raise
@@ -253,7 +255,7 @@ class Hypervisor:
         if max_pages <= 0 or max_pages > GFN_LIMIT:
             raise HypercallError("EINVAL", f"max_pages {max_pages} out of range")
         domid = self._next_domid
-        path = os.path.join(self.mem_dir, f"dom{domid}.mem")
+        path = os.path.join(self.mem_dir, guest_memory_name(domid))
         frames = self._frame_file(path)
         self._next_domid += 1
         self.domains[domid] = Domain(domid, name, max_pages, hvm, frames)
@@ -492,6 +494,34 @@ class Hypervisor:
 
     def has_ioreq_server(self, domid: int) -> bool:
         return domid in self.ioreq_servers
+
+    # ---------------------------------------------------------------- the hypercall table
+
+    #: Every synchronous hypercall by name (``guest`` and ``guest_driver`` run in the shell's
+    #: guest actor); cf. Xen's hypercall_table in xen/arch/x86/hypercall.c.
+    HYPERCALLS: ClassVar[Mapping[str, Callable[..., Any]]] = {
+        "version": _call_version,
+        "domain_create": _call_domain_create,
+        "domain_destroy": _call_domain_destroy,
+        "domain_pause": _call_domain_pause,
+        "domain_unpause": _call_domain_unpause,
+        "domain_getinfo": _call_domain_getinfo,
+        "domain_list": _call_domain_list,
+        "populate_physmap": _call_populate_physmap,
+        "decrease_reservation": _call_decrease_reservation,
+        "add_to_physmap": _call_add_to_physmap,
+        "relocate_memory": _call_relocate_memory,
+        "p2m": _call_p2m,
+        "map_foreign": _call_map_foreign,
+        "pin_memory_cacheattr": _call_pin_memory_cacheattr,
+        "restrict": _call_restrict,
+        "shadow_op": _call_shadow_op,
+        "track_dirty_vram": _call_track_dirty_vram,
+        "modified_memory": _call_modified_memory,
+        "ioreq_server_create": _call_ioreq_server_create,
+        "ioreq_server_destroy": _call_ioreq_server_destroy,
+        "ioreq_complete": _call_ioreq_complete,
+    }
 
     # ---------------------------------------------------------------- guest memory
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-DEVICES: Final = ("stdvga", "cirrus", "qxl")
+from xenhost.devices import DEVICE_NAMES
+
+DEVICES: Final = DEVICE_NAMES
 ACTIONS: Final = ("map_bar", "set_mode", "draw", "sha256")
 
 VGA_SBDF: Final = 0x10
@@ -85,26 +87,46 @@ def ops_for(device: str, action: str, params: Mapping[str, Any]) -> list[dict[st
     addr = _int(params, "addr", DEFAULT_BAR_ADDR)
     if addr <= 0 or addr & 0xFFFFF or addr >= 1 << 32:
         raise ValueError("addr must be a 1 MiB aligned 32-bit address")
-    if action == "map_bar":
-        return _map_bar(device, addr)
-    if action in ("set_mode", "draw", "sha256"):
-        width, height, bpp = _int(params, "width"), _int(params, "height"), _int(params, "bpp")
-        _check_mode(device, width, height, bpp)
-        if action == "set_mode":
-            if device == "stdvga":
-                return _vbe_mode(width, height, bpp)
-            if device == "cirrus":
-                return _cirrus_mode(width, height, bpp)
-            return _qxl_primary(
-                addr, _int(params, "vram_mib", DEFAULT_VRAM_MIB), width, height, bpp
-            )
-        gpa, length = framebuffer(device, addr, width, height, bpp)
-        if action == "draw":
-            return [{"op": "mem_fill", "gpa": gpa, "len": length, "seed": _int(params, "seed")}]
-        return [{"op": "mem_sha256", "gpa": gpa, "len": length}]
-    if action == "framebuffer":
-        raise ValueError("framebuffer is not a guest op list: call guest_drivers.framebuffer()")
-    raise ValueError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+    handler = _ACTION_TABLE.get(action)
+    if handler is None:
+        raise ValueError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+    return handler(device, addr, params)
+
+
+Op = dict[str, Any]
+#: A driver action: ``(device, bar address, params)`` to guest ops.
+Action = Callable[[str, int, Mapping[str, Any]], list[Op]]
+#: A driver's mode setting: ``(bar address, params, width, height, bpp)`` to guest ops.
+ModeSet = Callable[[int, Mapping[str, Any], int, int, int], list[Op]]
+
+
+def _mode(device: str, params: Mapping[str, Any]) -> tuple[int, int, int]:
+    width, height, bpp = _int(params, "width"), _int(params, "height"), _int(params, "bpp")
+    _check_mode(device, width, height, bpp)
+    return width, height, bpp
+
+
+def _action_map_bar(device: str, addr: int, params: Mapping[str, Any]) -> list[Op]:
+    return _map_bar(device, addr)
+
+
+def _action_set_mode(device: str, addr: int, params: Mapping[str, Any]) -> list[Op]:
+    width, height, bpp = _mode(device, params)
+    return _MODE_SET[device](addr, params, width, height, bpp)
+
+
+def _action_draw(device: str, addr: int, params: Mapping[str, Any]) -> list[Op]:
+    gpa, length = framebuffer(device, addr, *_mode(device, params))
+    return [{"op": "mem_fill", "gpa": gpa, "len": length, "seed": _int(params, "seed")}]
+
+
+def _action_sha256(device: str, addr: int, params: Mapping[str, Any]) -> list[Op]:
+    gpa, length = framebuffer(device, addr, *_mode(device, params))
+    return [{"op": "mem_sha256", "gpa": gpa, "len": length}]
+
+
+def _action_framebuffer(device: str, addr: int, params: Mapping[str, Any]) -> list[Op]:
+    raise ValueError("framebuffer is not a guest op list: call guest_drivers.framebuffer()")
 
 
 #: The name hypervisor-sim's ``guest_driver`` call uses.
@@ -185,6 +207,42 @@ def _qxl_primary(
     ]
 
 
+def _stdvga_set_mode(addr: int, params: Mapping[str, Any], w: int, h: int, bpp: int) -> list[Op]:
+    return _vbe_mode(w, h, bpp)
+
+
+def _cirrus_set_mode(addr: int, params: Mapping[str, Any], w: int, h: int, bpp: int) -> list[Op]:
+    return _cirrus_mode(w, h, bpp)
+
+
+def _qxl_set_mode(addr: int, params: Mapping[str, Any], w: int, h: int, bpp: int) -> list[Op]:
+    return _qxl_primary(addr, _int(params, "vram_mib", DEFAULT_VRAM_MIB), w, h, bpp)
+
+
+#: The depths each driver programs: VBE's, Cirrus's SR07 codes, the QXL surface formats.
+_DEPTHS: Final[Mapping[str, tuple[int, ...]]] = {
+    "stdvga": VBE_BPPS,
+    "cirrus": tuple(CIRRUS_SR7),
+    "qxl": tuple(QXL_FORMATS),
+}
+
+#: The driver actions by name.
+_ACTION_TABLE: Final[Mapping[str, Action]] = {
+    "map_bar": _action_map_bar,
+    "set_mode": _action_set_mode,
+    "draw": _action_draw,
+    "sha256": _action_sha256,
+    "framebuffer": _action_framebuffer,
+}
+
+#: Each device's mode setting: Bochs VBE, Cirrus linear mode, the QXL primary surface.
+_MODE_SET: Final[Mapping[str, ModeSet]] = {
+    "stdvga": _stdvga_set_mode,
+    "cirrus": _cirrus_set_mode,
+    "qxl": _qxl_set_mode,
+}
+
+
 def _bytes_pp(bpp: int) -> int:
     return (bpp + 7) // 8
 
@@ -197,7 +255,7 @@ def _check_device(device: str) -> None:
 def _check_mode(device: str, width: int, height: int, bpp: int) -> None:
     if not (1 <= width <= 4096 and 1 <= height <= 4096):
         raise ValueError("width and height must be 1..4096")
-    allowed = {"stdvga": VBE_BPPS, "cirrus": tuple(CIRRUS_SR7), "qxl": tuple(QXL_FORMATS)}[device]
+    allowed = _DEPTHS[device]
     if bpp not in allowed:
         raise ValueError(f"{device} does not do {bpp} bpp (allowed: {allowed})")
     if device == "cirrus" and (width % 8 or width > 2048 or height > 1024):

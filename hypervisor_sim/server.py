@@ -23,6 +23,7 @@ from typing import IO, Any, Final
 
 import trio
 
+from xenhost import RunDir
 from xenstored_sim.startup import OwnedSocket, answering_pid, listen_unix
 
 from . import guest_drivers
@@ -126,11 +127,11 @@ class HypervisorServer:
         principal_sockets: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.rundir = rundir
-        self.sock_path = os.path.join(rundir, "hypervisor.sock")
+        self.sock_path = str(RunDir(rundir).hypervisor_socket)
         #: (principal, path) of the further sockets, one per principal (architecture.md,
         #: "Principals in the audit logs").
         self.principal_sockets = principal_sockets
-        self.mem_dir = os.path.join(rundir, "mem")
+        self.mem_dir = str(RunDir(rundir).memory_dir)
         self.core = Hypervisor(self.mem_dir, xen_libs)
         self.audit = audit
         self.conns: dict[int, Connection] = {}
@@ -325,7 +326,7 @@ class HypervisorServer:
                     self.core,
                     effect.domid,
                     self._ioreq,
-                    os.path.join(self.rundir, "domains", f"{effect.domid}.sock"),
+                    str(RunDir(self.rundir).guest_socket(effect.domid)),
                     self._audit_guest_op,
                 )
                 self.guests[effect.domid] = guest

@@ -40,15 +40,17 @@ from typing import Any, Final
 import trio
 from rich.markup import escape
 
+import xenhost
 from hypervisor_sim import guest_drivers
 from toolstack.qmp import QmpError, QmpProtocolError, open_qmp
+from xenhost import RunDir
 
 from .auditlog import AuditFormatError, read_xenstored
 from .ready import accepts
 from .stack import Stack, executable, open_stack
 
 DEFAULT_MODES: Final = ("new", "compat")
-DEFAULT_DEVICES: Final = ("stdvga", "cirrus", "qxl")
+DEFAULT_DEVICES: Final = xenhost.DEVICE_NAMES
 DEFAULT_TOOLSTACKS: Final = ("libxl",)
 
 #: Where the guest puts the framebuffer: above 0xbffff, so compat mode records it
@@ -303,32 +305,7 @@ def leftover_files(rundir: Path, domids: Iterable[int] | None = None) -> list[Pa
 
 def device_models(rundir: Path, domids: Iterable[int] | None = None) -> list[int]:
     """Pids of ``qemu-model`` processes serving ``rundir`` (for ``domids`` only, if given)."""
-    wanted = None if domids is None else {str(d) for d in domids}
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = [
-                a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")
-            ]
-        except OSError:
-            continue
-        if not any(Path(a).name == DM_PROGRAM for a in args[:2]):
-            continue
-        if _arg(args, "--rundir") != str(rundir):
-            continue
-        if wanted is not None and _arg(args, "--domid") not in wanted:
-            continue
-        found.append(int(entry.name))
-    return found
-
-
-def _arg(args: Sequence[str], option: str) -> str | None:
-    for i, a in enumerate(args[:-1]):
-        if a == option:
-            return args[i + 1]
-    return None
+    return xenhost.device_models(rundir, domids)
 
 
 async def _end_processes(pids: Sequence[int]) -> None:
@@ -387,7 +364,7 @@ class DemoRun:
             program = executable(XL_PROGRAM)
         except FileNotFoundError as exc:
             raise StepError(str(exc)) from None
-        argv = [program, "--rundir", str(self.rundir), "--json", *args]
+        argv = xenhost.xl_json_argv(self.rundir, *args, program=program)
         with trio.fail_after(STEP_LIMIT_S):
             proc = await trio.run_process(
                 argv,
@@ -410,7 +387,7 @@ class DemoRun:
 
     async def physmap_info(self, domid: int) -> dict[str, Any]:
         """The device model's ``x-physmap-info`` over its QMP socket."""
-        path = self.rundir / "qmp" / f"{domid}.sock"
+        path = RunDir(self.rundir).qmp_socket(domid)
         try:
             with trio.fail_after(STEP_LIMIT_S):
                 async with open_qmp(path) as qmp:
@@ -427,7 +404,7 @@ class DemoRun:
             return {}
         path = screenshot_path(self.screenshots.resolve(), case, when)
         path.parent.mkdir(parents=True, exist_ok=True)
-        qmp_path = self.rundir / "qmp" / f"{domid}.sock"
+        qmp_path = RunDir(self.rundir).qmp_socket(domid)
         try:
             with trio.fail_after(STEP_LIMIT_S):
                 async with open_qmp(qmp_path) as qmp:
@@ -617,7 +594,7 @@ def _check_attach(rundir: Path) -> None:
         if not accepts(str(sock)):
             raise StepError(f"--attach: no {name} accepts connections on {sock}")
     # The toolstack keeps its own audit record only if the directory exists (toolstack.audit).
-    (rundir / "audit").mkdir(exist_ok=True)
+    RunDir(rundir).audit_dir.mkdir(exist_ok=True)
 
 
 async def run_demo(
@@ -645,7 +622,7 @@ async def run_demo(
             if attach:
                 _check_attach(root)
             else:
-                if accepts(str(root / "socket")):
+                if accepts(str(RunDir(root).xenstored_socket)):
                     raise StepError(f"{root} already has a running xenstored (use --attach)")
                 try:
                     stack = await daemons.enter_async_context(open_stack(root, audit=True))
@@ -679,7 +656,7 @@ def _judge(
     root: Path, observed: Sequence[tuple[Case, Observed]], problems: list[str]
 ) -> list[CaseResult]:
     """Evaluate each case, counting its physmap requests in the xenstore audit log."""
-    audit = root / "audit" / "xenstored.jsonl"
+    audit = RunDir(root).audit_log("xenstored")
     log = None
     if audit.exists():
         try:

@@ -24,6 +24,7 @@ from typing import Final
 import trio
 
 from toolstack.libxl import ToolstackError, open_libxl
+from xenhost import RunDir
 
 from .ready import accepts
 from .stack import open_stack
@@ -102,7 +103,7 @@ def up(name: str, rundir: Path) -> Path:
     finally:
         os.close(fd)
     deadline = time.monotonic() + START_LIMIT_S
-    while _record(rundir) is None or not accepts(str(rundir / "hypervisor.sock")):
+    while _record(rundir) is None or not accepts(str(RunDir(rundir).hypervisor_socket)):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             tail = log.read_text(errors="replace")[-1500:]

@@ -30,6 +30,7 @@ import trio
 from hypervisor_sim.client import open_hypervisor
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from toolstack.qmp import QmpError, QmpProtocolError, open_qmp
+from xenhost import RunDir, xl_json_argv
 from xenstored_sim.client import open_xenstore
 from xenstored_sim.wire import XsError
 
@@ -55,7 +56,7 @@ class Host:
         return self.ns.wrap(argv) if self.ns is not None else list(argv)
 
     def xl(self, *args: str) -> list[str]:
-        return self.wrap([executable("xl-sim"), "--rundir", str(self.rundir), "--json", *args])
+        return self.wrap(xl_json_argv(self.rundir, *args, program=executable("xl-sim")))
 
 
 @asynccontextmanager
@@ -141,7 +142,7 @@ class Drawer:
 
     async def run(self, stop: trio.Event) -> None:
         params = {"width": WIDTH, "height": HEIGHT, "bpp": BPP, "addr": BAR_ADDR}
-        async with open_hypervisor(self.h.rundir / "hypervisor.sock") as hv:
+        async with open_hypervisor(RunDir(self.h.rundir).hypervisor_socket) as hv:
             while not stop.is_set():
                 seed = self.last_seed + 1
                 try:
@@ -254,7 +255,7 @@ async def _migrate_case(case: Case, src: Host, dst: Host, r: MigrationCase) -> N
 
 async def _display_sha256(h: Host, domid: int) -> str | None:
     with suppress(QmpError, QmpProtocolError, OSError), trio.fail_after(STEP_LIMIT_S):
-        async with open_qmp(h.rundir / "qmp" / f"{domid}.sock") as q:
+        async with open_qmp(RunDir(h.rundir).qmp_socket(domid)) as q:
             info = await q.execute("x-physmap-info")
             return str(info["display_sha256"]) if info.get("display_sha256") else None
     return None
@@ -264,7 +265,7 @@ async def _keys(h: Host, domid: int) -> dict[str, str]:
     """The physmap keys under the destination device model's root in that host's xenstore."""
     root = f"/local/domain/0/device-model/{domid}/physmap"
     out: dict[str, str] = {}
-    async with open_xenstore(h.rundir / "socket") as xs:
+    async with open_xenstore(RunDir(h.rundir).xenstored_socket) as xs:
         try:
             children = await xs.directory(root)
         except XsError:  # ENOENT: no keys
@@ -283,7 +284,7 @@ def _ops(h: Host, domid: int) -> dict[str, int]:
     """Principal → xenstore requests on the domain's physmap paths, from the host's audit."""
     try:
         return dict(
-            read_xenstored(h.rundir / "audit" / "xenstored.jsonl").physmap_ops(about=[domid])
+            read_xenstored(RunDir(h.rundir).audit_log("xenstored")).physmap_ops(about=[domid])
         )
     except (OSError, AuditFormatError):
         return {}

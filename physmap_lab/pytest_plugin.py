@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -41,27 +38,20 @@ from typing import Any
 
 import pytest
 
+from xenhost import RunDir, accepts, executable, xl_json_argv
+
 #: How long a daemon may take to start; bounds fixture set-up, times no test.
 START_LIMIT = 30.0
 
 
 def _program(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise pytest.UsageError(f"{name} is not installed: pip install physmap-lab")
-    return found
+    try:
+        return executable(name, ": pip install physmap-lab")
+    except FileNotFoundError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
+_accepts = accepts
 
 
 @dataclass
@@ -128,7 +118,7 @@ class XenstoredSim:
 
     @property
     def socket_path(self) -> Path:
-        return self.rundir / "socket"
+        return RunDir(self.rundir).xenstored_socket
 
     @property
     def pid(self) -> int:
@@ -144,7 +134,7 @@ class XenstoredSim:
 
     def guest_socket(self, domid: int) -> Path:
         """Where an introduced domain's connections arrive (the stand-in for its ring)."""
-        return self.rundir / "domains" / f"{domid}.sock"
+        return RunDir(self.rundir).guest_socket(domid)
 
 
 def start_xenstored_sim(rundir: Path, args: Sequence[str] = ()) -> XenstoredSim:
@@ -152,7 +142,11 @@ def start_xenstored_sim(rundir: Path, args: Sequence[str] = ()) -> XenstoredSim:
     rundir.mkdir(parents=True, exist_ok=True)
     argv = ["xenstored-sim", "--rundir", str(rundir), *args]
     proc = _start(
-        "xenstored-sim", argv, rundir / "socket", rundir / "logs" / "xenstored.log", _clean_env()
+        "xenstored-sim",
+        argv,
+        RunDir(rundir).xenstored_socket,
+        rundir / "logs" / "xenstored.log",
+        _clean_env(),
     )
     return XenstoredSim(rundir, proc, tuple(args))
 
@@ -231,14 +225,14 @@ class XenStack:
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["XENSTORED_PATH"] = str(self.rundir / "socket")
+        env["XENSTORED_PATH"] = str(RunDir(self.rundir).xenstored_socket)
         env["XENSTORED_RUNDIR"] = str(self.rundir)
         return env
 
     def xl(self, *args: str) -> Any:
         """``xl-sim --json ARGS`` on this stack: its JSON answer; a failure raises."""
         out = subprocess.run(
-            [_program("xl-sim"), "--rundir", str(self.rundir), "--json", *args],
+            xl_json_argv(self.rundir, *args, program=_program("xl-sim")),
             env=self.env,
             capture_output=True,
             check=False,
@@ -264,7 +258,7 @@ def xen_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenStack]:
         stack.processes["hypervisor"] = _start(
             "hypervisor-sim",
             ["hypervisor-sim", "--rundir", str(rundir)],
-            rundir / "hypervisor.sock",
+            RunDir(rundir).hypervisor_socket,
             rundir / "logs" / "hypervisor.log",
             stack.env,
         )

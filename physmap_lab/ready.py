@@ -5,17 +5,11 @@ The readiness probe of the compose services: each daemon is ready when its socke
 
 from __future__ import annotations
 
-import socket
 import sys
 
+from xenhost import accepts
 
-def accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-        return True
+__all__ = ["accepts", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:

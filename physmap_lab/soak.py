@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from toolstack import cli as toolstack_cli
+from xenhost import RunDir, accepts, device_models
 
 from .stack import executable, hypervisor_command, xenstored_command
 
@@ -95,7 +95,7 @@ class Walk:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            XENSTORED_PATH=str(self.run / "socket"),
+            XENSTORED_PATH=str(RunDir(self.run).xenstored_socket),
             XENSTORED_RUNDIR=str(self.run),
             PHYSMAP_LAB_RUNDIR=str(self.run),
         )
@@ -104,8 +104,8 @@ class Walk:
     def daemon_argv(self, name: str) -> tuple[list[str], Path]:
         if name == "xenstored":
             cmd = xenstored_command(str(self.run), extra=["--state-dir", str(self.state)])
-            return cmd, self.run / "socket"
-        return hypervisor_command(str(self.run)), self.run / "hypervisor.sock"
+            return cmd, RunDir(self.run).xenstored_socket
+        return hypervisor_command(str(self.run)), RunDir(self.run).hypervisor_socket
 
     def start(self, name: str) -> None:
         argv, sock = self.daemon_argv(name)
@@ -197,10 +197,10 @@ class Walk:
             sock = self.daemon_argv(name)[1]
             if not accepts(sock):
                 raise WalkFailure(f"{name} does not answer on {sock}")
-        mem = {p.name for p in (self.run / "mem").glob("*.mem")}
+        mem = {p.name for p in RunDir(self.run).memory_dir.glob("*.mem")}
         if mem != {f"dom{d}.mem" for d in self.domains}:
             raise WalkFailure(f"guest-memory files {sorted(mem)}, domains {sorted(self.domains)}")
-        qmp = {p.name for p in (self.run / "qmp").glob("*.sock")}
+        qmp = {p.name for p in RunDir(self.run).qmp_dir.glob("*.sock")}
         if not qmp <= {f"{d}.sock" for d in (*self.domains, *self.stale_qmp)}:
             raise WalkFailure(f"QMP sockets {sorted(qmp)} for domains {sorted(self.domains)}")
         listed = self.must("list")["domains"]
@@ -223,7 +223,7 @@ class Walk:
         self.domains.clear()
         for name in ("hypervisor", "xenstored"):
             stop(self.procs.pop(name))
-        stale = {self.run / "qmp" / f"{d}.sock" for d in self.stale_qmp}
+        stale = {RunDir(self.run).qmp_socket(d) for d in self.stale_qmp}
         left = [
             p
             for p in self.run.rglob("*")
@@ -295,15 +295,6 @@ def _wait(pid: int, limit: float) -> int:
         time.sleep(0.005)
 
 
-def accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -313,27 +304,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
             proc.wait()
             raise WalkFailure(f"pid {proc.pid} ignored SIGTERM") from None
-
-
-def device_models(run: Path) -> list[int]:
-    """Pids of qemu-model processes serving ``run``."""
-    return sorted(device_model_domains(run))
-
-
-def device_model_domains(run: Path) -> dict[int, int]:
-    """qemu-model processes serving ``run``: pid -> the domid they serve."""
-    found: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(b"qemu-model") for a in args[:2]) and str(run).encode() in args:
-            domid = args[args.index(b"--domid") + 1] if b"--domid" in args else b"0"
-            found[int(entry.name)] = int(domid)
-    return found
 
 
 def kill_device_models(run: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from toolstack.config import DM_MODES, VGA_CHOICES
+from xenhost import RunDir, device_model_domains, device_models
 
 from .soak import (
     CORRUPTS,
@@ -29,8 +30,6 @@ from .soak import (
     Run,
     Walk,
     WalkFailure,
-    device_model_domains,
-    device_models,
 )
 from .stack import executable
 
@@ -187,7 +186,7 @@ def qmp(w: Walk) -> None:
     if not live:
         return
     domid, dom = w.rng.choice(live)
-    status = qmp_query_status(str(w.run / "qmp" / f"{domid}.sock"))
+    status = qmp_query_status(str(RunDir(w.run).qmp_socket(domid)))
     want = "paused" if dom.paused else "running"
     if status != want:
         raise WalkFailure(f"QMP query-status of domain {domid}: {status}, expected {want}")
@@ -258,6 +257,21 @@ def kill(w: Walk) -> None:
         w.lose_domains()
         _wait_for_device_models_to_exit(w)
     w.start(which)
+    if which == "xenstored":
+        _device_models_lose_xenstore(w)
+
+
+def _device_models_lose_xenstore(w: Walk) -> None:
+    """A device model's xenstore connection does not survive its daemon: QEMU 2.10 exits at
+    its next state write ("error recording dm state", xenstore_record_dm_state()), which may
+    come at any later resume.  The walk settles that at once: they go now."""
+    listed = {int(d["domid"]): d for d in w.must("list")["domains"]}
+    for domid, dom in w.domains.items():
+        pid = int(listed.get(domid, {}).get("dm_pid") or 0)
+        if dom.dm_alive and pid > 0:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            dom.dm_alive = False
 
 
 def _wait_for_device_models_to_exit(w: Walk) -> None:
@@ -321,6 +335,8 @@ def kill_during(w: Walk) -> None:
         w.procs.pop("xenstored")
         w.start("xenstored")
     _follow(w, kind, run, ctx)
+    if target == "xenstored":
+        _device_models_lose_xenstore(w)
     if target == "hypervisor":
         w.lose_domains()
     for domid in killed:

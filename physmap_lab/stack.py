@@ -7,42 +7,29 @@ launcher runs them, and ``compose.yaml`` runs the same ones (a test keeps the tw
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
 
 import trio
 
-from .ready import accepts
+import xenhost
+from xenhost import PRINCIPALS, RunDir, accepts
+
+__all__ = ["PRINCIPALS", "Daemon", "Stack", "executable", "principal_socket"]
 
 
 def executable(name: str) -> str:
     """The console script ``name``: beside the running interpreter first, then on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} is not installed (run `make setup`)")
-    return found
-
-
-#: The principals that get sockets of their own on both daemons, so that the audit tells them
-#: apart without their pids (docs/architecture.md, "Principals in the audit logs").  Guests
-#: are told apart by their guest sockets already.
-PRINCIPALS: Final = ("toolstack", "device-model")
+    return xenhost.executable(name, " (run `make setup`)")
 
 
 def principal_socket(rundir: str, principal: str, daemon: str) -> str:
     """``RUNDIR/principals/<principal>/socket`` (xenstored) or ``.../hypervisor.sock``."""
-    name = "socket" if daemon == "xenstored" else "hypervisor.sock"
-    return f"{rundir}/principals/{principal}/{name}"
+    return str(RunDir(rundir).principal_socket(principal, daemon))
 
 
 def _principal_args(rundir: str, daemon: str) -> list[str]:
@@ -57,7 +44,7 @@ def xenstored_command(
 ) -> list[str]:
     cmd = ["xenstored-sim", "--rundir", rundir]
     if audit:
-        cmd += ["--audit-log", f"{rundir}/audit/xenstored.jsonl"]
+        cmd += ["--audit-log", str(RunDir(rundir).audit_log("xenstored"))]
     if principals:
         cmd += _principal_args(rundir, "xenstored")
     return [*cmd, *extra]
@@ -68,7 +55,7 @@ def hypervisor_command(
 ) -> list[str]:
     cmd = ["hypervisor-sim", "--rundir", rundir]
     if audit:
-        cmd += ["--audit-log", f"{rundir}/audit/hypervisor.jsonl"]
+        cmd += ["--audit-log", str(RunDir(rundir).audit_log("hypervisor"))]
     if principals:
         cmd += _principal_args(rundir, "hypervisor")
     return [*cmd, *extra]
@@ -119,11 +106,11 @@ class Stack:
 
     @property
     def xenstored_socket(self) -> Path:
-        return self.rundir / "socket"
+        return RunDir(self.rundir).xenstored_socket
 
     @property
     def hypervisor_socket(self) -> Path:
-        return self.rundir / "hypervisor.sock"
+        return RunDir(self.rundir).hypervisor_socket
 
     def env(self) -> dict[str, str]:
         """The environment for the toolstack on this stack: libxenstore honours
@@ -135,7 +122,7 @@ class Stack:
         if self.principals:
             run = str(self.rundir)
             env["XENSTORED_PATH"] = principal_socket(run, "toolstack", "xenstored")
-            env["PHYSMAP_LAB_PRINCIPALS"] = f"{run}/principals"
+            env["PHYSMAP_LAB_PRINCIPALS"] = str(RunDir(run).principals_dir)
         env["XENSTORED_RUNDIR"] = str(self.rundir)
         env["PHYSMAP_LAB_RUNDIR"] = str(self.rundir)
         return env
@@ -215,7 +202,7 @@ async def open_stack(
     root = Path(rundir)
     root.mkdir(parents=True, exist_ok=True)
     if audit:
-        (root / "audit").mkdir(exist_ok=True)
+        RunDir(root).audit_dir.mkdir(exist_ok=True)
     stack = Stack(root, principals=principals)
     run = str(root)
     stack.daemons["xenstored"] = Daemon(

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from xenhost.devices import DISPLAY_DEVICES
+
 from .pci import PCIBar
 from .vga import Framebuffer, MachineOps, VGAPCIDevice
 
@@ -37,8 +39,8 @@ CIRRUS_ID_CLGD5446: Final = 0x2E << 2  # CR27 chip id of the CLGD5446
 
 class Cirrus(VGAPCIDevice):
     kind = "cirrus"
-    VENDOR_ID = 0x1013
-    DEVICE_ID = 0x00B8
+    VENDOR_ID = DISPLAY_DEVICES["cirrus"].vendor_id
+    DEVICE_ID = DISPLAY_DEVICES["cirrus"].device_id
 
     def __init__(self, machine: MachineOps, vram_size: int) -> None:
         super().__init__(machine, vram_size)

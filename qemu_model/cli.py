@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenhost import RunDir
 from xenstored_sim.startup import OneLineParser, one_line
 
 from .errors import QemuAbort, QemuExit
@@ -96,7 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     rundir = Path(a.rundir)
     if not rundir.is_dir():
         p.error(f"--rundir {a.rundir}: no such directory")
-    xenstore = a.xenstore or os.environ.get("XENSTORED_PATH") or str(rundir / "socket")
+    xenstore = (
+        a.xenstore or os.environ.get("XENSTORED_PATH") or str(RunDir(rundir).xenstored_socket)
+    )
     return Config(
         domid=a.domid,
         xen_mode=a.xen_mode,

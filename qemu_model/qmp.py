@@ -110,37 +110,36 @@ class QmpSession:
         self.negotiated = False
 
     def receive_line(self, line: bytes) -> Command | dict[str, Any] | None:
-        """A command to run, an immediate reply, or None for a blank line."""
+        """A command to run, an immediate reply, or None for a blank line (cf. QEMU's
+        qmp_dispatch(): parse, check the negotiation state, check the arguments)."""
         text = line.strip()
         if not text:
             return None
-        try:
-            obj = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return error_reply(f"JSON parse error, {exc}")
-        except RecursionError:
-            return error_reply("JSON parse error, nesting too deep")
-        if not isinstance(obj, dict):
-            return error_reply("QMP input must be a JSON object")
-        has_id = "id" in obj
-        rid = obj.get("id")
-        name = obj.get("execute")
-        if name is None:
-            return _with_id(error_reply("QMP input lacks member 'execute'"), has_id, rid)
-        if not isinstance(name, str):
-            return _with_id(error_reply("QMP input member 'execute' must be a string"), has_id, rid)
-        unknown = sorted(set(obj) - {"execute", "arguments", "id"})
-        if unknown:
-            return _with_id(
-                error_reply(f"QMP input member '{unknown[0]}' is unexpected"), has_id, rid
-            )
-        args = obj.get("arguments", {})
-        if not isinstance(args, dict):
-            return _with_id(
-                error_reply("QMP input member 'arguments' must be an object"), has_id, rid
-            )
-        cmd = Command(name, args, rid, has_id)
+        cmd = parse_command(text)
+        if not isinstance(cmd, Command):
+            return cmd
+        name, args = cmd.name, cmd.arguments
+        refused = self._refuse_before_negotiation(cmd)
+        if refused is not None:
+            return refused
+        schema = SCHEMA.get(name)
+        if schema is None:
+            return error_reply(f"The command {name} has not been found", "CommandNotFound", cmd=cmd)
+        bad = check_arguments(cmd, schema)
+        if bad is not None:
+            return bad
         if name == "qmp_capabilities":
+            if args.get("enable"):
+                return error_reply(f"Capability '{args['enable'][0]}' not available", cmd=cmd)
+            self.negotiated = True
+            return success_reply(cmd, {})
+        if name == "query-commands":
+            return success_reply(cmd, [{"name": n} for n in SCHEMA])
+        return cmd
+
+    def _refuse_before_negotiation(self, cmd: Command) -> dict[str, Any] | None:
+        """Only ``qmp_capabilities`` before negotiation, and only once."""
+        if cmd.name == "qmp_capabilities":
             if self.negotiated:
                 return error_reply(
                     "Capabilities negotiation is already complete, command ignored",
@@ -153,25 +152,47 @@ class QmpSession:
                 "CommandNotFound",
                 cmd=cmd,
             )
-        schema = SCHEMA.get(name)
-        if schema is None:
-            return error_reply(f"The command {name} has not been found", "CommandNotFound", cmd=cmd)
-        for arg in args:
-            if arg not in schema:
-                return error_reply(f"Parameter '{arg}' is unexpected", cmd=cmd)
-        for arg, (kind, required) in schema.items():
-            if arg not in args:
-                if required:
-                    return error_reply(f"Parameter '{arg}' is missing", cmd=cmd)
-                continue
-            value = args[arg]
-            if not isinstance(value, _PYTYPE[kind]) or (kind != _BOOL and isinstance(value, bool)):
-                return error_reply(f"Invalid parameter type for '{arg}', expected: {kind}", cmd=cmd)
-        if name == "qmp_capabilities":
-            if args.get("enable"):
-                return error_reply(f"Capability '{args['enable'][0]}' not available", cmd=cmd)
-            self.negotiated = True
-            return success_reply(cmd, {})
-        if name == "query-commands":
-            return success_reply(cmd, [{"name": n} for n in SCHEMA])
-        return cmd
+        return None
+
+
+def parse_command(text: bytes) -> Command | dict[str, Any]:
+    """One JSON line as a :class:`Command`, or the error reply QEMU gives for it."""
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return error_reply(f"JSON parse error, {exc}")
+    except RecursionError:
+        return error_reply("JSON parse error, nesting too deep")
+    if not isinstance(obj, dict):
+        return error_reply("QMP input must be a JSON object")
+    has_id = "id" in obj
+    rid = obj.get("id")
+    name = obj.get("execute")
+    if name is None:
+        return _with_id(error_reply("QMP input lacks member 'execute'"), has_id, rid)
+    if not isinstance(name, str):
+        return _with_id(error_reply("QMP input member 'execute' must be a string"), has_id, rid)
+    unknown = sorted(set(obj) - {"execute", "arguments", "id"})
+    if unknown:
+        return _with_id(error_reply(f"QMP input member '{unknown[0]}' is unexpected"), has_id, rid)
+    args = obj.get("arguments", {})
+    if not isinstance(args, dict):
+        return _with_id(error_reply("QMP input member 'arguments' must be an object"), has_id, rid)
+    return Command(name, args, rid, has_id)
+
+
+def check_arguments(cmd: Command, schema: dict[str, tuple[str, bool]]) -> dict[str, Any] | None:
+    """The error reply for the first argument that does not fit ``schema``, or None."""
+    args = cmd.arguments
+    for arg in args:
+        if arg not in schema:
+            return error_reply(f"Parameter '{arg}' is unexpected", cmd=cmd)
+    for arg, (kind, required) in schema.items():
+        if arg not in args:
+            if required:
+                return error_reply(f"Parameter '{arg}' is missing", cmd=cmd)
+            continue
+        value = args[arg]
+        if not isinstance(value, _PYTYPE[kind]) or (kind != _BOOL and isinstance(value, bool)):
+            return error_reply(f"Invalid parameter type for '{arg}', expected: {kind}", cmd=cmd)
+    return None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from hypervisor_sim import vma
+from xenhost.devices import DISPLAY_DEVICES
 
 from .memory import RamBlock
 from .vga import Framebuffer, MachineOps, VGAPCIDevice
@@ -102,8 +103,8 @@ class Primary:
 
 class QXL(VGAPCIDevice):
     kind = "qxl"
-    VENDOR_ID = 0x1B36
-    DEVICE_ID = 0x0100
+    VENDOR_ID = DISPLAY_DEVICES["qxl"].vendor_id
+    DEVICE_ID = DISPLAY_DEVICES["qxl"].device_id
     REVISION = 4
 
     def __init__(self, machine: MachineOps, vram_size: int) -> None:

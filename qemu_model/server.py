@@ -27,16 +27,17 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
 from hypervisor_sim.client import HypervisorClient, open_hypervisor
 from hypervisor_sim.privcmd import Privcmd
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenhost import RunDir
 from xenstored_sim.client import XsClient, XsDisconnected, open_xenstore
 from xenstored_sim.startup import OwnedSocket, listen_unix
 from xenstored_sim.wire import XsError
@@ -77,11 +78,11 @@ class Config:
 
     @property
     def hypervisor_path(self) -> Path:
-        return self.hypervisor or self.rundir / "hypervisor.sock"
+        return self.hypervisor or RunDir(self.rundir).hypervisor_socket
 
     @property
     def qmp_path(self) -> Path:
-        return self.rundir / "qmp" / f"{self.domid}.sock"
+        return RunDir(self.rundir).qmp_socket(self.domid)
 
 
 def resolve_mode(requested: str, has_map2: bool) -> Mode:
@@ -519,53 +520,85 @@ class DeviceModel:
                     client.send.send_nowait(data)
 
     async def _execute(self, cmd: qmp.Command) -> Any:
+        """Run one QMP command through :attr:`QMP_COMMANDS` (cf. QEMU's qmp_dispatch())."""
         assert self.machine is not None
-        machine = self.machine
-        name, args = cmd.name, cmd.arguments
-        if name == "query-status":
-            state = machine.runstate
-            return {"status": state, "running": state == "running", "singlestep": False}
-        if name == "stop":
-            if state_is(machine, "inmigrate"):
-                self.autostart = False
-            elif state_is(machine, "running"):
-                await self._set_runstate("paused")
-            return {}
-        if name == "cont":
-            if state_is(machine, "inmigrate"):
-                self.autostart = True
-            elif not state_is(machine, "running"):
-                await self._set_running()
-            return {}
-        if name == "quit":
-            return {}
-        if name == "x-physmap-info":
-            async with self.bql:
-                info: dict[str, Any] = await trio.to_thread.run_sync(machine.info)
-            info["requested_mode"] = self.cfg.xen_mode
-            return info
-        if name in ("xen-set-global-dirty-log", "x-vram-dirty"):
-            async with self.bql:
-                return await trio.to_thread.run_sync(vram_dirty_command, machine, name, args)
-        if name == "xen-save-devices-state":
-            return await self._save(args["filename"])
-        if name == "screendump":
-            return await self._screendump(args)
-        if name == "query-vnc":
-            return {"enabled": False} if self._vnc is None else self._vnc.info()
-        if name == "xen-load-devices-state":
-            if state_is(machine, "running"):
-                raise qmp.QmpError("Cannot update device state while vm is running")
-            try:
-                data = await trio.Path(args["filename"]).read_bytes()
-            except OSError as exc:
-                raise qmp.QmpError(f"Could not open '{args['filename']}': {exc.strerror}") from None
-            try:
-                await self._load(data)
-            except LoadError as exc:
-                raise qmp.QmpError(f"load of device state failed: {exc}") from None
-            return {}
-        raise qmp.QmpError(f"The command {name} has not been found", "CommandNotFound")
+        handler = self.QMP_COMMANDS.get(cmd.name)
+        if handler is None:
+            raise qmp.QmpError(f"The command {cmd.name} has not been found", "CommandNotFound")
+        return await handler(self, self.machine, cmd)
+
+    async def _cmd_query_status(self, machine: Machine, cmd: qmp.Command) -> Any:
+        state = machine.runstate
+        return {"status": state, "running": state == "running", "singlestep": False}
+
+    async def _cmd_stop(self, machine: Machine, cmd: qmp.Command) -> Any:
+        if state_is(machine, "inmigrate"):
+            self.autostart = False
+        elif state_is(machine, "running"):
+            await self._set_runstate("paused")
+        return {}
+
+    async def _cmd_cont(self, machine: Machine, cmd: qmp.Command) -> Any:
+        if state_is(machine, "inmigrate"):
+            self.autostart = True
+        elif not state_is(machine, "running"):
+            await self._set_running()
+        return {}
+
+    async def _cmd_quit(self, machine: Machine, cmd: qmp.Command) -> Any:
+        return {}
+
+    async def _cmd_physmap_info(self, machine: Machine, cmd: qmp.Command) -> Any:
+        async with self.bql:
+            info: dict[str, Any] = await trio.to_thread.run_sync(machine.info)
+        info["requested_mode"] = self.cfg.xen_mode
+        return info
+
+    async def _cmd_vram_dirty(self, machine: Machine, cmd: qmp.Command) -> Any:
+        async with self.bql:
+            return await trio.to_thread.run_sync(
+                vram_dirty_command, machine, cmd.name, cmd.arguments
+            )
+
+    async def _cmd_save_devices_state(self, machine: Machine, cmd: qmp.Command) -> Any:
+        return await self._save(cmd.arguments["filename"])
+
+    async def _cmd_screendump(self, machine: Machine, cmd: qmp.Command) -> Any:
+        return await self._screendump(cmd.arguments)
+
+    async def _cmd_query_vnc(self, machine: Machine, cmd: qmp.Command) -> Any:
+        return {"enabled": False} if self._vnc is None else self._vnc.info()
+
+    async def _cmd_load_devices_state(self, machine: Machine, cmd: qmp.Command) -> Any:
+        if state_is(machine, "running"):
+            raise qmp.QmpError("Cannot update device state while vm is running")
+        filename = cmd.arguments["filename"]
+        try:
+            data = await trio.Path(filename).read_bytes()
+        except OSError as exc:
+            raise qmp.QmpError(f"Could not open '{filename}': {exc.strerror}") from None
+        try:
+            await self._load(data)
+        except LoadError as exc:
+            raise qmp.QmpError(f"load of device state failed: {exc}") from None
+        return {}
+
+    #: The QMP commands by name (cf. QEMU's qmp-commands registry, qapi/qmp-registry.c).
+    QMP_COMMANDS: ClassVar[
+        Mapping[str, Callable[[DeviceModel, Machine, qmp.Command], Awaitable[Any]]]
+    ] = {
+        "query-status": _cmd_query_status,
+        "stop": _cmd_stop,
+        "cont": _cmd_cont,
+        "quit": _cmd_quit,
+        "x-physmap-info": _cmd_physmap_info,
+        "xen-set-global-dirty-log": _cmd_vram_dirty,
+        "x-vram-dirty": _cmd_vram_dirty,
+        "xen-save-devices-state": _cmd_save_devices_state,
+        "screendump": _cmd_screendump,
+        "query-vnc": _cmd_query_vnc,
+        "xen-load-devices-state": _cmd_load_devices_state,
+    }
 
     async def _save(self, filename: str) -> dict[str, Any]:
         assert self.machine is not None

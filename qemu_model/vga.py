@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, Protocol
 
 from hypervisor_sim import vma
+from xenhost.devices import DISPLAY_DEVICES
 
 from .memory import RamBlock
 from .pci import PCIBar, PCIDevice
@@ -163,8 +164,8 @@ class StdVGA(VGAPCIDevice):
     """QEMU's ``VGA`` (1234:1111): the LFB in BAR 0 and Bochs VBE at 0x1ce/0x1cf."""
 
     kind = "stdvga"
-    VENDOR_ID = 0x1234
-    DEVICE_ID = 0x1111
+    VENDOR_ID = DISPLAY_DEVICES["stdvga"].vendor_id
+    DEVICE_ID = DISPLAY_DEVICES["stdvga"].device_id
     REVISION = 2
 
     def __init__(self, machine: MachineOps, vram_size: int) -> None:

@@ -14,14 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import xenhost
+
 
 class Audit:
     def __init__(self, rundir: Path, command: str) -> None:
         self.command = command
         self._file: TextIO | None = None
-        directory = rundir / "audit"
+        directory = xenhost.RunDir(rundir).audit_dir
         if directory.is_dir():
-            self._file = open(directory / "toolstack.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._file = open(xenhost.RunDir(rundir).audit_log("toolstack"), "a", encoding="utf-8")  # noqa: SIM115
 
     def record(self, action: str, result: str = "ok", **fields: Any) -> None:
         if self._file is None:

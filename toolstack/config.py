@@ -13,6 +13,8 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final, Literal, get_args
 
+from xenhost.devices import DISPLAY_DEVICES
+
 from .dmperms import DEFAULT_GRANTS, GrantError, parse_grant
 
 Vga = Literal["stdvga", "cirrus", "qxl"]
@@ -28,7 +30,9 @@ FLAVOURS: Final[tuple[str, ...]] = get_args(Flavour)
 
 #: Default video memory in MiB per card, as libxl's build-info defaults for qemu-xen
 #: (libxl_create.c, libxl__domain_build_info_setdefault): stdvga 16, cirrus 8, QXL 128.
-VIDEORAM_DEFAULT_MIB: Final[dict[str, int]] = {"stdvga": 16, "cirrus": 8, "qxl": 128}
+VIDEORAM_DEFAULT_MIB: Final[dict[str, int]] = {
+    d.name: d.videoram_default_mib for d in DISPLAY_DEVICES.values()
+}
 
 DEFAULT_MEMORY_MIB: Final = 128
 #: Guest RAM stays below the 4 GiB boundary in this model, under the PCI hole at 0xf0000000.

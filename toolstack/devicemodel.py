@@ -10,27 +10,19 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import DomainConfig
+import xenhost
+from xenhost.process import DM_PROGRAM as DM_PROGRAM
 
-#: The console script of the device model (qemu_model's ``qemu-model``).
-DM_PROGRAM = "qemu-model"
+from .config import DomainConfig
 
 
 def dm_program() -> str:
     """``qemu-model`` beside the running interpreter first (a virtualenv), then on PATH."""
-    beside = Path(sys.executable).parent / DM_PROGRAM
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(DM_PROGRAM)
-    if found is None:
-        raise FileNotFoundError(f"{DM_PROGRAM} is not installed")
-    return found
+    return xenhost.executable(DM_PROGRAM)
 
 
 def dm_argv(

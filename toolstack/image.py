@@ -185,50 +185,8 @@ def read_image(f: BinaryIO) -> ImageIndex:
     while True:
         if r.remaining() == 0:
             raise StreamError("image ends without an END record", r.offset)
-        hdr = stream.read_record_header(r)
-        index.records.append(hdr.name)
-        where = hdr.offset - stream.RECORD_HEADER.size
-        if hdr.type == RecordType.END:
-            if hdr.length:
-                raise StreamError("END record has a body", where)
+        if _index_record(r, index):
             break
-        if hdr.type == RecordType.LIBXC_CONTEXT:
-            if hdr.length:
-                raise StreamError(
-                    "LIBXC_CONTEXT record has a body (the libxc stream follows it)", where
-                )
-            if index.memory is not None:
-                raise StreamError("second LIBXC_CONTEXT record", where)
-            index.memory = memory_stream.read_memory_stream(r)
-        elif hdr.type == RecordType.EMULATOR_XENSTORE_DATA:
-            if index.xenstore is not None:
-                raise StreamError("second EMULATOR_XENSTORE_DATA record", where)
-            body = stream.read_body(r, hdr)
-            # libxl_stream_read.c hands the body past the emulator sub-header to
-            # libxl__restore_emulator_xenstore_data without looking at the emulator id.
-            try:
-                index.xenstore = decode(body)
-            except XenstoreDataError as exc:
-                raise StreamError(f"EMULATOR_XENSTORE_DATA: {exc}", where) from None
-        elif hdr.type == RecordType.EMULATOR_CONTEXT:
-            if index.emulator_context is not None:
-                raise StreamError("second EMULATOR_CONTEXT record", where)
-            head = r.read(min(hdr.length, stream.EMULATOR_HEADER.size), "emulator header")
-            emulator_id, _ = stream.parse_emulator_header(head, hdr.name, where)
-            if emulator_id != EmulatorId.QEMU_UPSTREAM:
-                raise StreamError(
-                    f"EMULATOR_CONTEXT is for {EmulatorId(emulator_id).name}, "
-                    "but the device model is Qemu Upstream",
-                    where,
-                )
-            ctx_len = hdr.length - stream.EMULATOR_HEADER.size
-            index.emulator_context = (r.offset, ctx_len)
-            r.skip(ctx_len, "emulator context")
-            stream.skip_padding(r, hdr)
-        else:
-            raise StreamError(
-                f"{hdr.name} records belong to Remus/COLO streams, not to a save file", where
-            )
     if not r.at_eof():
         raise StreamError("trailing data after the END record", r.offset)
     if index.memory is None:
@@ -237,6 +195,56 @@ def read_image(f: BinaryIO) -> ImageIndex:
         raise StreamError("image has no EMULATOR_CONTEXT record (device model state)")
     index.size = r.offset
     return index
+
+
+def _index_record(r: ImageReader, index: ImageIndex) -> bool:
+    """Check one libxl record and add it to ``index``; True at ``END`` (cf.
+    libxl_stream_read.c: process_record())."""
+    hdr = stream.read_record_header(r)
+    index.records.append(hdr.name)
+    where = hdr.offset - stream.RECORD_HEADER.size
+    if hdr.type == RecordType.END:
+        if hdr.length:
+            raise StreamError("END record has a body", where)
+        return True
+    if hdr.type == RecordType.LIBXC_CONTEXT:
+        if hdr.length:
+            raise StreamError(
+                "LIBXC_CONTEXT record has a body (the libxc stream follows it)", where
+            )
+        if index.memory is not None:
+            raise StreamError("second LIBXC_CONTEXT record", where)
+        index.memory = memory_stream.read_memory_stream(r)
+    elif hdr.type == RecordType.EMULATOR_XENSTORE_DATA:
+        if index.xenstore is not None:
+            raise StreamError("second EMULATOR_XENSTORE_DATA record", where)
+        body = stream.read_body(r, hdr)
+        # libxl_stream_read.c hands the body past the emulator sub-header to
+        # libxl__restore_emulator_xenstore_data without looking at the emulator id.
+        try:
+            index.xenstore = decode(body)
+        except XenstoreDataError as exc:
+            raise StreamError(f"EMULATOR_XENSTORE_DATA: {exc}", where) from None
+    elif hdr.type == RecordType.EMULATOR_CONTEXT:
+        if index.emulator_context is not None:
+            raise StreamError("second EMULATOR_CONTEXT record", where)
+        head = r.read(min(hdr.length, stream.EMULATOR_HEADER.size), "emulator header")
+        emulator_id, _ = stream.parse_emulator_header(head, hdr.name, where)
+        if emulator_id != EmulatorId.QEMU_UPSTREAM:
+            raise StreamError(
+                f"EMULATOR_CONTEXT is for {EmulatorId(emulator_id).name}, "
+                "but the device model is Qemu Upstream",
+                where,
+            )
+        ctx_len = hdr.length - stream.EMULATOR_HEADER.size
+        index.emulator_context = (r.offset, ctx_len)
+        r.skip(ctx_len, "emulator context")
+        stream.skip_padding(r, hdr)
+    else:
+        raise StreamError(
+            f"{hdr.name} records belong to Remus/COLO streams, not to a save file", where
+        )
+    return False
 
 
 def load_pages(

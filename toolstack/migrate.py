@@ -38,7 +38,9 @@ import trio
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 
 from . import memory_stream, savefile, stream
+from .config import DomainConfig
 from .emulator_xenstore import XenstoreDataError, encode
+from .flavours import flavour
 from .libxl import Libxl, ToolstackError
 from .memory_stream import BATCH_PAGES, PAGE_SIZE, coalesce
 from .migration_stream import (
@@ -120,7 +122,7 @@ class _Sender:
         self.resend: set[int] = set()
 
     async def shadow(self, op: str) -> dict[str, Any]:
-        out: dict[str, Any] | None = await self.lx._hv("shadow_op", domid=self.domid, op=op)
+        out: dict[str, Any] | None = await self.lx.hv_call("shadow_op", domid=self.domid, op=op)
         return out or {"pages": [], "digests": []}
 
     async def send_pages(self, look: dict[str, Any]) -> int:
@@ -136,7 +138,7 @@ class _Sender:
         return sent
 
     async def _send_batch(self, gfns: list[int], digest: dict[int, bytes]) -> int:
-        fm = await self.lx._hv("map_foreign", domid=self.domid, gfns=gfns)
+        fm = await self.lx.hv_call("map_foreign", domid=self.domid, gfns=gfns)
         live = [(g, off) for g, off in zip(gfns, fm["offsets"], strict=True) if off >= 0]
         if not live:
             return 0
@@ -190,22 +192,8 @@ async def migrate(
     await ch.expect(RECEIVER_BANNER, "the receiver's banner")
     suspended_at: float | None = None
     try:
-        head = io.BytesIO()
-        savefile.write_header(head, config.with_overrides(uuid=uuid))
-        stream.write_header(head)
-        stream.write_record(head, RecordType.LIBXC_CONTEXT)
-        memory_stream.write_headers(head)
-        await ch.send(head.getvalue())
-        result.records.append(RecordType.LIBXC_CONTEXT.name)
-        look = await sender.shadow("enable_logdirty")
-        await _global_dirty_log(lx, domid, True)
-        while True:
-            await sender.send_pages(look)
-            result.precopy_rounds += 1
-            look = await sender.shadow("clean")
-            left = len(set(look["pages"]) | sender.resend)
-            if left <= dirty_threshold or result.precopy_rounds >= max_rounds:
-                break
+        await _send_head(ch, config.with_overrides(uuid=uuid), result)
+        await _precopy(lx, domid, sender, max_rounds, dirty_threshold)
         suspended_at = time.monotonic()
         state = await _suspend(lx, domid)
         await sender.send_pages(await sender.shadow("clean"))
@@ -239,25 +227,53 @@ async def migrate(
     return result
 
 
+async def _send_head(ch: _Channel, config: DomainConfig, result: MigrateResult) -> None:
+    """The xl header, the libxl stream header and LIBXC_CONTEXT with the libxc headers."""
+    head = io.BytesIO()
+    savefile.write_header(head, config)
+    stream.write_header(head)
+    stream.write_record(head, RecordType.LIBXC_CONTEXT)
+    memory_stream.write_headers(head)
+    await ch.send(head.getvalue())
+    result.records.append(RecordType.LIBXC_CONTEXT.name)
+
+
+async def _precopy(
+    lx: Libxl, domid: int, sender: _Sender, max_rounds: int, dirty_threshold: int
+) -> None:
+    """Log-dirty rounds until few pages are left dirty or the rounds run out (cf. libxc's
+    xc_sr_save.c: send_memory_live())."""
+    result = sender.result
+    look = await sender.shadow("enable_logdirty")
+    await _global_dirty_log(lx, domid, True)
+    while True:
+        await sender.send_pages(look)
+        result.precopy_rounds += 1
+        look = await sender.shadow("clean")
+        left = len(set(look["pages"]) | sender.resend)
+        if left <= dirty_threshold or result.precopy_rounds >= max_rounds:
+            break
+
+
 async def _global_dirty_log(lx: Libxl, domid: int, enable: bool) -> None:
     """libxl's ``xen-set-global-dirty-log``; a device model that cannot do it is no reason
     to stop (the hypervisor's log catches its writes too)."""
     if await lx.dm_pid(domid) is None:
         return
     with suppress(QmpError, QmpProtocolError, ToolstackError):
-        async with lx._qmp_session(domid) as q:
-            await lx._qmp(q, domid, "xen-set-global-dirty-log", enable=enable)
+        async with lx.qmp_session(domid) as q:
+            await lx.qmp_call(q, domid, "xen-set-global-dirty-log", enable=enable)
 
 
 async def _suspend(lx: Libxl, domid: int) -> Path:
     """Pause the guest, stop the device model and save its state (``live``, as libxl does)."""
     state = lx.run.save_state(domid)
     state.parent.mkdir(parents=True, exist_ok=True)
-    await lx._hv("domain_pause", domid=domid)
+    await lx.hv_call("domain_pause", domid=domid)
     try:
-        async with lx._qmp_session(domid) as q:
-            await lx._qmp(q, domid, "stop")
-            await lx._qmp(q, domid, "xen-save-devices-state", filename=str(state), live=True)
+        async with lx.qmp_session(domid) as q:
+            await lx.qmp_call(q, domid, "stop")
+            await lx.qmp_call(q, domid, "xen-save-devices-state", filename=str(state), live=True)
     except QmpError as exc:
         raise ToolstackError(f"the device model could not save its state: {exc}") from None
     if not state.exists():
@@ -266,12 +282,12 @@ async def _suspend(lx: Libxl, domid: int) -> Path:
 
 
 async def _send_tail(
-    lx: Libxl, domid: int, ch: _Channel, flavour: str, state: Path, result: MigrateResult
+    lx: Libxl, domid: int, ch: _Channel, toolstack: str, state: Path, result: MigrateResult
 ) -> None:
     """libxc END, then libxl_stream_write.c's emulator records and END."""
     tail = io.BytesIO()
     memory_stream.write_end(tail)
-    if flavour == "libxl":
+    if flavour(toolstack).saves_emulator_xenstore_data:
         try:
             pairs = await lx.collect_xenstore_data(domid)
         except XenstoreDataError as exc:
@@ -297,7 +313,7 @@ async def _resume(lx: Libxl, domid: int, suspended: bool) -> None:
     """Put the source back as it was: log-dirty off, the device model and the guest running
     (libxl's ``libxl__domain_resume`` after a failed migration)."""
     with suppress(HypercallError, HypervisorDisconnected, ToolstackError):
-        await lx._hv("shadow_op", domid=domid, op="off")
+        await lx.hv_call("shadow_op", domid=domid, op="off")
     with suppress(HypercallError, HypervisorDisconnected, ToolstackError):
         await _global_dirty_log(lx, domid, False)
     if suspended:

@@ -15,18 +15,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import trio
 
+import xenhost
 from hypervisor_sim.protocol import HypercallError
 from xenstored_sim.wire import XsError
 
 from .dmperms import matches, merge, parse_grant, split_wildcard, with_entry
 from .emulator_xenstore import dm_root
-
-if TYPE_CHECKING:
-    from .libxl import Libxl
+from .session import Session
 
 #: A stub domain's memory in this model: it runs nothing, it only has to exist.
 STUB_PAGES: Final = 256
@@ -37,11 +36,11 @@ STUB_STORE_PORT: Final = 1
 SOCKET_WAIT: Final = 5.0
 
 
-def guest_socket(lx: Libxl, stub: int) -> Path:
-    return lx.run.root / "domains" / f"{stub}.sock"
+def guest_socket(lx: Session, stub: int) -> Path:
+    return xenhost.RunDir(lx.run.root).guest_socket(stub)
 
 
-async def stub_of(lx: Libxl, domid: int) -> int | None:
+async def stub_of(lx: Session, domid: int) -> int | None:
     """``libxl_get_stubdom_id``: the stub domain serving ``domid``, ``None`` if it has none."""
     raw = await lx.xs_read(f"/local/domain/{domid}/image/device-model-domid")
     if raw is None or not raw.isdigit() or int(raw) == 0:
@@ -49,7 +48,7 @@ async def stub_of(lx: Libxl, domid: int) -> int | None:
     return int(raw)
 
 
-async def build(lx: Libxl, domid: int, grants: Sequence[str]) -> int:
+async def build(lx: Session, domid: int, grants: Sequence[str]) -> int:
     """Create the stub domain for guest ``domid`` and grant it ``grants``; returns its domid.
 
     The device model is to connect to :func:`guest_socket`.  If a step fails, what was made
@@ -57,7 +56,9 @@ async def build(lx: Libxl, domid: int, grants: Sequence[str]) -> int:
     """
     name = await lx.xs_read(f"/local/domain/{domid}/name") or f"domain-{domid}"
     stub = int(
-        (await lx._hv("domain_create", name=f"{name}-dm", max_pages=STUB_PAGES, hvm=False))["domid"]
+        (await lx.hv_call("domain_create", name=f"{name}-dm", max_pages=STUB_PAGES, hvm=False))[
+            "domid"
+        ]
     )
     try:
         await _make(lx, stub, domid, f"{name}-dm", grants)
@@ -68,7 +69,7 @@ async def build(lx: Libxl, domid: int, grants: Sequence[str]) -> int:
     return stub
 
 
-async def _make(lx: Libxl, stub: int, domid: int, name: str, grants: Sequence[str]) -> None:
+async def _make(lx: Session, stub: int, domid: int, name: str, grants: Sequence[str]) -> None:
     sdom = f"/local/domain/{stub}"
     await lx.xs_rm(sdom)
     await _mknod(lx, sdom, ["n0", f"r{stub}"])
@@ -95,12 +96,12 @@ async def _make(lx: Libxl, stub: int, domid: int, name: str, grants: Sequence[st
             await trio.sleep(0.01)
 
 
-async def _mknod(lx: Libxl, path: str, perms: list[str]) -> None:
+async def _mknod(lx: Session, path: str, perms: list[str]) -> None:
     await lx.xs_write(path, "")
-    await lx._xs("set_perms", path, lx.xs.set_perms(path, perms))
+    await lx.xs_call("set_perms", path, lx.xs.set_perms(path, perms))
 
 
-async def grant(lx: Libxl, stub: int, domid: int, grants: Sequence[str]) -> dict[str, str]:
+async def grant(lx: Session, stub: int, domid: int, grants: Sequence[str]) -> dict[str, str]:
     """Give ``stub`` exactly ``grants`` for guest ``domid`` by SET_PERMS; returns the letter
     each node got.  A node a grant names that does not exist yet is made (by dom0, so it keeps
     its parent's owner) so that it can carry the entry."""
@@ -116,15 +117,15 @@ async def grant(lx: Libxl, stub: int, domid: int, grants: Sequence[str]) -> dict
     given: dict[str, str] = {}
     for node in sorted(letters):
         if await lx.xs_read(node) is None:
-            await lx._xs("mkdir", node, lx.xs.mkdir(node))
-        perms = await lx._xs("get_perms", node, lx.xs.get_perms(node))
+            await lx.xs_call("mkdir", node, lx.xs.mkdir(node))
+        perms = await lx.xs_call("get_perms", node, lx.xs.get_perms(node))
         letter = merge(letters[node])
-        await lx._xs("set_perms", node, lx.xs.set_perms(node, with_entry(perms, stub, letter)))
+        await lx.xs_call("set_perms", node, lx.xs.set_perms(node, with_entry(perms, stub, letter)))
         given[node] = letter
     return given
 
 
-async def _existing(lx: Libxl, top: str, pattern: list[str]) -> list[str]:
+async def _existing(lx: Session, top: str, pattern: list[str]) -> list[str]:
     """The nodes under ``top`` whose components below it match ``pattern``."""
     if not pattern:
         return []
@@ -143,7 +144,7 @@ async def _existing(lx: Libxl, top: str, pattern: list[str]) -> list[str]:
     return found
 
 
-async def destroy(lx: Libxl, stub: int) -> None:
+async def destroy(lx: Session, stub: int) -> None:
     """Remove the stub domain's tree, release it (xenstored drops its socket, the nodes it owns
     and every ACL entry naming it, docs/xenstore.md, 'Domains') and destroy it."""
     await lx.xs_rm(f"/local/domain/{stub}")
@@ -154,4 +155,4 @@ async def destroy(lx: Libxl, stub: int) -> None:
         # Never introduced (a build that failed early): nothing to release.
         lx.audit.record("xs_release", exc.errno_name, domid=stub)
     with suppress(HypercallError):
-        await lx._hv("domain_destroy", domid=stub)
+        await lx.hv_call("domain_destroy", domid=stub)

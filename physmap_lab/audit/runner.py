@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from xenhost import RunDir
+from xenhost.devices import DEVICE_NAMES
+
 from ..auditlog import Principal, read_hypervisor, read_toolstack, read_xenstored
 from ..demo import (
     AFTER_RESTORE,
@@ -35,7 +38,7 @@ from .scenario import Scenario, build, median
 
 TOOLSTACKS: Final = ("libxl", "unaware")
 MODES: Final = ("compat", "new", "pointer-fixup")
-DEVICES: Final = ("stdvga", "cirrus", "qxl")
+DEVICES: Final = DEVICE_NAMES
 DMS: Final = ("privileged", "restricted")
 #: The QEMU versions whose restriction differs: 2.10 (xen_restrict of the devicemodel and
 #: foreignmemory handles) and 3.0 (xentoolcore_restrict_all, xenstore closed).
@@ -100,7 +103,7 @@ async def _run_once(
     problems: list[str] = []
     observed: list[tuple[Case, Observed, float, float]] = []
     async with AsyncExitStack() as daemons:
-        if accepts(str(root / "socket")):
+        if accepts(str(RunDir(root).xenstored_socket)):
             raise StepError(f"{root} already has a running xenstored")
         try:
             await daemons.enter_async_context(open_stack(root, audit=True))
@@ -118,9 +121,9 @@ async def _run_once(
     if stray:
         await _end_processes(stray)
         problems.append(f"device models left running: pids {stray}")
-    xs = read_xenstored(root / "audit" / "xenstored.jsonl")
-    hv = read_hypervisor(root / "audit" / "hypervisor.jsonl")
-    ts = read_toolstack(root / "audit" / "toolstack.jsonl")
+    xs = read_xenstored(RunDir(root).audit_log("xenstored"))
+    hv = read_hypervisor(RunDir(root).audit_log("hypervisor"))
+    ts = read_toolstack(RunDir(root).audit_log("toolstack"))
     scenarios = []
     for case, seen, w0, w1 in observed:
         result = evaluate(case, seen, None, seen.steps["total"])
@@ -232,7 +235,7 @@ async def run_enforced(
         if stray:
             await _end_processes(stray)
             problems.append(f"device models left running: pids {stray}")
-        xs = read_xenstored(root / "audit" / "xenstored.jsonl")
+        xs = read_xenstored(RunDir(root).audit_log("xenstored"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cells = []

@@ -19,6 +19,7 @@ import trio
 from toolstack import devicemodel
 from toolstack.config import DomainConfig
 from toolstack.libxl import open_libxl
+from xenhost import RunDir, device_models
 
 from ..stack import Stack, open_stack
 from .devicemodel import QmpLines, fuzz_qmp
@@ -55,7 +56,7 @@ async def _device_model_target(plan: _Plan, rundir: Path, scratch: Path) -> Fuzz
     async with open_libxl(rundir, command="fuzz") as lx:
         created = await lx.create(DomainConfig(name="fuzz-dm", memory_mib=16))
     domid, pid = created.domid, created.dm_pid
-    qmp = rundir / "qmp" / f"{domid}.sock"
+    qmp = RunDir(rundir).qmp_socket(domid)
     report = await fuzz_qmp(qmp, plan.lines, plan.seed, scratch, max_nesting=plan.max_nesting)
     with contextlib.suppress(OSError, trio.BrokenResourceError, trio.TooSlowError):
         with trio.fail_after(PROGRESS_LIMIT):
@@ -71,7 +72,7 @@ async def _device_model_target(plan: _Plan, rundir: Path, scratch: Path) -> Fuzz
     if not devicemodel.pid_alive(pid):
         report.crashes += 1
         report.problems.append("qemu-model died")
-    tail = _traceback_in(rundir / "dm" / f"{domid}.log")
+    tail = _traceback_in(RunDir(rundir).dm_log(domid))
     if tail is not None:
         report.crashes += 1
         report.problems.append(f"qemu-model logged a traceback:\n{tail}")
@@ -160,16 +161,9 @@ def run_targets(
 
 def stop_leftover_device_models(rundir: Path) -> None:
     """SIGKILL any qemu-model still serving ``rundir`` (after a failed run)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(b"qemu-model") for a in args[:2]) and str(rundir).encode() in args:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    for pid in device_models(rundir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 TARGETS: Final = ("toolstack", "devicemodel", "hypervisor", "xenstored")

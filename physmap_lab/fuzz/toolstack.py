@@ -19,6 +19,7 @@ from hypervisor_sim.client import open_hypervisor
 from toolstack.image import copy_emulator_context, read_image
 from toolstack.libxl import open_libxl
 from toolstack.streamio import StreamError
+from xenhost import RunDir, xl_json_argv
 from xenstored_sim.client import open_xenstore
 from xenstored_sim.wire import XsError
 
@@ -50,7 +51,7 @@ class RestoreOutcome:
 async def restore_image(rundir: Path, image: Path, env: dict[str, str]) -> RestoreOutcome:
     """``xl-sim restore image`` as its own process."""
     proc = await trio.run_process(
-        [executable("xl-sim"), "--rundir", str(rundir), "--json", "restore", str(image)],
+        xl_json_argv(rundir, "restore", str(image), program=executable("xl-sim")),
         env=env,
         capture_stdout=True,
         capture_stderr=True,
@@ -82,7 +83,7 @@ async def leftovers(stack: Stack) -> list[str]:
             except XsError:
                 continue
             found += [f"{path}/{n}" for n in names if n != "0"]
-    qmp = stack.rundir / "qmp"
+    qmp = RunDir(stack.rundir).qmp_dir
     if qmp.exists():
         found += [str(p) for p in qmp.iterdir()]
     return found

@@ -24,6 +24,7 @@ from typing import Final
 
 import trio
 
+from xenhost import RunDir
 from xenstored_sim.client import XsClient, open_xenstore
 from xenstored_sim.wire import HEADER, Op, XsError
 
@@ -56,7 +57,7 @@ async def _one_connection(
     if rng.random() < 0.4:
         path = socket_path
     else:
-        path = rundir / "domains" / f"{rng.choice(FUZZ_DOMIDS)}.sock"
+        path = RunDir(rundir).guest_socket(rng.choice(FUZZ_DOMIDS))
     try:
         stream = await trio.open_unix_socket(str(path))
     except OSError:
@@ -141,7 +142,7 @@ async def _set_up(socket_path: Path, rundir: Path) -> None:
             await xs.set_perms(home, [f"n{domid}"])
         await xs.write("/vm/a", b"1")
         await xs.write("/good", b"")
-    await _wait_for(rundir / "domains" / f"{GOOD_DOMID}.sock")
+    await _wait_for(RunDir(rundir).guest_socket(GOOD_DOMID))
 
 
 async def _walk(xs: XsClient) -> tuple[int, dict[int, int], list[str]]:
@@ -207,7 +208,7 @@ async def fuzz_daemon(
     """Fuzz the daemon serving ``rundir`` with ``frames`` frames, then check its invariants.
 
     The caller owns the daemon process and checks that it survived."""
-    socket_path = socket_path or rundir / "socket"
+    socket_path = socket_path or RunDir(rundir).xenstored_socket
     report = FuzzReport()
     start = time.monotonic()
     await _set_up(socket_path, rundir)
@@ -216,7 +217,7 @@ async def fuzz_daemon(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_good_client, str(socket_path), "/good", report, done)
-            guest = str(rundir / "domains" / f"{GOOD_DOMID}.sock")
+            guest = str(RunDir(rundir).guest_socket(GOOD_DOMID))
             nursery.start_soon(_good_client, guest, f"/local/domain/{GOOD_DOMID}/g", report, done)
             async with trio.open_nursery() as fuzzers:
                 for w in range(workers):
@@ -250,7 +251,7 @@ def run(frames: int, seed: int) -> FuzzReport:
             )
         try:
             deadline = time.monotonic() + 20
-            while not accepts(str(rundir / "socket")):
+            while not accepts(str(RunDir(rundir).xenstored_socket)):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     report = FuzzReport(crashes=1, problems=["xenstored-sim did not start"])
                     return report

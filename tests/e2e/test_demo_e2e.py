@@ -23,6 +23,7 @@ from PIL import Image
 from hypervisor_sim import guest_drivers
 from physmap_lab.demo import BAR_ADDR, BPP, HEIGHT, WIDTH, Case
 from physmap_lab.stack import executable, open_stack
+from xenhost import RunDir
 
 pytestmark = pytest.mark.e2e
 
@@ -206,8 +207,8 @@ async def test_attach_uses_the_daemons_already_running(tmp_path: Path) -> None:
             assert daemon.process is not None and daemon.process.returncode is None
         daemons = sorted(d.pid for d in stack.daemons.values())
         assert sorted(processes_mentioning(str(rundir))) == daemons
-        assert list((rundir / "mem").glob("*.mem")) == []
-        assert list((rundir / "qmp").glob("*.sock")) == []
+        assert list(RunDir(rundir).memory_dir.glob("*.mem")) == []
+        assert list(RunDir(rundir).qmp_dir.glob("*.sock")) == []
         assert list((rundir / "images").iterdir()) == []
-        assert (rundir / "audit" / "toolstack.jsonl").stat().st_size > 0
+        assert RunDir(rundir).audit_log("toolstack").stat().st_size > 0
     assert processes_mentioning(str(rundir)) == []

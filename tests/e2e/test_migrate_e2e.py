@@ -22,6 +22,7 @@ from physmap_lab import netns
 from physmap_lab.demo import BPP, HEIGHT, WIDTH, Case, pattern_sha256
 from physmap_lab.migration import Drawer, Host, run_case, start_receiver, two_hosts
 from physmap_lab.stack import executable
+from xenhost import RunDir
 
 pytestmark = pytest.mark.e2e
 
@@ -128,7 +129,11 @@ async def test_killing_the_receiver_mid_stream_leaves_the_source_running(tmp_pat
         # Nothing was built on the destination and the spool went with the receiver.
         assert (await _xl(dst, "list"))["domains"] == []
         assert list((dst.rundir / "migrate").iterdir()) == []
-        assert list((dst.rundir / "qmp").glob("*")) == [] if (dst.rundir / "qmp").exists() else True
+        assert (
+            list(RunDir(dst.rundir).qmp_dir.glob("*")) == []
+            if RunDir(dst.rundir).qmp_dir.exists()
+            else True
+        )
         # The source can still migrate once a receiver listens again.
         receiver, where = await start_receiver(dst)
         sent = await _xl(src, "migrate", str(domid), where)

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import trio
 
+import xenhost
 from physmap_lab.stack import Stack, open_stack
+from xenhost import RunDir
 from xenstored_sim.client import open_xenstore
 from xenstored_sim.wire import XsError
 
@@ -32,7 +34,7 @@ class Xl:
         self.stack = stack
 
     def argv(self, *args: str) -> list[str]:
-        return [XL_SIM, "--rundir", str(self.stack.rundir), "--json", *args]
+        return xenhost.xl_json_argv(self.stack.rundir, *args, program=XL_SIM)
 
     async def run(self, *args: str) -> tuple[int, dict[str, Any], str]:
         proc = await trio.run_process(
@@ -70,20 +72,7 @@ def assert_clear_failure(rc: int, out: dict[str, Any], err: str) -> str:
 
 def device_models(rundir: Path) -> list[int]:
     """Pids of qemu-model processes serving ``rundir``."""
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state == "Z":
-            continue
-        if any(a.endswith(b"qemu-model") for a in args[:2]) and str(rundir).encode() in args:
-            found.append(int(entry.name))
-    return found
+    return xenhost.device_models(rundir)
 
 
 def stop_leftover_device_models(rundir: Path) -> None:
@@ -118,15 +107,15 @@ async def assert_nothing_of(stack: Stack, domid: int, *, hypervisor_alive: bool 
         f"/libxl/{domid}",
     ):
         assert not await xs_exists(stack, path), f"{path} was left behind"
-    assert not (run / "qmp" / f"{domid}.sock").exists()
+    assert not RunDir(run).qmp_socket(domid).exists()
     if hypervisor_alive:
-        assert not (run / "mem" / f"dom{domid}.mem").exists()
+        assert not RunDir(run).guest_memory(domid).exists()
     assert not list(run.glob(f"lib/userdata-d.{domid}.*"))
     assert not list(run.glob(f"lib/qemu-*.{domid}"))
 
 
 def audit_actions(rundir: Path, command: str) -> list[str]:
-    path = rundir / "audit" / "toolstack.jsonl"
+    path = RunDir(rundir).audit_log("toolstack")
     if not path.exists():
         return []
     actions: list[str] = []

@@ -15,6 +15,7 @@ from toolstack import devicemodel
 from toolstack.config import DomainConfig
 from toolstack.image import read_image
 from toolstack.libxl import open_libxl
+from xenhost import RunDir
 
 
 async def _saved_image(stack: Stack, tmp_path: Path) -> bytes:
@@ -71,12 +72,12 @@ async def test_mutated_images_through_xl_restore(stack: Stack, tmp_path: Path) -
 async def test_qmp_fuzz_leaves_the_device_model_serving(stack: Stack, tmp_path: Path) -> None:
     async with open_libxl(stack.rundir, command="test") as lx:
         created = await lx.create(DomainConfig(name="qmp-fuzz", memory_mib=16))
-    qmp = stack.rundir / "qmp" / f"{created.domid}.sock"
+    qmp = RunDir(stack.rundir).qmp_socket(created.domid)
     report = await fuzz_qmp(qmp, 600, seed=11, scratch=tmp_path / "dm", max_nesting=200)
     assert report.ok, report.summary()
     assert report.frames >= 600 and report.good_requests > 0
     assert devicemodel.pid_alive(created.dm_pid)
-    log = (stack.rundir / "dm" / f"{created.domid}.log").read_text()
+    log = RunDir(stack.rundir).dm_log(created.domid).read_text()
     assert "Traceback" not in log, log[-2000:]
     async with open_libxl(stack.rundir, command="test") as lx:
         await lx.unpause(created.domid)

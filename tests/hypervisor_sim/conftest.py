@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from xenhost import RunDir
+
 BIN = pathlib.Path(sys.executable).parent
 
 
@@ -25,7 +27,7 @@ class Daemon:
 
     @property
     def sock(self) -> pathlib.Path:
-        return self.rundir / "hypervisor.sock"
+        return RunDir(self.rundir).hypervisor_socket
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -54,7 +56,7 @@ def wait_for_socket(path: pathlib.Path, proc: subprocess.Popen[bytes]) -> None:
 
 def start_daemon(rundir: pathlib.Path, *extra: str) -> Daemon:
     rundir.mkdir(parents=True, exist_ok=True)
-    audit = rundir / "audit" / "hypervisor.jsonl"
+    audit = RunDir(rundir).audit_log("hypervisor")
     cmd = [os.fspath(BIN / "hypervisor-sim"), "--rundir", os.fspath(rundir)]
     cmd += ["--audit-log", os.fspath(audit), *extra]
     proc = subprocess.Popen(cmd)

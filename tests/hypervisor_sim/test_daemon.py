@@ -23,6 +23,7 @@ from hypervisor_sim.client import open_hypervisor
 from hypervisor_sim.privcmd import Privcmd
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected, Ioreq, pack
 from hypervisor_sim.xenforeignmemory import ForeignMemory
+from xenhost import RunDir
 
 PAGE = 4096
 
@@ -56,10 +57,10 @@ async def test_version_and_domain_lifecycle(hypervisor: Any) -> None:
         assert exc.value.errno_name == "EEXIST"
         await hv.domain_unpause(domid)
         assert [d["paused"] for d in await hv.domain_list()] == [False]
-        assert (hypervisor.rundir / "mem" / "dom1.mem").exists()
+        assert RunDir(hypervisor.rundir).guest_memory(1).exists()
         await hv.domain_destroy(domid)
         assert await hv.domain_list() == []
-        assert not (hypervisor.rundir / "mem" / "dom1.mem").exists()
+        assert not RunDir(hypervisor.rundir).guest_memory(1).exists()
         with pytest.raises(HypercallError) as exc:
             await hv.domain_getinfo(domid)
         assert exc.value.errno_name == "ESRCH"
@@ -436,10 +437,10 @@ def test_sigterm_removes_socket_and_memory_files(spawn: Callable[..., Any]) -> N
         for _ in range(2):
             domid = p.call("domain_create", name="g", max_pages=8)["domid"]
             p.call("populate_physmap", domid=domid, gfns=list(range(8)))
-    assert len(list((d.rundir / "mem").iterdir())) == 2
+    assert len(list(RunDir(d.rundir).memory_dir.iterdir())) == 2
     assert d.stop() == 0
     assert not d.sock.exists()
-    assert list((d.rundir / "mem").iterdir()) == []
+    assert list(RunDir(d.rundir).memory_dir.iterdir()) == []
 
 
 async def test_a_sequence_runs_in_order_and_stops_at_the_first_failure(hypervisor: Any) -> None:

@@ -15,6 +15,7 @@ import trio
 from hypervisor_sim.client import open_hypervisor
 from hypervisor_sim.protocol import HypercallError
 from physmap_lab.stack import terminate
+from xenhost import RunDir
 from xenstored_sim.client import open_xenstore
 
 
@@ -32,15 +33,15 @@ async def test_guest_xenstore_ops(spawn: Callable[..., Any]) -> None:
         [os.fspath(Path(sys.executable).parent / "xenstored-sim"), "--rundir", os.fspath(rundir)]
     )
     try:
-        await _wait_for(rundir / "socket", xenstored)
+        await _wait_for(RunDir(rundir).xenstored_socket, xenstored)
         async with open_hypervisor(hv_daemon.sock) as hv:
             domid = await hv.domain_create("xs-guest", max_pages=1)
             home = f"/local/domain/{domid}"
-            async with open_xenstore(rundir / "socket") as xs:
+            async with open_xenstore(RunDir(rundir).xenstored_socket) as xs:
                 await xs.mkdir(home)
                 await xs.set_perms(home, [f"n{domid}"])
                 await xs.introduce(domid, 0, 1)  # C needs an event channel > 0
-            await _wait_for(rundir / "domains" / f"{domid}.sock", xenstored)
+            await _wait_for(RunDir(rundir).guest_socket(domid), xenstored)
             await hv.domain_unpause(domid)
             results = await hv.guest(
                 domid,

@@ -30,6 +30,7 @@ from physmap_lab.auditlog import (
     read_xenstored,
 )
 from physmap_lab.stack import Daemon, start_daemon, stop_daemon, xenstored_command
+from xenhost import RunDir
 from xenstored_sim.client import open_xenstore
 
 VENV = "/venv/bin"
@@ -423,11 +424,11 @@ async def test_a_real_xenstored_log_tells_the_principals_apart(tmp_path: Path) -
     daemon = Daemon(
         "xenstored",
         xenstored_command(str(rundir), audit=True),
-        rundir / "socket",
+        RunDir(rundir).xenstored_socket,
         tmp_path / "xenstored.log",
     )
-    (rundir / "audit").mkdir(parents=True)
-    sock = rundir / "socket"
+    RunDir(rundir).audit_dir.mkdir(parents=True)
+    sock = RunDir(rundir).xenstored_socket
     root = f"{PHYSMAP}"
     try:
         await start_daemon(daemon)
@@ -448,7 +449,7 @@ async def test_a_real_xenstored_log_tells_the_principals_apart(tmp_path: Path) -
             ["write", "/local/domain/0/device-model/7/state", "running"],
         ]
         dm_pid = _run_as(bin_dir / "qemu-model", ["--domid", "7"], sock, dm_ops)
-        guest_sock = rundir / "domains" / "7.sock"
+        guest_sock = RunDir(rundir).guest_socket(7)
         async with open_xenstore(guest_sock) as g:
             await g.write("/local/domain/7/data", "hello")
             with pytest.raises(Exception, match="EACCES"):
@@ -456,7 +457,7 @@ async def test_a_real_xenstored_log_tells_the_principals_apart(tmp_path: Path) -
     finally:
         await stop_daemon(daemon)
 
-    log = read_xenstored(rundir / "audit" / "xenstored.jsonl")
+    log = read_xenstored(RunDir(rundir).audit_log("xenstored"))
     # The three toolstack writes, the transaction's commit, the device model's directory and
     # read, and the guest's refused read.
     assert log.physmap_ops(about=7) == {"toolstack": 4, "device-model": 2, "guest": 1}

@@ -26,6 +26,7 @@ from physmap_lab.auditlog import (
     read_xenstored,
 )
 from physmap_lab.stack import PRINCIPALS, Stack, executable, open_stack, principal_socket
+from xenhost import RunDir
 from xenstored_sim.client import open_xenstore
 from xenstored_sim.wire import Op
 
@@ -41,8 +42,8 @@ async def test_each_principal_socket_names_its_principal_in_both_audits(tmp_path
             async with open_hypervisor(hv_path or stack.hypervisor_socket) as hv:
                 await hv.version()
     # The daemons have stopped: their audit logs are complete.
-    xs_log = read_xenstored(stack.rundir / "audit" / "xenstored.jsonl")
-    hv_log = read_hypervisor(stack.rundir / "audit" / "hypervisor.jsonl")
+    xs_log = read_xenstored(RunDir(stack.rundir).audit_log("xenstored"))
+    hv_log = read_hypervisor(RunDir(stack.rundir).audit_log("hypervisor"))
     writes = {r.paths[0]: r for r in xs_log if r.op == "WRITE"}
     assert writes["/test/toolstack"].principal is Principal.TOOLSTACK
     assert writes["/test/device-model"].principal is Principal.DEVICE_MODEL
@@ -103,8 +104,8 @@ async def test_the_launcher_points_xl_sim_and_its_device_models_at_their_sockets
                 capture_stdout=True, capture_stderr=True,
             )  # fmt: skip
             await trio.run_process([*xl, "destroy", domid], env=env, capture_stdout=True)
-    xs_log = read_xenstored(stack.rundir / "audit" / "xenstored.jsonl")
-    hv_log = read_hypervisor(stack.rundir / "audit" / "hypervisor.jsonl")
+    xs_log = read_xenstored(RunDir(stack.rundir).audit_log("xenstored"))
+    hv_log = read_hypervisor(RunDir(stack.rundir).audit_log("hypervisor"))
     assert proc.returncode in (0, 1), proc.stderr
     by_program: dict[str, set[str | None]] = {}
     for peer in [r.peer for r in xs_log] + [h.peer for h in hv_log if h.peer is not None]:
@@ -159,7 +160,7 @@ async def test_principal_sockets_and_their_connections_survive_a_live_update(
                 await before.write("/lu/kept", b"2")
                 async with open_xenstore(dm_socket) as after:
                     await after.write("/lu/after", b"3")
-    log = read_xenstored(stack.rundir / "audit" / "xenstored.jsonl")
+    log = read_xenstored(RunDir(stack.rundir).audit_log("xenstored"))
     writes = {r.paths[0]: r for r in log if r.op == "WRITE"}
     for path in ("/lu/before", "/lu/kept", "/lu/after"):
         assert writes[path].principal is Principal.DEVICE_MODEL, path

@@ -25,6 +25,7 @@ import trio
 from hypervisor_sim import guest_drivers
 from hypervisor_sim.client import HypervisorClient, open_hypervisor
 from physmap_lab.stack import Stack, executable, open_stack, stop_process
+from xenhost import RunDir
 from xenstored_sim.client import XsClient, XsError, open_xenstore
 
 MEMORY_MIB = 4
@@ -129,7 +130,7 @@ class Lab:
             proc = await trio.lowlevel.open_process(
                 argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=self.stack.env()
             )
-        dm = DeviceModel(proc, log, self.stack.rundir / "qmp" / f"{domid}.sock")
+        dm = DeviceModel(proc, log, RunDir(self.stack.rundir).qmp_socket(domid))
         self.dms.append(dm)
         if wait:
             with trio.fail_after(15):
@@ -187,7 +188,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
         finally:
             for dm in lab.dms:
                 await stop_process(dm.process)
-    assert not (rundir / "qmp").exists() or list((rundir / "qmp").iterdir()) == []
+    assert not RunDir(rundir).qmp_dir.exists() or list(RunDir(rundir).qmp_dir.iterdir()) == []
 
 
 async def wait_exit(dm: DeviceModel) -> int:

@@ -14,6 +14,7 @@ import trio
 
 from physmap_lab.soak import kill_device_models
 from physmap_lab.stack import Stack, open_stack
+from xenhost import xl_json_argv
 
 BIN = Path(sys.executable).parent
 
@@ -24,7 +25,7 @@ class Xl:
 
     async def run(self, *args: str) -> tuple[int, dict[str, Any], str]:
         proc = await trio.run_process(
-            [str(BIN / "xl-sim"), "--rundir", str(self.stack.rundir), "--json", *args],
+            xl_json_argv(self.stack.rundir, *args, program=str(BIN / "xl-sim")),
             env=self.stack.env(),
             capture_stdout=True,
             capture_stderr=True,

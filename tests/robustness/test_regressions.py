@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,10 @@ from typing import Any
 import pytest
 import trio
 
+import xenhost
 from physmap_lab.stack import Stack, open_stack, start_daemon
 from toolstack import devicemodel
+from xenhost import RunDir
 
 from .conftest import BIN, Xl
 
@@ -104,13 +105,7 @@ async def test_a_stale_socket_is_replaced(stack: Stack, daemon: str) -> None:
     assert not first.socket_path.exists()  # removed at exit: it was its own
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
+_accepts = xenhost.accepts
 
 
 def test_a_socket_replaced_after_bind_is_not_removed(tmp_path: Path) -> None:
@@ -134,7 +129,7 @@ async def test_a_failed_second_device_model_keeps_the_first_ones_qmp_socket(
     stack: Stack, xl: Xl, tmp_path: Path
 ) -> None:
     domid = (await xl("create", "--memory", "16"))["domid"]
-    qmp = stack.rundir / "qmp" / f"{domid}.sock"
+    qmp = RunDir(stack.rundir).qmp_socket(domid)
     argv = ["qemu-model", "--domid", str(domid), "--rundir", str(stack.rundir)]
     proc = await trio.to_thread.run_sync(second, argv, stack.env())
     assert proc.returncode == 1 and "EEXIST" in proc.stderr
@@ -145,12 +140,12 @@ async def test_a_failed_second_device_model_keeps_the_first_ones_qmp_socket(
 
 async def test_xenstored_creates_the_audit_log_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    log = run / "audit" / "xenstored.jsonl"
+    log = RunDir(run).audit_log("xenstored")
     argv = [str(BIN / "xenstored-sim"), "--rundir", str(run), "--audit-log", str(log)]
     with subprocess.Popen(argv) as proc:
         try:
             with trio.fail_after(30):
-                while not _accepts(run / "socket"):
+                while not _accepts(RunDir(run).xenstored_socket):
                     assert proc.poll() is None
                     await trio.sleep(0.02)
         finally:
@@ -182,7 +177,7 @@ async def test_create_after_a_hypervisor_restart_waits_for_the_new_device_model(
     await start_daemon(hv, env=stack.env())
     new = await xl("create", "--memory", "16")
     assert new["domid"] == old["domid"]
-    assert (stack.rundir / "qmp" / f"{new['domid']}.sock").is_socket()
+    assert RunDir(stack.rundir).qmp_socket(new["domid"]).is_socket()
     await xl("pause", str(new["domid"]))
     assert [d["paused"] for d in (await xl("list"))["domains"]] == [True]
 
@@ -232,13 +227,13 @@ async def test_a_hypervisor_answers_only_after_removing_a_killed_ones_frames(
     tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
-    (run / "mem").mkdir(parents=True)
-    stale = run / "mem" / "dom3.mem"
+    RunDir(run).memory_dir.mkdir(parents=True)
+    stale = RunDir(run).guest_memory(3)
     stale.write_bytes(b"\0" * 4096)
     with subprocess.Popen([str(BIN / "hypervisor-sim"), "--rundir", str(run)]) as proc:
         try:
             with trio.fail_after(30):
-                while not _accepts(run / "hypervisor.sock"):
+                while not _accepts(RunDir(run).hypervisor_socket):
                     assert proc.poll() is None
                     await trio.sleep(0.005)
             assert not stale.exists()

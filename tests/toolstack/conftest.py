@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import trio
 
+import xenhost
 from physmap_lab.stack import Stack, open_stack
+from xenhost import xl_json_argv
 
 XL_SIM = str(Path(sys.executable).parent / "xl-sim")
 
@@ -30,7 +32,7 @@ class Xl:
 
     async def run(self, *args: str) -> tuple[int, dict[str, Any], str]:
         proc = await trio.run_process(
-            [XL_SIM, "--rundir", str(self.rundir), "--json", *args],
+            xl_json_argv(self.rundir, *args, program=XL_SIM),
             env=self.stack.env(),
             capture_stdout=True,
             capture_stderr=True,
@@ -47,17 +49,7 @@ class Xl:
 
 def _device_models(rundir: Path) -> list[int]:
     """Pids of qemu-model processes serving ``rundir``."""
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(b"qemu-model") for a in args[:2]) and str(rundir).encode() in args:
-            found.append(int(entry.name))
-    return found
+    return xenhost.device_models(rundir)
 
 
 def stop_leftover_device_models(rundir: Path) -> list[int]:

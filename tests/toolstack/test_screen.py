@@ -25,6 +25,7 @@ from PIL import Image
 from hypervisor_sim import guest_drivers
 from physmap_lab.stack import Stack
 from toolstack.qmp import QmpError, open_qmp
+from xenhost import RunDir
 
 VNCDO = str(Path(sys.executable).parent / "vncdo")
 W, H = 320, 200
@@ -108,7 +109,7 @@ async def test_vnc_on_tcp_display_from_xl_cfg(stack: Stack, xl: Any, tmp_path: P
     domid = await boot(
         xl, tmp_path, "stdvga", 32, 5, vnc="1", vncdisplay=str(display), vncunused="0"
     )
-    async with open_qmp(stack.rundir / "qmp" / f"{domid}.sock") as q:
+    async with open_qmp(RunDir(stack.rundir).qmp_socket(domid)) as q:
         info = await q.execute("query-vnc")
     assert info["enabled"] and info["service"] == str(5900 + display)
     assert (info["host"], info["family"], info["auth"]) == ("127.0.0.1", "ipv4", "none")
@@ -126,7 +127,7 @@ async def test_screendump_matches_the_framebuffer(
     domid = await boot(xl, tmp_path, device, bpp, 3)
     want = expected_rgb(device, 3, bpp)
     ppm, png = tmp_path / "shot.ppm", tmp_path / "shot.png"
-    async with open_qmp(stack.rundir / "qmp" / f"{domid}.sock") as q:
+    async with open_qmp(RunDir(stack.rundir).qmp_socket(domid)) as q:
         assert await q.execute("screendump", {"filename": str(ppm)}) == {}
         assert await q.execute("screendump", {"filename": str(png), "format": "png"}) == {}
     assert ppm.read_bytes() == f"P6\n{W} {H}\n255\n".encode() + want
@@ -138,7 +139,7 @@ async def test_screendump_matches_the_framebuffer(
 
 async def test_screendump_errors_are_qemus(stack: Stack, xl: Any, tmp_path: Path) -> None:
     domid = int((await xl("create", "--memory", "32"))["domid"])
-    async with open_qmp(stack.rundir / "qmp" / f"{domid}.sock") as q:
+    async with open_qmp(RunDir(stack.rundir).qmp_socket(domid)) as q:
 
         async def error(**args: Any) -> str:
             with pytest.raises(QmpError) as info:

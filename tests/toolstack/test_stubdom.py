@@ -10,6 +10,7 @@ from typing import Any
 
 from physmap_lab.stack import Stack
 from toolstack import devicemodel
+from xenhost import RunDir
 from xenstored_sim.client import open_xenstore
 from xenstored_sim.wire import XsError
 
@@ -32,7 +33,7 @@ async def xs_perms(stack: Stack, path: str) -> list[str]:
 
 
 def xenstored_audit(rundir: Path) -> list[dict[str, Any]]:
-    path = rundir / "audit" / "xenstored.jsonl"
+    path = RunDir(rundir).audit_log("xenstored")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -53,8 +54,8 @@ async def draw(xl: Any, domid: int, seed: int) -> str:
 
 async def assert_stub_gone(stack: Stack, stub: int) -> None:
     run = stack.rundir
-    assert not (run / "domains" / f"{stub}.sock").exists()
-    assert not (run / "mem" / f"dom{stub}.mem").exists()
+    assert not RunDir(run).guest_socket(stub).exists()
+    assert not RunDir(run).guest_memory(stub).exists()
     assert await xs_read(stack, f"/local/domain/{stub}") is None
 
 
@@ -65,7 +66,7 @@ async def test_new_mode_stubdom_create_save_restore_destroy(
     domid, pid = created["domid"], created["dm_pid"]
     stub = int(await xs_read(stack, f"/local/domain/{domid}/image/device-model-domid") or 0)
     assert stub not in (0, domid)
-    assert (stack.rundir / "domains" / f"{stub}.sock").exists()
+    assert RunDir(stack.rundir).guest_socket(stub).exists()
     listed = {d["domid"]: d["name"] for d in (await xl("list"))["domains"]}
     assert listed == {domid: "s1", stub: "s1-dm"}
     # libxl's directory for a stub device model: owned by the stub, readable by the guest.
@@ -110,7 +111,7 @@ async def test_new_mode_stubdom_create_save_restore_destroy(
     for d in (domid, new):
         assert await xs_read(stack, f"/local/domain/0/device-model/{d}") is None
         assert await xs_read(stack, f"/local/domain/{d}") is None
-    assert sorted(p.name for p in (stack.rundir / "domains").iterdir()) == []
+    assert sorted(p.name for p in RunDir(stack.rundir).domains_dir.iterdir()) == []
 
 
 async def test_a_custom_grant_is_given_to_the_stub_alone_and_goes_with_it(

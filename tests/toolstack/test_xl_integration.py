@@ -14,6 +14,7 @@ import trio
 from physmap_lab.stack import Stack
 from toolstack import devicemodel
 from toolstack.image import read_image
+from xenhost import RunDir
 from xenstored_sim.client import open_xenstore
 from xenstored_sim.wire import XsError
 
@@ -35,7 +36,7 @@ async def xs_perms(stack: Stack, path: str) -> list[str]:
 
 
 def audit(rundir: Path) -> list[dict[str, Any]]:
-    path = rundir / "audit" / "toolstack.jsonl"
+    path = RunDir(rundir).audit_log("toolstack")
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -43,9 +44,9 @@ async def assert_gone(stack: Stack, domid: int, dm_pid: int | None) -> None:
     run = stack.rundir
     if dm_pid is not None:
         assert not devicemodel.pid_alive(dm_pid), "device model still running"
-    assert not (run / "qmp" / f"{domid}.sock").exists()
-    assert not (run / "mem" / f"dom{domid}.mem").exists()
-    assert not (run / "domains" / f"{domid}.sock").exists()
+    assert not RunDir(run).qmp_socket(domid).exists()
+    assert not RunDir(run).guest_memory(domid).exists()
+    assert not RunDir(run).guest_socket(domid).exists()
     assert not list(run.glob(f"lib/userdata-d.{domid}.*"))
     assert not list(run.glob(f"lib/qemu-*.{domid}"))
     assert await xs_read(stack, f"/local/domain/{domid}") is None

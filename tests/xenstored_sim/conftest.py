@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import xenhost
 from physmap_lab.stack import terminate
+from xenhost import RunDir
 from xenstored_sim.client import XsClient, open_xenstore
 from xenstored_sim.core import ConnKind, Quotas, XenstoreEngine
 from xenstored_sim.wire import Op, Packet
@@ -126,7 +128,7 @@ class RawConn:
 class Daemon:
     def __init__(self, rundir: Path, proc: subprocess.Popen[bytes], audit: Path | None) -> None:
         self.rundir = rundir
-        self.socket = rundir / "socket"
+        self.socket = RunDir(rundir).xenstored_socket
         self.proc = proc
         self.audit = audit
         self.clients: list[RawConn] = []
@@ -137,7 +139,7 @@ class Daemon:
         return client
 
     def guest(self, domid: int) -> RawConn:
-        path = self.rundir / "domains" / f"{domid}.sock"
+        path = RunDir(self.rundir).guest_socket(domid)
         deadline = time.monotonic() + 5
         while not path.exists():
             assert time.monotonic() < deadline, f"{path} never appeared"
@@ -222,7 +224,7 @@ class RunningDaemon:
 
     def guest_socket(self, domid: int) -> str:
         """``RUNDIR/domains/<domid>.sock``, served once the domain is introduced."""
-        return str(self.rundir / "domains" / f"{domid}.sock")
+        return str(RunDir(self.rundir).guest_socket(domid))
 
     def client_env(self) -> dict[str, str]:
         """An environment for libxenstore clients (xenstore-*, test-xenstore, pyxs)."""
@@ -240,13 +242,7 @@ class RunningDaemon:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
 
-def _accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+_accepts = xenhost.accepts
 
 
 def _sim_executable() -> str:
@@ -269,7 +265,7 @@ def start_sim(tmp_path: Path, *daemon_args: str) -> RunningDaemon:
             stderr=subprocess.STDOUT,
             env=env,
         )
-    daemon = RunningDaemon(str(rundir / "socket"), rundir, proc.pid, "sim", proc, log)
+    daemon = RunningDaemon(str(RunDir(rundir).xenstored_socket), rundir, proc.pid, "sim", proc, log)
     deadline = time.monotonic() + _START_LIMIT
     while not _accepts(daemon.socket):
         if proc.poll() is not None:

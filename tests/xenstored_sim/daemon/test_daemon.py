@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from xenhost import RunDir
 from xenstored_sim.wire import Op
 
 HEADER = struct.Struct("=IIII")
@@ -23,7 +24,7 @@ def test_sockets_modes_and_clean_stop(start_daemon) -> None:
     c = d.conn()
     assert c.req(Op.READ, b"/tool/xenstored\0") == b""
     assert c.req(Op.INTRODUCE, b"3\x001\x001\0") == b"OK\0"
-    guest_path = d.rundir / "domains" / "3.sock"
+    guest_path = RunDir(d.rundir).guest_socket(3)
     g = d.guest(3)
     assert stat.S_IMODE(os.stat(guest_path).st_mode) == 0o600
     assert g.req(Op.READ, b"/\0") == "EACCES"
@@ -51,7 +52,7 @@ def test_guest_socket_lifecycle_and_release(start_daemon) -> None:
             g.req(Op.READ, b"data/x\0")
     assert p.req(Op.READ, b"/local/domain/4\0") == "ENOENT"  # XSA-419: owned nodes go
     deadline = time.monotonic() + 5
-    while (d.rundir / "domains" / "4.sock").exists():
+    while RunDir(d.rundir).guest_socket(4).exists():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     # re-introduction serves a new socket, and the domain starts from nothing
@@ -157,7 +158,7 @@ def test_cli_quota_flags_and_environment(start_daemon, tmp_path) -> None:
     d = start_daemon(
         "-E", "3", "-Q", "watches=1", env={"XENSTORED_PATH": str(sock)}, socket_path=sock
     )
-    assert not (d.rundir / "socket").exists()
+    assert not RunDir(d.rundir).xenstored_socket.exists()
     p = d.conn()
     assert b"nodes            :        3 Nodes" in p.req(Op.CONTROL, b"quota\0")
     p.req(Op.INTRODUCE, b"5\x001\x001\0")

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from physmap_lab.stack import terminate
+from xenhost import RunDir
 
 REPO = Path(__file__).resolve().parents[3]
 # Bounds fixture waits; times no test.
@@ -45,12 +46,12 @@ class StatefulDaemon:
     def __init__(self, tmp: Path) -> None:
         self.rundir = tmp / "run"
         self.state = tmp / "state"
-        self.socket = self.rundir / "socket"
+        self.socket = RunDir(self.rundir).xenstored_socket
         self.log = tmp / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def guest_socket(self, domid: int) -> Path:
-        return self.rundir / "domains" / f"{domid}.sock"
+        return RunDir(self.rundir).guest_socket(domid)
 
     async def start(self, *args: str) -> None:
         assert self.proc is None or self.proc.poll() is not None

@@ -30,6 +30,7 @@ from pathlib import Path
 import trio
 
 from physmap_lab.stack import terminate
+from xenhost import RunDir
 from xenstored_sim.client import XsClient, open_xenstore
 from xenstored_sim.core.crashfs import CrashState, FileOp, explore, ops_before, parse_log
 from xenstored_sim.server.fileio import LOG_ENV
@@ -210,14 +211,14 @@ async def record(
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(log), stderr=err, start_new_session=True)
     try:
         with trio.fail_after(_START_LIMIT):
-            await wait_connectable(rundir / "socket", proc)
-        async with open_xenstore(rundir / "socket") as xs:
+            await wait_connectable(RunDir(rundir).xenstored_socket, proc)
+        async with open_xenstore(RunDir(rundir).xenstored_socket) as xs:
             history = [await observe(xs)]
             partial: list[list[Observation]] = [[]]
             acked = [0]
             for step in steps:
                 if isinstance(step, Pipelined):
-                    await step.run(rundir / "socket")
+                    await step.run(RunDir(rundir).xenstored_socket)
                 else:
                     await step(xs)
                 acked.append(log.stat().st_size)
@@ -291,7 +292,7 @@ async def check(rec: Recording, state: CrashState, scratch: Path) -> Outcome:
 async def _judge(
     rec: Recording, state: CrashState, rundir: Path, proc: subprocess.Popen[bytes]
 ) -> str | None:
-    sock = rundir / "socket"
+    sock = RunDir(rundir).xenstored_socket
     with trio.fail_after(_START_LIMIT):
         while not sock.exists():
             if proc.poll() is not None:

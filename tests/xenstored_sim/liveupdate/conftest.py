@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+import xenhost
 from physmap_lab.stack import terminate
+from xenhost import RunDir
 from xenstored_sim.wire import Op
 
 REPO = Path(__file__).resolve().parents[3]
@@ -89,10 +91,10 @@ class LiveDaemon:
 
     @property
     def socket(self) -> str:
-        return str(self.rundir / "socket")
+        return str(RunDir(self.rundir).xenstored_socket)
 
     def guest_socket(self, domid: int) -> Path:
-        return self.rundir / "domains" / f"{domid}.sock"
+        return RunDir(self.rundir).guest_socket(domid)
 
     def cmdline(self) -> list[str]:
         raw = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes()
@@ -104,13 +106,7 @@ class LiveDaemon:
         return env
 
 
-def _accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+_accepts = xenhost.accepts
 
 
 @pytest.fixture

@@ -9,12 +9,14 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import xenhost
+from xenhost import RunDir
 
 REPO = Path(__file__).resolve().parents[3]
 # ``../shared/oracle`` next to the repository; XS_ORACLE_DIR names another place.
@@ -25,13 +27,7 @@ def oracle_present() -> bool:
     return (ORACLE / "guests" / "xsshim-rings.c").is_file()
 
 
-def accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+accepts = xenhost.accepts
 
 
 class Daemon:
@@ -49,10 +45,10 @@ class Daemon:
 
     @property
     def socket(self) -> str:
-        return str(self.rundir / "socket")
+        return str(RunDir(self.rundir).xenstored_socket)
 
     def guest_socket(self, domid: int) -> str:
-        return str(self.rundir / "domains" / f"{domid}.sock")
+        return str(RunDir(self.rundir).guest_socket(domid))
 
     def alive(self) -> bool:
         return bool(self.procs) and self.procs[0].poll() is None

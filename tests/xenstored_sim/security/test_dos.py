@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from xenhost import RunDir
 from xenstored_sim.client import open_xenstore
 from xenstored_sim.wire import Op, XsError
 
@@ -110,7 +111,7 @@ async def test_flooding_guests_cannot_stall_others(start_daemon: Start) -> None:
         home(priv, domid)
     assert priv.req(Op.WRITE, b"/shared\0") == b"OK\0"
     assert priv.req(Op.SET_PERMS, b"/shared\0n0\0r1\0r2\0r3\0r5\0") == b"OK\0"
-    guest = {domid: str(d.rundir / "domains" / f"{domid}.sock") for domid in (1, 2, 3, 4, 5)}
+    guest = {domid: str(RunDir(d.rundir).guest_socket(domid)) for domid in (1, 2, 3, 4, 5)}
     d.guest(5)  # waits for the guest sockets
     rss_before = vm_rss_kib(d.proc.pid)
 
@@ -152,7 +153,7 @@ async def test_xsa_416_unread_replies_do_not_grow_memory(start_daemon: Start) ->
     assert priv.req(Op.INTRODUCE, b"1\x001\x001\0") == b"OK\0"
     home(priv, 1)
     assert priv.req(Op.WRITE, b"/local/domain/1/big\0" + b"z" * 2000) == b"OK\0"
-    path = str(d.rundir / "domains" / "1.sock")
+    path = str(RunDir(d.rundir).guest_socket(1))
     d.guest(1)
     rss_before = vm_rss_kib(d.proc.pid)
     async with trio.open_nursery() as abuse:
@@ -172,7 +173,7 @@ async def test_xsa_326_outstanding_quota_stops_reading_a_guest(start_daemon: Sta
     priv = d.conn()
     assert priv.req(Op.INTRODUCE, b"1\x001\x001\0") == b"OK\0"
     home(priv, 1)
-    path = str(d.rundir / "domains" / "1.sock")
+    path = str(RunDir(d.rundir).guest_socket(1))
     d.guest(1)
     stream = await trio.open_unix_socket(path)
     async with stream:
@@ -208,7 +209,7 @@ async def test_xsa_206_toolstack_transactions_commit_while_guest_floods(
     assert priv.req(Op.INTRODUCE, b"1\x001\x001\0") == b"OK\0"
     home(priv, 1)
     d.guest(1)
-    path = str(d.rundir / "domains" / "1.sock")
+    path = str(RunDir(d.rundir).guest_socket(1))
 
     async def busy_guest() -> None:
         # A guest that writes as fast as it can and does read its replies.
@@ -242,17 +243,17 @@ def test_guest_exhausting_descriptors_cannot_crash_daemon(tmp_path: Path) -> Non
     held: list[socket.socket] = []
     try:
         deadline = time.monotonic() + 10
-        while not (rundir / "socket").exists():
+        while not RunDir(rundir).xenstored_socket.exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         time.sleep(0.1)
         priv = socket.socket(socket.AF_UNIX)
         held.append(priv)
         priv.settimeout(5)
-        priv.connect(str(rundir / "socket"))
+        priv.connect(str(RunDir(rundir).xenstored_socket))
         priv.sendall(frame(Op.INTRODUCE, b"1\x001\x001\0"))
         assert priv.recv(64)[16:] == b"OK\0"
-        guest = rundir / "domains" / "1.sock"
+        guest = RunDir(rundir).guest_socket(1)
         while not guest.exists():
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -274,7 +275,7 @@ def test_guest_exhausting_descriptors_cannot_crash_daemon(tmp_path: Path) -> Non
         fresh = socket.socket(socket.AF_UNIX)
         held.append(fresh)
         fresh.settimeout(5)
-        fresh.connect(str(rundir / "socket"))
+        fresh.connect(str(RunDir(rundir).xenstored_socket))
         fresh.sendall(frame(Op.READ, b"/tool\0"))
         assert fresh.recv(64)[:4] == struct.pack("=I", Op.READ)
         assert proc.poll() is None

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from xenhost import RunDir
 from xenstored_sim.wire import Op
 
 Start = Callable[..., Any]
@@ -576,7 +577,7 @@ def test_sockets_are_private_to_the_daemon_user(xsd: Start) -> None:
     d = xsd()
     d.guest(1)
     daemon_uid = os.stat(f"/proc/{d.proc.pid}").st_uid
-    paths = [d.socket, d.rundir / "domains" / "1.sock", d.rundir / "domains" / "2.sock"]
+    paths = [d.socket, RunDir(d.rundir).guest_socket(1), RunDir(d.rundir).guest_socket(2)]
     for path in paths:
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode), path
