@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from toolstack.libxl import STORE_GFN, STORE_PORT
+from toolstack.libxl.dom import STORE_GFN, STORE_PORT
 from toolstack.qmp import QmpError, QmpProtocolError, open_qmp
 
 from ...demo import StepError, pattern_sha256
