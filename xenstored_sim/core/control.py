@@ -1,14 +1,20 @@
-"""XS_CONTROL commands (docs/xenstore.md, 'Control'), answered in C 4.17's formats."""
+"""XS_CONTROL commands (docs/xenstore.md, 'Control'), answered in C 4.17's formats.
+
+cf. tools/xenstored/control.c: do_control() and its do_control_*() commands.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from ..wire import Packet
+from .cstring import atoi, c_strings
+from .domains import Connection
 from .errors import XsErrno
 from .quotas import QUOTA_TABLE, SOFT_QUOTA_TABLE, Quotas
-
-if TYPE_CHECKING:
-    from .engine import XenstoreEngine
+from .request import Outbox, Request
+from .state import XenstoreState
+from .transactions import Transaction
 
 OK: Final = b"OK\0"
 
@@ -36,7 +42,7 @@ def _settings(quotas: Quotas, table: tuple[tuple[str, str, str], ...]) -> bytes:
     return "".join(lines).encode() + b"\0"
 
 
-def _quota(engine: XenstoreEngine, args: list[bytes], soft: bool) -> bytes:
+def _quota(engine: XenstoreState, args: list[bytes], soft: bool) -> bytes:
     quotas = engine.quotas
     if not args:
         return _settings(quotas, SOFT_QUOTA_TABLE if soft else QUOTA_TABLE)
@@ -56,8 +62,6 @@ def _quota(engine: XenstoreEngine, args: list[bytes], soft: bool) -> bytes:
         return OK
     if soft or len(args) != 1:
         raise XsErrno("EINVAL")
-    from .engine import atoi
-
     domid = atoi(args[0])
     if domid != 0 and domid not in engine.domains:
         raise XsErrno("ENOENT")
@@ -67,7 +71,7 @@ def _quota(engine: XenstoreEngine, args: list[bytes], soft: bool) -> bytes:
     return "".join(lines).encode() + b"\0"
 
 
-def run(engine: XenstoreEngine, args: list[bytes]) -> bytes:
+def run(engine: XenstoreState, args: list[bytes]) -> bytes:
     """Run one CONTROL command; unknown commands and bad arguments are EINVAL."""
     if not args:
         raise XsErrno("EINVAL")
@@ -96,3 +100,23 @@ def run(engine: XenstoreEngine, args: list[bytes]) -> bytes:
     if cmd == b"help":
         return help_text()
     raise XsErrno("EINVAL")
+
+
+def do_control(
+    st: XenstoreState,
+    req: Request,
+    conn: Connection,
+    p: Packet,
+    txn: Transaction | None,
+    out: Outbox,
+) -> bytes:
+    """The CONTROL request (C do_control())."""
+    req.rule = "privileged"
+    # The command must be NUL-terminated; the arguments are the NUL-terminated strings
+    # after it (an unterminated tail is ignored).
+    if b"\0" not in p.payload:
+        raise XsErrno("EINVAL")
+    args = c_strings(p.payload)
+    if st.audit is not None:
+        req.args = [a.decode("latin-1") for a in args]
+    return run(st, args)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 from .paths import implicit_path
 from .transactions import Transaction
+
+#: ``DOMID_FIRST_RESERVED`` (xen/include/public/xen.h): ids from here on name no domain.
+DOMID_FIRST_RESERVED: Final = 0x7FF0
 
 
 class ConnKind(enum.Enum):

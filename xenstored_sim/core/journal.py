@@ -36,6 +36,7 @@ import msgpack
 from ..wire import Op
 from .domains import Domain
 from .engine import XenstoreEngine
+from .optable import OPS
 from .store import Node, Store
 
 #: Journal format version, checked on snapshot load.
@@ -45,14 +46,14 @@ FRAME_HEADER: Final = struct.Struct("<II")
 FRAME_MAX: Final = 1 << 30
 
 
-_DOMAIN_OPS: Final = frozenset({int(Op.INTRODUCE), int(Op.RELEASE), int(Op.SET_TARGET)})
 _SET_PERMS: Final = int(Op.SET_PERMS)
 
 
 def touches_domains(op: int, payload: bytes) -> bool:
     """Whether a request may change the domain table or the special names' permissions,
     so its record must carry them (``with_domains`` of :meth:`Journal.record`)."""
-    return op in _DOMAIN_OPS or (op == _SET_PERMS and payload[:1] == b"@")
+    spec = OPS.get(op)
+    return (spec is not None and spec.journal_domains) or (op == _SET_PERMS and payload[:1] == b"@")
 
 
 class JournalError(Exception):

@@ -33,9 +33,11 @@ import os
 import shlex
 import socket
 import sys
-from typing import TYPE_CHECKING, Final
+from collections.abc import Mapping
+from typing import Final, Protocol
 
 from ..core import Outbox, XsErrno
+from ..core.engine import XenstoreEngine
 from ..core.migration import (
     EXEC_FAILED,
     ConnectionState,
@@ -47,11 +49,32 @@ from ..core.migration import (
     restore_engine,
 )
 from ..wire import Op, Packet, encode
+from .connection import ClientConnection
+
+
+class LiveUpdateHost(Protocol):
+    """What a live update needs of the daemon it serves (C lu.c's view of xenstored's
+    globals): the engine, the sockets to hand over or adopt, and reply delivery."""
+
+    @property
+    def engine(self) -> XenstoreEngine: ...
+    @property
+    def clients(self) -> Mapping[int, ClientConnection]: ...
+    @property
+    def listeners(self) -> Mapping[int, socket.socket]: ...
+    @property
+    def principal_listeners(self) -> Mapping[str, socket.socket]: ...
+    def reply(self, out: Outbox) -> None: ...
+    def settle(self) -> None: ...
+    def adopt_listener(self, listener: socket.socket) -> None: ...
+    def open_guest_listener(self, domid: int, listener: socket.socket) -> None: ...
+    def adopt_principal_listener(self, name: str, listener: socket.socket) -> None: ...
+    def serve_adopted(
+        self, sock: socket.socket, conn_id: int, unread: bytes, unsent: bytes
+    ) -> None: ...
+
 
 log = logging.getLogger("xenstored_sim.live_update")
-
-if TYPE_CHECKING:
-    from .daemon import XenstoredServer
 
 #: The hidden command-line flag naming the descriptor of the handed-over state.
 STATE_FLAG: Final = "--live-update-state"
@@ -85,7 +108,7 @@ def _program() -> tuple[str, list[str]]:
 class LiveUpdater:
     """CONTROL ``live-update`` of one server, and the restore of a handed-over state."""
 
-    def __init__(self, server: XenstoredServer) -> None:
+    def __init__(self, server: LiveUpdateHost) -> None:
         self.server = server
         self.control = LiveUpdateControl()
 

@@ -58,7 +58,7 @@ from diffgen import (
     scenario,
 )
 
-from xenstored_sim.core.engine import atoi
+from xenstored_sim.core.cstring import atoi
 
 HEADER = struct.Struct("=IIII")
 SYNC_ID = 0x5EED0000
