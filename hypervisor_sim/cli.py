@@ -1,7 +1,8 @@
-"""``hypervisor-sim --rundir DIR [--xen-libs 4.17] [--audit-log FILE]``.
+"""hypervisor-sim: the simulated Xen hypervisor (domains, guest memory, p2m, ioreqs).
 
-Ready when ``RUNDIR/hypervisor.sock`` accepts.  SIGTERM or SIGINT stops it cleanly: the socket
-and every ``RUNDIR/mem/dom*.mem`` file are removed.
+Ready when RUNDIR/hypervisor.sock accepts: it then prints one "ready" line (and writes it to
+--ready-fd).  SIGTERM or SIGINT stops it cleanly: the socket and every RUNDIR/mem/dom*.mem
+file are removed.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import sys
 
 import trio
 
+from xenstored_sim.ready import add_ready_fd_argument, notify_ready
+
 from .server import AuditLog, HypervisorServer
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hypervisor-sim", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="hypervisor-sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rundir", required=True, help="the run directory (hypervisor.sock, mem/)")
     p.add_argument(
         "--xen-libs",
@@ -25,16 +32,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="Xen library version to report; xenforeignmemory_map2 exists from 4.10 on",
     )
     p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per hypercall")
+    add_ready_fd_argument(p)
     args = p.parse_args(argv)
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?", args.xen_libs):
         p.error(f"--xen-libs {args.xen_libs!r}: expected a version such as 4.17")
     return args
 
 
-async def _run(server: HypervisorServer) -> None:
+async def _run(server: HypervisorServer, ready_fd: int | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            notify_ready("hypervisor-sim", server.sock_path, ready_fd)
 
             async def stop_on_signal() -> None:
                 async for _ in signals:
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     audit = AuditLog(args.audit_log) if args.audit_log else None
     try:
-        trio.run(_run, HypervisorServer(args.rundir, args.xen_libs, audit))
+        trio.run(_run, HypervisorServer(args.rundir, args.xen_libs, audit), args.ready_fd)
     finally:
         if audit is not None:
             audit.close()

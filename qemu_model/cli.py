@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
+from xenstored_sim.ready import add_ready_fd_argument, notify_ready, ready_fd_from
 
 from .errors import QemuAbort, QemuExit
 from .machine import DEVICES
@@ -42,7 +43,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="physmap handling: libs >= 4.10, XEN_COMPAT_PHYSMAP, the rejected pointer "
         "fix-up, or chosen from the hypervisor's library version",
     )
-    p.add_argument("--vga", choices=sorted(DEVICES), default="stdvga")
+    p.add_argument(
+        "--vga",
+        choices=sorted(DEVICES),
+        default="stdvga",
+        help="the display card, as QEMU's -vga std/cirrus/qxl (default stdvga)",
+    )
     p.add_argument(
         "--incoming",
         metavar="FILE",
@@ -50,14 +56,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     p.add_argument("--restrict", action="store_true", help="dm_restrict: -xen-domid-restrict")
     p.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest")
-    p.add_argument("--rundir", default=os.environ.get("PHYSMAP_LAB_RUNDIR"))
+    p.add_argument(
+        "--rundir",
+        default=os.environ.get("PHYSMAP_LAB_RUNDIR"),
+        help="the run directory: hypervisor.sock, qmp/DOMID.sock (default $PHYSMAP_LAB_RUNDIR)",
+    )
     p.add_argument(
         "--xenstore",
         metavar="PATH",
         help="xenstore socket (default $XENSTORED_PATH, else RUNDIR/socket)",
     )
     p.add_argument("--memory-mib", type=int, default=128, help="guest RAM: places ram_addr offsets")
-    p.add_argument("--vram-mib", type=int, default=16)
+    p.add_argument(
+        "--vram-mib",
+        type=int,
+        default=16,
+        help="video memory of the card in MiB, a power of two (QEMU's vgamem_mb; default 16)",
+    )
+    add_ready_fd_argument(p)
     p.add_argument(
         "--vnc",
         metavar="DISPLAY",
@@ -102,15 +118,23 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+async def _serve(cfg: Config, ready_fd: int | None) -> None:
+    """Serve; announce readiness once QMP accepts (what libxl waits for)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, cfg)
+        notify_ready(PROG, str(cfg.qmp_path), ready_fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    ready_fd = ready_fd_from(argv)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format=f"{PROG}[d{cfg.domid}]: %(message)s",
     )
     try:
-        trio.run(serve, cfg)
+        trio.run(_serve, cfg, ready_fd)
     except BaseException as group:
         exc = _leaf(group)
         if isinstance(exc, QemuAbort):

@@ -20,6 +20,7 @@ import trio
 from .client.paths import DEFAULT_RUNDIR
 from .core import Quotas
 from .core.errors import XsErrno
+from .ready import add_ready_fd_argument, notify_ready, ready_fd_from
 from .server import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compact the journal into a snapshot past this size (default: %(default)s)",
     )
     p.add_argument("--audit-log", help="write one JSON record per request to this file")
+    add_ready_fd_argument(p)
     # Set by a live update on the re-executed daemon (server/live_update.py).
     p.add_argument("--live-update-state", type=int, help=argparse.SUPPRESS)
     p.add_argument("-E", "--entry-nb", type=int, dest="nodes", help="nodes per domain")
@@ -136,10 +138,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     )
 
 
-async def _main(config: DaemonConfig) -> None:
+async def _main(config: DaemonConfig, ready_fd: int | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_xenstored, config)
+            notify_ready("xenstored-sim", config.socket_path, ready_fd)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -147,9 +150,10 @@ async def _main(config: DaemonConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
+    ready_fd = ready_fd_from(argv)
     os.makedirs(config.rundir, exist_ok=True)
     try:
-        trio.run(_main, config)
+        trio.run(_main, config, ready_fd)
     except OSError as exc:
         print(f"xenstored-sim: {exc}", file=sys.stderr)
         return 1
