@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz clean
+.PHONY: setup test demo bench lint fuzz clean image compose
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 
@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,dev]'
 	@touch $@
 
-# Debian's xenstore-utils gives the real libxenstore clients (xenstore-read, -write, -ls, ...).
+# Debian's xenstore-utils gives the real libxenstore clients (xenstore-read, -write, -ls, ...);
+# docker.io, docker-compose and debootstrap run the compose demo.
 debian:
 	@bash scripts/install-debian-packages.sh
 
@@ -31,6 +32,15 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/physmap-lab demo
+
+# The compose image, built from a locally bootstrapped Debian with no registry: cached, and
+# rebuilt only in the parts that changed (scripts/build-image.sh).
+image: setup
+	@bash scripts/build-image.sh $(PY)
+
+# The demo under docker-compose, on two hosts, checked and torn down (scripts/compose-demo.sh).
+compose: setup
+	@bash scripts/compose-demo.sh $(PY)
 
 bench: setup
 	$(PY) bench/run.py

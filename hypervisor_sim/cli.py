@@ -8,12 +8,14 @@ file are removed.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
 
 import trio
 
+from xenstored_sim.client.paths import parse_principal_sockets
 from xenstored_sim.ready import add_ready_fd_argument, notify_ready
 
 from .server import AuditLog, HypervisorServer
@@ -33,9 +35,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per hypercall")
     add_ready_fd_argument(p)
+    p.add_argument(
+        "--principal-socket",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a further hypercall socket for one principal (toolstack, device-model, ...); "
+        "the audit log names NAME for its connections (repeatable)",
+    )
     args = p.parse_args(argv)
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?", args.xen_libs):
         p.error(f"--xen-libs {args.xen_libs!r}: expected a version such as 4.17")
+    try:
+        args.principal_sockets = parse_principal_sockets(args.principal_socket)
+    except ValueError as exc:
+        p.error(str(exc))
+    main_socket = os.path.join(args.rundir, "hypervisor.sock")
+    if any(
+        os.path.abspath(path) == os.path.abspath(main_socket) for _, path in args.principal_sockets
+    ):
+        p.error(f"--principal-socket: {main_socket} is the hypercall socket itself")
     return args
 
 
@@ -57,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     audit = AuditLog(args.audit_log) if args.audit_log else None
     try:
-        trio.run(_run, HypervisorServer(args.rundir, args.xen_libs, audit), args.ready_fd)
+        server = HypervisorServer(args.rundir, args.xen_libs, audit, args.principal_sockets)
+        trio.run(_run, server, args.ready_fd)
     finally:
         if audit is not None:
             audit.close()

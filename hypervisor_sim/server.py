@@ -48,6 +48,8 @@ _UCRED: Final = struct.Struct("3i")
 class Peer:
     pid: int | None
     cmdline: list[str]
+    #: The principal whose own socket the connection came in on (``--principal-socket``).
+    principal: str | None = None
 
 
 def peer_of(sock: trio.socket.SocketType) -> Peer:
@@ -63,6 +65,28 @@ def peer_of(sock: trio.socket.SocketType) -> Peer:
     except OSError:
         cmdline = []
     return Peer(pid, cmdline)
+
+
+async def _listen(path: str) -> trio.socket.SocketType:
+    """A listening Unix socket at ``path`` (a stale file there is replaced)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer_record(peer: Peer) -> dict[str, Any]:
+    record: dict[str, Any] = {"pid": peer.pid, "cmdline": peer.cmdline}
+    if peer.principal is not None:
+        record["principal"] = peer.principal
+    return record
 
 
 class AuditLog:
@@ -106,9 +130,18 @@ class Connection:
 class HypervisorServer:
     """hypervisor-sim: owns the core, the listener, the connections and the guest actors."""
 
-    def __init__(self, rundir: str, xen_libs: str = "4.17", audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        rundir: str,
+        xen_libs: str = "4.17",
+        audit: AuditLog | None = None,
+        principal_sockets: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.rundir = rundir
         self.sock_path = os.path.join(rundir, "hypervisor.sock")
+        #: (principal, path) of the further sockets, one per principal (architecture.md,
+        #: "Principals in the audit logs").
+        self.principal_sockets = principal_sockets
         self.mem_dir = os.path.join(rundir, "mem")
         self.core = Hypervisor(self.mem_dir, xen_libs)
         self.audit = audit
@@ -122,30 +155,42 @@ class HypervisorServer:
         """Listen on ``RUNDIR/hypervisor.sock`` until cancelled; then remove the socket and
         every domain's frame file."""
         os.makedirs(self.mem_dir, exist_ok=True)
-        listener_sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        # The principals' sockets first: the daemon is ready when hypervisor.sock accepts.
+        sockets = [*self.principal_sockets, (None, self.sock_path)]
+        bound: list[tuple[str | None, str, trio.socket.SocketType]] = []
         try:
-            if os.path.lexists(self.sock_path):
-                os.unlink(self.sock_path)
-            await listener_sock.bind(self.sock_path)
-            listener_sock.listen(64)
-            listener = trio.SocketListener(listener_sock)
+            for principal, path in sockets:
+                bound.append((principal, path, await _listen(path)))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                for principal, _, sock in bound:
+                    nursery.start_soon(self._serve_listener, principal, sock, nursery)
                 task_status.started()
-                await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
         finally:
-            listener_sock.close()
+            for _, path, sock in bound:
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             for g in self.guests.values():
                 g.stop()
             self.core.destroy_all()
             self.core.take_effects()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.sock_path)
+
+    async def _serve_listener(
+        self, principal: str | None, sock: trio.socket.SocketType, nursery: trio.Nursery
+    ) -> None:
+        async def handle(stream: trio.SocketStream) -> None:
+            await self._handle(stream, principal)
+
+        listener = trio.SocketListener(sock)
+        await trio.serve_listeners(handle, [listener], handler_nursery=nursery)
 
     # ---------------------------------------------------------------- connections
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        conn = Connection(self._next_conn, stream, peer_of(stream.socket))
+    async def _handle(self, stream: trio.SocketStream, principal: str | None = None) -> None:
+        peer = peer_of(stream.socket)
+        peer.principal = principal
+        conn = Connection(self._next_conn, stream, peer)
         self._next_conn += 1
         self.conns[conn.id] = conn
         self.core.connect(conn.id)
@@ -288,7 +333,7 @@ class HypervisorServer:
             return
         self.audit.record(
             conn=conn.id,
-            peer={"pid": conn.peer.pid, "cmdline": conn.peer.cmdline},
+            peer=_peer_record(conn.peer),
             call=call,
             domid=domid if isinstance(domid, int) else None,
             result=result,

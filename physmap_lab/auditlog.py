@@ -6,16 +6,19 @@ Three JSON Lines files live under ``RUNDIR/audit/`` (docs/architecture.md, "Run 
   ``t``, ``conn``, ``domid``, ``priv``, ``op``, ``path`` or ``paths``, ``tx``, ``result``
   (``"OK"`` or an errno name), ``rule`` (the permission rule that decided), and the peer of the
   connection: ``pid`` and ``cmdline`` from ``SO_PEERCRED`` and ``/proc``, ``guest`` for a
-  connection on a domain's guest socket;
+  connection on a domain's guest socket, ``principal`` for one on a principal's own socket;
 - ``hypervisor.jsonl``: one record per hypercall (``conn``, ``peer``, ``call``, ``domid``,
   ``result``) and per guest op (``call`` = ``"guest_op"``, ``op``, no peer);
 - ``toolstack.jsonl``: what each ``xl-sim`` command did (``command``, ``action``, ``path`` or
   ``call``, ``domid``, ``result``, ``pid``).
 
 Everything here is pure: records in, typed records and counts out.  A principal is recognised
-from the peer alone, with no change to the wire protocol: the toolstack runs ``xl-sim`` (or is
-``physmap-lab``), a device model runs ``qemu-model --domid N``, and the guest talks on its guest
-socket (whose peer is hypervisor-sim, the process that runs the guest's vCPU actor).
+from the peer alone, with no change to the wire protocol.  The socket decides first: the guest
+talks on its guest socket (whose peer is hypervisor-sim, the process that runs the guest's vCPU
+actor), and a connection on a principal's own socket (``--principal-socket``, assigned by the
+launcher) is that principal's, whatever its pid says; this holds across PID namespaces, where
+``SO_PEERCRED`` gives pid 0.  Otherwise the program does: the toolstack runs ``xl-sim`` (or is
+``physmap-lab``), a device model runs ``qemu-model --domid N``.
 """
 
 from __future__ import annotations
@@ -107,10 +110,18 @@ class Peer:
     cmdline: tuple[str, ...]
     #: The connection came in on a domain's guest socket.
     guest: bool = False
+    #: The principal whose own socket the connection came in on (``principal`` in the record).
+    assigned: str | None = None
 
     @property
     def principal(self) -> Principal:
-        return classify_peer(self.cmdline, guest=self.guest)
+        return classify_peer(self.cmdline, guest=self.guest, assigned=self.assigned)
+
+    @property
+    def program_principal(self) -> Principal:
+        """The principal the process is, whatever socket it used (a stub domain's device model
+        talks on its domain's guest socket)."""
+        return classify_peer(self.cmdline, assigned=self.assigned)
 
     @property
     def program(self) -> str | None:
@@ -152,15 +163,23 @@ def _option_int(cmdline: Sequence[str], option: str) -> int | None:
     return None
 
 
-def classify_peer(cmdline: Sequence[str], *, guest: bool = False) -> Principal:
+def classify_peer(
+    cmdline: Sequence[str], *, guest: bool = False, assigned: str | None = None
+) -> Principal:
     """The principal behind a connection.
 
-    A guest-socket connection is the guest whatever process carries it.  Otherwise the program
-    decides: ``xl-sim`` or ``physmap-lab`` is the toolstack, ``qemu-model --domid N`` a device
-    model.
+    A guest-socket connection is the guest whatever process carries it, and one on a
+    principal's own socket is that principal (``assigned``; an unknown name is ``other``).
+    Otherwise the program decides: ``xl-sim`` or ``physmap-lab`` is the toolstack,
+    ``qemu-model --domid N`` a device model.
     """
     if guest:
         return Principal.GUEST
+    if assigned is not None:
+        try:
+            return Principal(assigned)
+        except ValueError:
+            return Principal.OTHER
     program = _program(cmdline)
     if program in TOOLSTACK_PROGRAMS or program in TOOLSTACK_MODULES:
         return Principal.TOOLSTACK
@@ -254,7 +273,7 @@ def _peer(rec: Mapping[str, Any], *, guest: bool) -> Peer:
     cmdline = _get(rec, "cmdline", list, [])
     if not all(isinstance(a, str) for a in cmdline):
         raise AuditFormatError(f"audit record cmdline is not a list of strings: {dict(rec)!r}")
-    return Peer(pid, tuple(cmdline), guest)
+    return Peer(pid, tuple(cmdline), guest, _get(rec, "principal", str, None))
 
 
 # ------------------------------------------------------------------------------ xenstored

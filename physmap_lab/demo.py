@@ -272,7 +272,8 @@ def worked_unexpectedly(results: Iterable[CaseResult]) -> list[CaseResult]:
 def leftover_files(rundir: Path, domids: Iterable[int] | None = None) -> list[Path]:
     """Sockets and guest-memory files still in ``rundir``: of ``domids`` only, or all."""
     if domids is None:
-        patterns = ["socket", "hypervisor.sock", "domains/*.sock", "qmp/*.sock", "mem/*.mem"]
+        patterns = ["socket", "hypervisor.sock", "principals/*/*", "domains/*.sock"]
+        patterns += ["qmp/*.sock", "mem/*.mem"]
     else:
         patterns = []
         for d in domids:
@@ -360,7 +361,7 @@ class DemoRun:
     shoot: Callable[[Case, str], bool] | None = None
 
     def __post_init__(self) -> None:
-        self.env = Stack(self.rundir).env()
+        self.env = Stack.attach(self.rundir).env()
         self.images = self.rundir / "images"
 
     async def xl(self, *args: str) -> dict[str, Any]:
@@ -589,7 +590,7 @@ class DemoOutcome:
 
 def _check_attach(rundir: Path) -> None:
     """``--attach`` uses daemons already running on ``rundir`` (the compose toolstack service)."""
-    stack = Stack(rundir)
+    stack = Stack.attach(rundir)
     for name, sock in (
         ("xenstored-sim", stack.xenstored_socket),
         ("hypervisor-sim", stack.hypervisor_socket),

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -32,23 +33,50 @@ def executable(name: str) -> str:
     return found
 
 
-def xenstored_command(rundir: str, *, audit: bool = False, extra: Sequence[str] = ()) -> list[str]:
+#: The principals that get sockets of their own on both daemons, so that the audit tells them
+#: apart without their pids (docs/architecture.md, "Principals in the audit logs").  Guests
+#: are told apart by their guest sockets already.
+PRINCIPALS: Final = ("toolstack", "device-model")
+
+
+def principal_socket(rundir: str, principal: str, daemon: str) -> str:
+    """``RUNDIR/principals/<principal>/socket`` (xenstored) or ``.../hypervisor.sock``."""
+    name = "socket" if daemon == "xenstored" else "hypervisor.sock"
+    return f"{rundir}/principals/{principal}/{name}"
+
+
+def _principal_args(rundir: str, daemon: str) -> list[str]:
+    args: list[str] = []
+    for principal in PRINCIPALS:
+        args += ["--principal-socket", f"{principal}={principal_socket(rundir, principal, daemon)}"]
+    return args
+
+
+def xenstored_command(
+    rundir: str, *, audit: bool = False, principals: bool = True, extra: Sequence[str] = ()
+) -> list[str]:
     cmd = ["xenstored-sim", "--rundir", rundir]
     if audit:
         cmd += ["--audit-log", f"{rundir}/audit/xenstored.jsonl"]
+    if principals:
+        cmd += _principal_args(rundir, "xenstored")
     return [*cmd, *extra]
 
 
-def hypervisor_command(rundir: str, *, audit: bool = False, extra: Sequence[str] = ()) -> list[str]:
+def hypervisor_command(
+    rundir: str, *, audit: bool = False, principals: bool = True, extra: Sequence[str] = ()
+) -> list[str]:
     cmd = ["hypervisor-sim", "--rundir", rundir]
     if audit:
         cmd += ["--audit-log", f"{rundir}/audit/hypervisor.jsonl"]
+    if principals:
+        cmd += _principal_args(rundir, "hypervisor")
     return [*cmd, *extra]
 
 
 def demo_command(rundir: str) -> list[str]:
     """The toolstack service: the demo, attached to daemons that already run on ``rundir``."""
-    return ["physmap-lab", "demo", "--rundir", rundir, "--attach"]
+    return ["physmap-lab", "demo", "--rundir", rundir, "--attach", "--json"]
 
 
 def service_commands(rundir: str) -> dict[str, list[str]]:
@@ -80,6 +108,14 @@ class Daemon:
 class Stack:
     rundir: Path
     daemons: dict[str, Daemon] = field(default_factory=dict)
+    #: The daemons serve a socket of their own to each of :data:`PRINCIPALS`.
+    principals: bool = True
+
+    @classmethod
+    def attach(cls, rundir: Path) -> Stack:
+        """The stack whose daemons already run on ``rundir``, with principal sockets or not."""
+        own = Path(principal_socket(str(rundir), PRINCIPALS[0], "xenstored"))
+        return cls(rundir, principals=own.is_socket())
 
     @property
     def xenstored_socket(self) -> Path:
@@ -90,9 +126,16 @@ class Stack:
         return self.rundir / "hypervisor.sock"
 
     def env(self) -> dict[str, str]:
-        """The environment for clients of this stack (libxenstore honours XENSTORED_PATH)."""
+        """The environment for the toolstack on this stack: libxenstore honours
+        XENSTORED_PATH, and ``xl-sim`` finds its own sockets and its device models' in
+        PHYSMAP_LAB_PRINCIPALS."""
         env = dict(os.environ)
         env["XENSTORED_PATH"] = str(self.xenstored_socket)
+        env.pop("PHYSMAP_LAB_PRINCIPALS", None)
+        if self.principals:
+            run = str(self.rundir)
+            env["XENSTORED_PATH"] = principal_socket(run, "toolstack", "xenstored")
+            env["PHYSMAP_LAB_PRINCIPALS"] = f"{run}/principals"
         env["XENSTORED_RUNDIR"] = str(self.rundir)
         env["PHYSMAP_LAB_RUNDIR"] = str(self.rundir)
         return env
@@ -177,25 +220,30 @@ async def open_stack(
     rundir: str | os.PathLike[str],
     *,
     audit: bool = False,
+    principals: bool = True,
     xenstored_args: Sequence[str] = (),
     hypervisor_args: Sequence[str] = (),
 ) -> AsyncIterator[Stack]:
-    """Run ``xenstored-sim`` and ``hypervisor-sim`` on ``rundir`` for the duration of the block."""
+    """Run ``xenstored-sim`` and ``hypervisor-sim`` on ``rundir`` for the duration of the block.
+
+    With ``principals`` (the default) each daemon also serves a socket of its own to each of
+    :data:`PRINCIPALS`, and :meth:`Stack.env` points the toolstack at them.
+    """
     root = Path(rundir)
     root.mkdir(parents=True, exist_ok=True)
     if audit:
         (root / "audit").mkdir(exist_ok=True)
-    stack = Stack(root)
+    stack = Stack(root, principals=principals)
     run = str(root)
     stack.daemons["xenstored"] = Daemon(
         "xenstored",
-        xenstored_command(run, audit=audit, extra=xenstored_args),
+        xenstored_command(run, audit=audit, principals=principals, extra=xenstored_args),
         stack.xenstored_socket,
         root / "logs" / "xenstored.log",
     )
     stack.daemons["hypervisor"] = Daemon(
         "hypervisor",
-        hypervisor_command(run, audit=audit, extra=hypervisor_args),
+        hypervisor_command(run, audit=audit, principals=principals, extra=hypervisor_args),
         stack.hypervisor_socket,
         root / "logs" / "hypervisor.log",
     )

@@ -4,6 +4,7 @@
 
     qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--vga stdvga|cirrus|qxl]
                [--incoming FILE|defer] [--restrict] [-S] [--rundir DIR] [--xenstore PATH]
+               [--hypervisor PATH]
                [--memory-mib M] [--vram-mib V] [--vnc HOST:N|:N|unix:PATH|none]
 
 Exit status: 0 after ``quit`` or SIGTERM; 1 with a ``qemu-model: ...`` message when QEMU would
@@ -66,6 +67,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         metavar="PATH",
         help="xenstore socket (default $XENSTORED_PATH, else RUNDIR/socket)",
     )
+    p.add_argument(
+        "--hypervisor",
+        metavar="PATH",
+        help="hypercall socket (default RUNDIR/hypervisor.sock)",
+    )
     p.add_argument("--memory-mib", type=int, default=128, help="guest RAM: places ram_addr offsets")
     p.add_argument(
         "--vram-mib",
@@ -107,6 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         memory_mib=a.memory_mib,
         vram_mib=a.vram_mib,
         vnc=vnc,
+        hypervisor=Path(a.hypervisor) if a.hypervisor else None,
     )
 
 

@@ -59,10 +59,13 @@ class Config:
     memory_mib: int
     vram_mib: int
     vnc: vnc.VncAddress | None = None
+    #: The hypercall socket: ``RUNDIR/hypervisor.sock`` unless the toolstack gave the device
+    #: models one of their own (``--hypervisor``).
+    hypervisor: Path | None = None
 
     @property
     def hypervisor_path(self) -> Path:
-        return self.rundir / "hypervisor.sock"
+        return self.hypervisor or self.rundir / "hypervisor.sock"
 
     @property
     def qmp_path(self) -> Path:

@@ -38,6 +38,7 @@ def dm_argv(
     domid: int,
     rundir: str,
     xenstore_path: str,
+    hypervisor_path: str,
     *,
     incoming: str | None = None,
 ) -> list[str]:
@@ -57,6 +58,8 @@ def dm_argv(
         rundir,
         "--xenstore",
         xenstore_path,
+        "--hypervisor",
+        hypervisor_path,
         "--memory-mib",
         str(config.memory_mib),
         "--vram-mib",

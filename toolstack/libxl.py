@@ -95,9 +95,29 @@ _TEARDOWN_ERRORS = (
 class RunDir:
     root: Path
     xenstore_socket: str
+    #: The per-principal sockets the host's launcher made (``$PHYSMAP_LAB_PRINCIPALS``):
+    #: ``<dir>/<principal>/socket`` and ``hypervisor.sock``; None when every client shares the
+    #: host's two sockets (docs/architecture.md, "Principals in the audit logs").
+    principals: Path | None = None
 
     @property
     def hypervisor_socket(self) -> Path:
+        if self.principals is not None:
+            return self.principals / "toolstack" / "hypervisor.sock"
+        return self.root / "hypervisor.sock"
+
+    @property
+    def dm_xenstore_socket(self) -> str:
+        """The xenstore socket a device model in dom0 is given (``--xenstore``)."""
+        if self.principals is not None:
+            return str(self.principals / "device-model" / "socket")
+        return self.xenstore_socket
+
+    @property
+    def dm_hypervisor_socket(self) -> Path:
+        """The hypercall socket a device model is given (``--hypervisor``)."""
+        if self.principals is not None:
+            return self.principals / "device-model" / "hypervisor.sock"
         return self.root / "hypervisor.sock"
 
     def qmp(self, domid: int) -> Path:
@@ -129,8 +149,12 @@ class RunDir:
 
 def rundir_from(root: str | os.PathLike[str]) -> RunDir:
     """The run directory, with the xenstore socket found as libxenstore finds it
-    (``XENSTORED_PATH`` first)."""
+    (``XENSTORED_PATH`` first), unless the launcher gave the toolstack its own sockets."""
     path = Path(root).resolve()
+    principals = os.environ.get("PHYSMAP_LAB_PRINCIPALS")
+    if principals:
+        own = Path(principals).resolve()
+        return RunDir(path, str(own / "toolstack" / "socket"), own)
     return RunDir(path, os.environ.get("XENSTORED_PATH") or str(path / "socket"))
 
 
@@ -589,7 +613,7 @@ class Libxl:
         # so it inherits /local/domain/0/device-model's permissions (dom0 only).
         root = dm_root(domid)
         await self._xs("mkdir", root, self.xs.mkdir(root))
-        xenstore = self.run.xenstore_socket
+        xenstore = self.run.dm_xenstore_socket
         dm_domid = 0
         if config.dm_stubdom:
             # The device model acts as its stub domain, on that domain's socket (§5.5).
@@ -601,6 +625,7 @@ class Libxl:
             domid,
             str(self.run.root),
             xenstore,
+            str(self.run.dm_hypervisor_socket),
             incoming=str(incoming) if incoming is not None else None,
         )
         log = self.run.dm_log(domid)

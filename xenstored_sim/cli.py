@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import trio
 
-from .client.paths import DEFAULT_RUNDIR
+from .client.paths import DEFAULT_RUNDIR, parse_principal_sockets
 from .core import Quotas
 from .core.errors import XsErrno
 from .ready import add_ready_fd_argument, notify_ready, ready_fd_from
@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--audit-log", help="write one JSON record per request to this file")
     add_ready_fd_argument(p)
+    p.add_argument(
+        "--principal-socket",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a further privileged socket for one principal (toolstack, device-model, ...); "
+        "the audit log names NAME for its connections (repeatable)",
+    )
     # Set by a live update on the re-executed daemon (server/live_update.py).
     p.add_argument("--live-update-state", type=int, help=argparse.SUPPRESS)
     p.add_argument("-E", "--entry-nb", type=int, dest="nodes", help="nodes per domain")
@@ -123,6 +131,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         if name != "watch-event":
             parser.error(f"unknown timeout {name!r}")
         watch_event_timeout = float(value)
+    try:
+        principal_sockets = parse_principal_sockets(args.principal_socket)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if any(path == socket_path for _, path in principal_sockets):
+        parser.error(f"--principal-socket: {socket_path} is the privileged socket itself")
     if args.state_dir:
         os.makedirs(args.state_dir, exist_ok=True)
     return DaemonConfig(
@@ -135,6 +149,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         journal_max=args.journal_max,
         live_update_state=args.live_update_state,
         watch_event_timeout=watch_event_timeout,
+        principal_sockets=principal_sockets,
     )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..auditlog import PathClass, Principal, XenstoreRequest, classify_peer
+from ..auditlog import PathClass, Principal, XenstoreRequest
 from ..demo import Case, CaseResult, Observed
 from .privilege import Permission, home_of, template
 from .scenario import outcome
@@ -132,7 +132,7 @@ def plan(
 def is_device_model(r: XenstoreRequest) -> bool:
     """A device model's request, on the privileged socket or on a stub's guest socket (where
     the audit log's principal is the guest socket's)."""
-    return classify_peer(r.peer.cmdline) is Principal.DEVICE_MODEL
+    return r.peer.program_principal is Principal.DEVICE_MODEL
 
 
 @dataclass(slots=True)

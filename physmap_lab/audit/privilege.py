@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from ..auditlog import PathClass, Principal, XenstoreRequest, classify_path, classify_peer
+from ..auditlog import PathClass, Principal, XenstoreRequest, classify_path
 
 READ_OPS: Final = frozenset({"READ", "DIRECTORY", "GET_PERMS", "WATCH", "UNWATCH"})
 WRITE_OPS: Final = frozenset({"WRITE", "MKDIR", "RM", "SET_PERMS"})
@@ -103,6 +103,6 @@ def needed(requests: Iterable[XenstoreRequest]) -> set[Permission]:
 def home_of(r: XenstoreRequest) -> int | None:
     """The domid whose tree is the requester's home, for a device model's request (on the
     privileged socket or on a stub domain's guest socket); ``None`` for anyone else."""
-    if classify_peer(r.peer.cmdline) is Principal.DEVICE_MODEL:
+    if r.peer.program_principal is Principal.DEVICE_MODEL:
         return r.domid
     return None

@@ -48,13 +48,19 @@ def test_command_lines_carry_arguments_and_id() -> None:
 
 def test_dm_argv_follows_libxl_for_restrict_and_restore() -> None:
     cfg = DomainConfig(vga="qxl", dm_mode="compat", memory_mib=32)
-    argv = dm_argv(cfg, 3, "/run", "/run/socket")
+    argv = dm_argv(cfg, 3, "/run", "/run/socket", "/run/hypervisor.sock")
     assert argv == [
         "--domid", "3", "--xen-mode", "compat", "--vga", "qxl", "--rundir", "/run",
-        "--xenstore", "/run/socket", "--memory-mib", "32", "--vram-mib", "64",
+        "--xenstore", "/run/socket", "--hypervisor", "/run/hypervisor.sock",
+        "--memory-mib", "32", "--vram-mib", "64",
     ]  # fmt: skip
     restricted = dm_argv(
-        DomainConfig(dm_restrict=True), 3, "/run", "/run/socket", incoming="/run/lib/q"
+        DomainConfig(dm_restrict=True),
+        3,
+        "/run",
+        "/run/socket",
+        "/run/hypervisor.sock",
+        incoming="/run/lib/q",
     )
     assert restricted[-4:] == ["--restrict", "-S", "--incoming", "/run/lib/q"]
 

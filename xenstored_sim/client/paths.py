@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Final
 
-__all__ = ["DEFAULT_RUNDIR", "default_socket_path"]
+__all__ = ["DEFAULT_RUNDIR", "default_socket_path", "parse_principal_sockets"]
 
 #: ``XEN_RUN_STORED`` of a default Xen build.
 DEFAULT_RUNDIR: Final = "/var/run/xenstored"
@@ -24,3 +25,23 @@ def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
         return path
     rundir = env.get("XENSTORED_RUNDIR") or DEFAULT_RUNDIR
     return os.path.join(rundir, "socket")
+
+
+_PRINCIPAL: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+def parse_principal_sockets(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``NAME=PATH`` specs of per-principal sockets (``--principal-socket`` of both daemons).
+
+    Raises :class:`ValueError` naming the bad spec: a name that is not lower-case letters,
+    digits and dashes, an empty path, or a name or path given twice.
+    """
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not _PRINCIPAL.fullmatch(name) or not path:
+            raise ValueError(f"--principal-socket {spec!r}: expected NAME=PATH, NAME in [a-z0-9-]")
+        if any(name == n or path == p for n, p in out):
+            raise ValueError(f"--principal-socket {spec!r}: name or path given twice")
+        out.append((name, path))
+    return tuple(out)

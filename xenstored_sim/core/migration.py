@@ -95,6 +95,8 @@ class ShellState:
     connections: list[ConnectionState] = field(default_factory=list)
     #: how many live updates this daemon has been through
     updates: int = 0
+    #: principal -> descriptor of its own privileged socket (``--principal-socket``)
+    principal_fds: dict[str, int] = field(default_factory=dict)
 
 
 def _pack(obj: Any) -> bytes:
@@ -214,6 +216,7 @@ def build_stream(engine: XenstoreEngine, shell: ShellState) -> bytes:
     glob = {
         "socket": shell.socket_fd,
         "guests": [[d, fd] for d, fd in shell.guest_fds.items()],
+        "principals": [[name, fd] for name, fd in shell.principal_fds.items()],
         "updates": shell.updates,
     }
     out.append(_record(GLOBAL_DATA, _pack(glob)))
@@ -270,6 +273,7 @@ class ParsedStream:
         return ShellState(
             socket_fd=self.glob["socket"],
             guest_fds={d: fd for d, fd in self.glob["guests"]},
+            principal_fds={name: fd for name, fd in self.glob.get("principals", [])},
             connections=[
                 ConnectionState(c["id"], c["fd"], c["unread"], c["unsent"])
                 for c in self.connections

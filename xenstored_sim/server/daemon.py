@@ -55,6 +55,10 @@ class DaemonConfig:
     #: Descriptor of the state a live update handed over (server/live_update.py); the
     #: sockets come from it instead of being bound.
     live_update_state: int | None = None
+    #: (principal, path): further privileged sockets, one per principal the launcher names;
+    #: the audit attributes each connection to the socket it came in on (architecture.md,
+    #: "Principals in the audit logs").
+    principal_sockets: tuple[tuple[str, str], ...] = ()
 
 
 # accept() failures that mean "no capacity right now", not a broken listener.
@@ -96,6 +100,7 @@ class XenstoredServer:
         self._paths: list[str] = []
         #: domid -> listening socket (0: the privileged socket), for a live update
         self.listeners: dict[int, socket.socket] = {}
+        self.principal_listeners: dict[str, socket.socket] = {}
         self._durable: DurableStore | None = None
         self.live_update = LiveUpdater(self)
         # batch sync: outboxes held until the group commit that covers them
@@ -118,6 +123,10 @@ class XenstoredServer:
         if self.config.live_update_state is not None:
             self.live_update.restore(self.config.live_update_state)
         else:
+            # The principals' sockets first: the daemon is ready when the main one accepts.
+            for name, path in self.config.principal_sockets:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                self.adopt_principal_listener(name, _listen_unix(path))
             self.adopt_listener(_listen_unix(self.config.socket_path))
             for domid in sorted(self.engine.domains):
                 self._open_guest(domid)  # restored from the state directory
@@ -129,6 +138,14 @@ class XenstoredServer:
         self.listeners[0] = listener
         self._paths.append(self.config.socket_path)
         self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0)
+
+    def adopt_principal_listener(self, name: str, listener: socket.socket) -> None:
+        """Accept on ``name``'s own privileged socket; its connections are ``name``'s."""
+        self.principal_listeners[name] = listener
+        path = dict(self.config.principal_sockets).get(name)
+        if path is not None:
+            self._paths.append(path)
+        self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0, name)
 
     def _open_guest(self, domid: int, listener: socket.socket | None = None) -> None:
         path = self.guest_socket_path(domid)
@@ -161,7 +178,9 @@ class XenstoredServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    async def _accept_loop(self, listener: socket.socket, kind: ConnKind, domid: int) -> None:
+    async def _accept_loop(
+        self, listener: socket.socket, kind: ConnKind, domid: int, principal: str | None = None
+    ) -> None:
         with listener:
             while True:
                 await trio.lowlevel.wait_readable(listener)
@@ -176,7 +195,7 @@ class XenstoredServer:
                         raise
                     await trio.sleep(_ACCEPT_BACKOFF)
                     continue
-                self._nursery.start_soon(self._serve_client, sock, kind, domid)
+                self._nursery.start_soon(self._serve_client, sock, kind, domid, None, principal)
 
     def remove_sockets(self) -> None:
         for path in self._paths:
@@ -193,6 +212,7 @@ class XenstoredServer:
         kind: ConnKind,
         domid: int,
         adopted: tuple[int, bytes, bytes] | None = None,
+        principal: str | None = None,
     ) -> None:
         engine = self.engine
         if adopted is not None:
@@ -202,6 +222,8 @@ class XenstoredServer:
             if self._audit is not None:
                 peer = peer_of(sock)
                 peer["guest"] = kind is ConnKind.GUEST
+                if principal is not None:
+                    peer["principal"] = principal
             try:
                 conn_id = engine.connect(kind, domid, peer)
             except LookupError:

@@ -140,11 +140,17 @@ class LiveUpdater:
         shell = ShellState(
             socket_fd=listeners[0].fileno(),
             guest_fds={d: s.fileno() for d, s in listeners.items() if d != 0},
+            principal_fds={n: s.fileno() for n, s in server.principal_listeners.items()},
             connections=conns,
             updates=self.control.updates + 1,
         )
         stream = build_stream(server.engine, shell)
-        fds = [shell.socket_fd, *shell.guest_fds.values(), *(c.fd for c in conns)]
+        fds = [
+            shell.socket_fd,
+            *shell.guest_fds.values(),
+            *shell.principal_fds.values(),
+            *(c.fd for c in conns),
+        ]
         memfd = -1
         try:
             memfd = os.memfd_create("xenstored-sim-live-update", 0)
@@ -181,6 +187,8 @@ class LiveUpdater:
         server.adopt_listener(_adopt_socket(shell.socket_fd))
         for domid, gfd in sorted(shell.guest_fds.items()):
             server.open_guest_listener(domid, _adopt_socket(gfd))
+        for name, pfd in sorted(shell.principal_fds.items()):
+            server.adopt_principal_listener(name, _adopt_socket(pfd))
         for cs in shell.connections:
             server.serve_adopted(_adopt_socket(cs.fd), cs.conn_id, cs.unread, cs.unsent)
 
