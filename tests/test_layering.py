@@ -40,6 +40,7 @@ NO_TRIO_MODULES = [
     "toolstack.savefile",
     "toolstack.stream",
     "toolstack.streamio",
+    "toolstack.xlcfg",
 ]
 
 # package -> the only modules of other packages it may import

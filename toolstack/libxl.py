@@ -792,7 +792,7 @@ class Libxl:
                 return
             self.audit.record("rollback", domid=made.domid)
             if self.xs.connected:
-                errors = await self._teardown(made.domid, made.dm_pid, made.uuid, keep_log=True)
+                errors = await self._teardown(made.domid, made.dm_pid, made.uuid)
                 if not errors:
                     return
                 # xenstored may have gone away under the teardown: its steps are redone on a
@@ -806,9 +806,7 @@ class Libxl:
                     async with open_xenstore(self.run.xenstore_socket) as xs:
                         lost, self.xs = self.xs, xs
                         try:
-                            errors = await self._teardown(
-                                made.domid, made.dm_pid, made.uuid, keep_log=True
-                            )
+                            errors = await self._teardown(made.domid, made.dm_pid, made.uuid)
                         finally:
                             self.xs = lost
                         if not errors or xs.connected or trio.current_time() >= deadline:
@@ -819,7 +817,7 @@ class Libxl:
                         break
                     await trio.sleep(0.05)
             self.audit.record("xs_reconnect", "unreachable", domid=made.domid)
-            await self._teardown(made.domid, made.dm_pid, made.uuid, keep_log=True)
+            await self._teardown(made.domid, made.dm_pid, made.uuid)
 
     async def _wait_for_xenstore(self, deadline: float) -> None:
         """Wait until ``deadline`` for the xenstore socket to accept a connection."""
@@ -843,13 +841,11 @@ class Libxl:
         if not known and not has_tree and not self.run.userdata_files(domid):
             raise ToolstackError(f"domain {domid} does not exist")
         loaded = self.load_config(domid)
-        errors = await self._teardown(domid, None, loaded[1] if loaded else None, keep_log=False)
+        errors = await self._teardown(domid, None, loaded[1] if loaded else None)
         if errors:
             raise ToolstackError(f"destroy of domain {domid} was incomplete: " + "; ".join(errors))
 
-    async def _teardown(
-        self, domid: int, pid: int | None, uuid: str | None, *, keep_log: bool
-    ) -> list[str]:
+    async def _teardown(self, domid: int, pid: int | None, uuid: str | None) -> list[str]:
         """Every step of a destroy, each attempted even when an earlier one failed; returns
         what failed."""
         dom = f"/local/domain/{domid}"
@@ -902,13 +898,12 @@ class Libxl:
                     raise
 
         await step("destroy the domain in the hypervisor", hv_destroy)
+        # The device model's log stays, as xl keeps /var/log/xen/qemu-dm-NAME.log.
         files = [
             *self.run.userdata_files(domid),
             self.run.save_state(domid),
             self.run.resume_state(domid),
         ]
-        if not keep_log:
-            files.append(self.run.dm_log(domid))
         for leftover in files:
             with suppress(FileNotFoundError):
                 leftover.unlink()
