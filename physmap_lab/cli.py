@@ -2,7 +2,7 @@
 
 ::
 
-    physmap-lab demo [--json] [--mode M ...] [--device D ...] [--toolstack T ...]
+    physmap-lab demo [--json] [--wide] [--mode M ...] [--device D ...] [--toolstack T ...]
                      [--rundir DIR] [--attach] [--keep] [--screenshots DIR]
     physmap-lab demo --migrate [--json] [--mode M ...] [--device D ...] [--rundir DIR] [--keep]
     physmap-lab host up|down NAME [--rundir DIR]
@@ -24,7 +24,6 @@ from typing import Final
 import trio
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from toolstack.config import DM_MODES, FLAVOURS, VGA_CHOICES
 
@@ -32,7 +31,6 @@ from .demo import (
     DEFAULT_DEVICES,
     DEFAULT_MODES,
     DEFAULT_TOOLSTACKS,
-    CaseResult,
     DemoOutcome,
     StepError,
     expected_to_work,
@@ -41,16 +39,9 @@ from .demo import (
     run_demo,
     worked_unexpectedly,
 )
+from .table import results_table
 
 PROG: Final = "physmap-lab"
-
-#: Short names of the libxl stream records for the table (image_records keeps the full ones).
-RECORD_ABBREV: Final = {
-    "LIBXC_CONTEXT": "LIBXC",
-    "EMULATOR_XENSTORE_DATA": "XS_DATA",
-    "EMULATOR_CONTEXT": "EMU",
-    "END": "END",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the xenstored-sim and hypervisor-sim already running on --rundir",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="the table with full digests and pointers (about 160 columns)",
+    )
     p.add_argument(
         "--migrate",
         action="store_true",
@@ -184,75 +180,6 @@ def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         )
 
 
-def _hex(value: int | None) -> str:
-    return "-" if value is None else f"{value:#x}"
-
-
-def _ops(ops: dict[str, int] | None, ok: dict[str, int] | None) -> str:
-    """``7 · 8 · 0`` for the toolstack, the device model and the guest; a count that includes
-    failed requests says how many succeeded."""
-    if ops is None:
-        return "-"
-    parts = []
-    for who, n in ops.items():
-        good = n if ok is None else ok.get(who, 0)
-        text = f"{n} ({good} ok)" if good != n else str(n)
-        parts.append(text if who in ("toolstack", "device-model", "guest") else f"{who} {text}")
-    return " · ".join(parts)
-
-
-def _ptrs(at_init: int | None, after_load: int | None) -> str:
-    if at_init is not None and at_init == after_load:
-        return f"{at_init:#x} (same)"
-    return f"{_hex(at_init)} → {_hex(after_load)}"
-
-
-def _mark(ok: bool | None) -> str:
-    return "-" if ok is None else "[green]yes[/green]" if ok else "[red]no[/red]"
-
-
-def results_table(results: Sequence[CaseResult]) -> Table:
-    table = Table(
-        title="physmap-lab demo: save → destroy → restore",
-        caption="fb saved: sha256 of the framebuffer the guest drew, before save. "
-        "fb restored: what the device model displays after restore (the guest's own read-back "
-        "must agree). vram_ptr: the device model's VRAM pointer at init and after the device "
-        "state loaded. Records: LIBXC = LIBXC_CONTEXT, XS_DATA = EMULATOR_XENSTORE_DATA, "
-        "EMU = EMULATOR_CONTEXT. Physmap ops: xenstore requests on "
-        "/local/domain/0/device-model/<domid>/physmap by principal.",
-        caption_justify="left",
-    )
-    for header in ("mode", "device", "toolstack", "dm", "ok"):
-        table.add_column(header, no_wrap=True)
-    table.add_column("fb saved", no_wrap=True)
-    table.add_column("fb restored", no_wrap=True)
-    table.add_column("vram_ptr\nat init → after load", no_wrap=True)
-    table.add_column("derived\nptrs ok", min_width=7)
-    table.add_column("image records", no_wrap=True)
-    table.add_column("physmap ops\ntool · dm · guest", no_wrap=True)
-    for r in results:
-        if r.ok:
-            ok = "[green]ok[/green]"
-        elif r.expected_ok:
-            ok = "[bold red]FAIL[/bold red]"
-        else:
-            ok = "[yellow]fails (expected)[/yellow]"
-        table.add_row(
-            r.mode,
-            r.device,
-            r.toolstack,
-            r.dm or "-",
-            ok,
-            (r.fb_sha256_saved or "-")[:12],
-            (r.fb_sha256_restored or "-")[:12],
-            _ptrs(r.vram_ptr_at_init, r.vram_ptr_after_load),
-            _mark(r.derived_ptrs_valid),
-            " ".join(RECORD_ABBREV.get(x, x) for x in r.image_records) or "-",
-            _ops(r.physmap_xenstore_ops, r.physmap_xenstore_ops_ok),
-        )
-    return table
-
-
 def _run_migrate(args: argparse.Namespace, err: Console) -> int:
     import tempfile
 
@@ -332,8 +259,8 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         out = Console()
         if not out.is_terminal:
             # A file or a pipe: the table at its natural width, never cut.
-            out = Console(width=400)
-        out.print(results_table(outcome.results))
+            out = Console(width=400 if args.wide else 100)
+        out.print(results_table(outcome.results, wide=args.wide))
     for r in outcome.results:
         if r.error:
             label = f"{r.mode}/{r.device}/{r.toolstack}"

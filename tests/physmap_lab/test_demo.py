@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def test_the_table_shows_each_case() -> None:
     seen_bad.vram_ptr_after_load = 0x7F0000001000
     results = [evaluate(good, _seen_all_agree(good), OPS, 1.0), evaluate(bad, seen_bad, OPS, 1.0)]
     console = Console(record=True, width=200)
-    console.print(results_table(results))
+    console.print(results_table(results, wide=True))
     text = console.export_text()
     assert pattern_sha256("qxl", good.seed)[:12] in text
     assert "0x7f0000000000 (same)" in text
@@ -220,6 +221,29 @@ def test_the_table_shows_each_case() -> None:
     assert "FAIL" in text
     assert "LIBXC EMU END" in text
     assert "1 (0 ok) · 0 · 0" in text
+
+
+def test_the_compact_table_keeps_every_column_readable_at_100_columns() -> None:
+    cases = [Case(m, d) for m in ("new", "compat", "pointer-fixup") for d in ("stdvga", "qxl")]
+    results = []
+    for case in cases:
+        seen = _seen_all_agree(case)
+        if case.mode == "pointer-fixup":
+            seen.vram_ptr_after_load = 0x7F0000001000
+            seen.derived_ptrs_valid = case.device != "qxl"
+        results.append(evaluate(case, seen, OPS, 1.0))
+    console = Console(record=True, width=100)
+    console.print(results_table(results))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text  # nothing cut short
+    header = "\n".join(text.splitlines()[:6])
+    for word in ("case", "result", "restored", "derived", "ptrs ok", "records", "physmap ops"):
+        assert word in header
+    rows = [line for line in text.splitlines() if line.startswith(" pointer-fixup")]
+    assert len(rows) == 2 and re.search(r"\bmoved +yes\b", rows[0])
+    assert re.search(r"\bmoved +no\b", rows[1]) and "fails" in rows[1]
+    assert pattern_sha256("qxl", cases[1].seed)[:8] + " → same" in text
 
 
 # --------------------------------------------------------------------- command line
