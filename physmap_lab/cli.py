@@ -39,6 +39,7 @@ from .demo import (
     run_demo,
     worked_unexpectedly,
 )
+from .progress import Ticker
 from .table import results_table
 
 PROG: Final = "physmap-lab"
@@ -180,6 +181,10 @@ def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         )
 
 
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
+
+
 def _run_migrate(args: argparse.Namespace, err: Console) -> int:
     import tempfile
 
@@ -190,7 +195,7 @@ def _run_migrate(args: argparse.Namespace, err: Console) -> int:
         args.devices or DEFAULT_DEVICES,
         args.toolstacks or DEFAULT_TOOLSTACKS,
     )
-    err.print(f"[bold]physmap-lab demo --migrate[/bold]: {len(cases)} cases", highlight=False)
+    err.print(f"[bold]physmap-lab demo --migrate[/bold]: {_cases(len(cases))}", highlight=False)
     base = Path(args.rundir or tempfile.mkdtemp(prefix="physmap-lab-migrate-"))
     try:
         results = trio.run(lambda: run_migrations(cases, base))
@@ -218,7 +223,7 @@ def _run_migrate(args: argparse.Namespace, err: Console) -> int:
             f"{r.downtime_s or 0:.3f} s, total {r.total_s or 0:.2f} s"
         )
         err.print(escape(line) + (f": {escape(r.error)}" if r.error else ""), highlight=False)
-    err.print(f"{len(results)} cases, {len(results) - bad} as expected", highlight=False)
+    err.print(f"{_cases(len(results))}, {len(results) - bad} as expected", highlight=False)
     return 1 if bad else 0
 
 
@@ -231,27 +236,36 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         args.toolstacks or DEFAULT_TOOLSTACKS,
     )
 
-    def report(message: str) -> None:
-        err.print(message, highlight=False)
+    err.print(f"[bold]physmap-lab demo[/bold]: {_cases(len(cases))}", highlight=False)
+    # The demo announces each case with "LABEL: start": the bar counts the cases begun.
+    starts = {f"{c.label}: [bold]start[/bold]": c.label for c in cases}
+    with Ticker(err, len(cases), "demo") as progress:
 
-    err.print(f"[bold]physmap-lab demo[/bold]: {len(cases)} cases", highlight=False)
-    try:
-        outcome: DemoOutcome = trio.run(
-            lambda: run_demo(
-                cases,
-                rundir=args.rundir,
-                attach=args.attach,
-                keep=args.keep,
-                screenshots=args.screenshots,
-                report=report,
+        def report(message: str) -> None:
+            progress.note(message)
+            if message in starts:
+                if message != next(iter(starts)):
+                    progress.advance()
+                progress.step(starts[message])
+
+        try:
+            outcome: DemoOutcome = trio.run(
+                lambda: run_demo(
+                    cases,
+                    rundir=args.rundir,
+                    attach=args.attach,
+                    keep=args.keep,
+                    screenshots=args.screenshots,
+                    report=report,
+                )
             )
-        )
-    except StepError as exc:
-        err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        err.print(f"[red]{PROG}: interrupted[/red]")
-        return 1
+        except StepError as exc:
+            err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
+            return 1
+        except KeyboardInterrupt:
+            err.print(f"[red]{PROG}: interrupted[/red]")
+            return 1
+        progress.advance()
 
     if args.json:
         print(json.dumps({"runs": [r.as_json() for r in outcome.results]}, indent=2))
@@ -270,7 +284,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     bad = failed_unexpectedly(outcome.results)
     ok = sum(r.ok for r in outcome.results)
     err.print(
-        f"{len(outcome.results)} cases, {ok} ok, {len(bad)} failed unexpectedly, "
+        f"{_cases(len(outcome.results))}, {ok} ok, {len(bad)} failed unexpectedly, "
         f"in {outcome.seconds:.1f} s",
         highlight=False,
     )
@@ -287,20 +301,28 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     return outcome.exit_status
 
 
+def _usage_error(message: str) -> int:
+    """A wrong combination of options: one line naming it, status 2 (no usage dump)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "attach", False) and not args.rundir:
-        parser.error("--attach needs --rundir: the directory the daemons run on")
+        return _usage_error("--attach needs --rundir: the directory the daemons run on")
     if getattr(args, "migrate", False) and (args.attach or args.screenshots):
-        parser.error("--migrate starts its own two hosts and takes no --attach or --screenshots")
+        return _usage_error(
+            "--migrate starts its own two hosts and takes no --attach or --screenshots"
+        )
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
     if args.command == "host":
         return _host(args)
     if args.command == "audit":
         if args.repeats < 1:
-            parser.error("--repeats must be at least 1")
+            return _usage_error("--repeats must be at least 1")
         from .audit.main import run as run_audit_command
 
         return run_audit_command(

@@ -261,8 +261,6 @@ def test_modes_and_devices_accumulate() -> None:
     [
         ["demo", "--mode", "fast"],
         ["demo", "--device", "vmware"],
-        ["demo", "--attach"],
-        ["audit", "--repeats", "0"],
         ["audit", "--mode", "fast"],
         [],
     ],
@@ -272,6 +270,41 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         main(argv)
     assert exc.value.code == 2
     assert "usage: physmap-lab" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--attach"], "--attach needs --rundir"),
+        (["demo", "--migrate", "--attach", "--rundir", "/x"], "--migrate starts its own"),
+        (["audit", "--repeats", "0"], "--repeats must be at least 1"),
+    ],
+)
+def test_a_wrong_combination_is_one_line_not_the_usage(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"physmap-lab: error: {err.split('error: ')[1].strip()}"]
+    assert message in err and "usage" not in err
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_cases_are_counted_right(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rich.console import Console
+
+    from physmap_lab.cli import _cases
+    from physmap_lab.progress import Ticker
+
+    assert (_cases(1), _cases(2)) == ("1 case", "2 cases")
+    err = Console(stderr=True, force_terminal=False)
+    with Ticker(err, 2, "audit") as t:
+        t.note("[bold]a note[/bold]")
+        t.step("not repeated")
+        t.advance("[1/2] first [cell]")
+        t.grow(1)
+    assert capsys.readouterr().err.splitlines() == ["a note", "[1/2] first [cell]"]
 
 
 def test_help_names_the_demo_and_the_audit() -> None:
