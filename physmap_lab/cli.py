@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _host(args)
     if args.command == "audit":
         if args.repeats < 1:
-            return _usage_error("--repeats must be at least 1")
+            parser.error("--repeats must be at least 1")
         from .audit.main import run as run_audit_command
 
         return run_audit_command(

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from physmap_lab.audit.findings import least_privilege
 from physmap_lab.audit.phases import PhaseClock
 from physmap_lab.audit.privilege import needed, template
-from physmap_lab.audit.report import cost_rows, least_privilege, markdown
+from physmap_lab.audit.report import cost_rows, markdown
 from physmap_lab.audit.runner import matrix
 from physmap_lab.audit.scenario import build, median, outcome
 from physmap_lab.audit.svg import matrix_svg, ops_chart_svg, sequence_svg

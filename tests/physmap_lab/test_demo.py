@@ -261,6 +261,7 @@ def test_modes_and_devices_accumulate() -> None:
     [
         ["demo", "--mode", "fast"],
         ["demo", "--device", "vmware"],
+        ["audit", "--repeats", "0"],
         ["audit", "--mode", "fast"],
         [],
     ],
@@ -277,7 +278,6 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
     [
         (["demo", "--attach"], "--attach needs --rundir"),
         (["demo", "--migrate", "--attach", "--rundir", "/x"], "--migrate starts its own"),
-        (["audit", "--repeats", "0"], "--repeats must be at least 1"),
     ],
 )
 def test_a_wrong_combination_is_one_line_not_the_usage(
