@@ -14,7 +14,8 @@ setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	@# setuptools announces every editable install with an informational warning; quiet it.
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[test,dev]'
 	@touch $@
 
 # Debian's xenstore-utils gives the real libxenstore clients (xenstore-read, -write, -ls, ...);
