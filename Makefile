@@ -7,9 +7,14 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test demo bench lint fuzz clean image compose
+.PHONY: setup test demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored
 
-setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked
+setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked compiled
+
+# The mypyc-compiled sans-IO core of xenstored-sim, in .cache/mypyc/<hash of its sources>
+# (xenstored_sim/compiled.py); a no-op when up to date.  Without a build the pure core runs.
+compiled: $(VENV)/.installed
+	@$(PY) -c "import sys; from xenstored_sim.compiled import main; sys.exit(main(['build']))" || echo "xenstored-sim: using the pure-Python core"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +36,10 @@ $(XEN_ROOT)/.unpacked: scripts/fetch-xen-utils.sh
 test: setup
 	$(PY) -m pytest -q
 
+# The unit ring of xenstored-sim on the pure-Python core (make test uses the compiled one).
+test-pure: setup
+	XENSTORED_SIM_PURE=1 $(PY) -m pytest -q tests/xenstored_sim/unit
+
 demo: setup
 	$(VENV)/bin/physmap-lab demo
 
@@ -46,8 +55,37 @@ compose: setup
 bench: setup
 	$(PY) bench/run.py
 
+# The xenstored-sim figures alone (closed loop, test-xenstore, CPU per op): a few minutes.
+bench-xenstored: setup
+	$(PY) bench/run.py --only throughput
+
 fuzz: setup
 	$(PY) -m physmap_lab.fuzz --frames 1000000
+
+# The whole-stack random walk, long: `make soak SEED=7 STEPS=5000` replays one (no SEED: a new
+# one, printed first).
+SEED ?=
+STEPS ?= 2000
+soak: setup
+	$(PY) -m physmap_lab.soak $(if $(SEED),--seed $(SEED)) --steps $(STEPS)
+
+# Random differential run against C xenstored (../shared/oracle): make diff-c SEED="1 2" N=1000;
+# ONLY=I reruns one scenario; AGAINST=c FRESH=1 is the self-check (C reused against C fresh).
+N ?= 1000
+diff-c: setup
+	$(PY) tests/xenstored_sim/oracle/diffrun.py $(foreach s,$(or $(SEED),1),--seed $(s)) --n $(N) \
+		$(if $(ONLY),--only $(ONLY)) $(if $(AGAINST),--against $(AGAINST)) $(if $(FRESH),--fresh)
+
+# Every crash state of the durable store: the small workload under every --sync, the full one
+# under always and batch, and a seeded sample of the full one's many states under none.
+CRASH_TEST := tests/xenstored_sim/durability/test_crash_states.py
+crash-states: setup
+	XS_CRASH_WORKLOAD=small XS_CRASH_STATES=all $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k every_crash_state
+	XS_CRASH_WORKLOAD=full XS_CRASH_STATES=all $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k "every_crash_state and not none"
+	XS_CRASH_WORKLOAD=full XS_CRASH_STATES=400 $(PY) -m pytest -q -s $(CRASH_TEST) \
+		-k "every_crash_state and none"
 
 lint: setup
 	$(VENV)/bin/ruff check .

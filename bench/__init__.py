@@ -1,4 +1,4 @@
-"""The performance harness of issue 7: ``make bench`` runs ``bench/run.py``.
+"""The performance harness: ``make bench`` runs ``bench/run.py``.
 
 Every target is a ratio taken within one run (ours against C xenstored, or ours at two tree
 sizes), never a timed test.

@@ -12,7 +12,7 @@ then while every attacker, through its own guest socket:
 
 The attackers run in a separate process, so that their Python does not share this process's
 interpreter lock with the timed client.  p50 and p99 are reported with and without the attack,
-and their ratio; the issue asks for the figures, so they have no goal.
+and their ratio; they are reported figures, with no goal.
 """
 
 from __future__ import annotations

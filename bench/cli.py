@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from xenstored_sim.compiled import build_kind
+
 from . import attack, migration, saverestore, scale, screen, throughput
 from .daemons import BenchError, oracle_present
 from .results import SECTIONS, Results, print_comparison, print_targets
@@ -20,7 +22,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
-        description="Measure the issue-7 performance targets and write a JSON report.",
+        description="Measure the performance targets and write a JSON report.",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for smoke tests")
     p.add_argument("--only", choices=SECTIONS, action="append", help="run only this section")
@@ -37,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         oracle=use_oracle,
         command=["bench/run.py", *(sys.argv[1:] if argv is None else argv)],
+        build=build_kind(),  # the daemons started here inherit this environment
     )
     wanted = args.only or list(SECTIONS)
     if not use_oracle:

@@ -16,7 +16,8 @@ from physmap_lab.ready import accepts
 from physmap_lab.stack import executable, terminate, xenstored_command
 
 ROOT = Path(__file__).resolve().parent.parent
-ORACLE_DIR = ROOT.parent / "shared" / "oracle"
+# The C xenstored oracle: ../shared/oracle beside the repository, or $PHYSMAP_LAB_ORACLE_DIR.
+ORACLE_DIR = Path(os.environ.get("PHYSMAP_LAB_ORACLE_DIR") or ROOT.parent / "shared" / "oracle")
 XEN_ROOT = Path(os.environ.get("PHYSMAP_LAB_XEN_ROOT", ROOT / ".cache" / "xen-utils-4.17"))
 
 

@@ -1,4 +1,4 @@
-"""``make bench``: measure the issue-7 targets and write ``bench/results.json``."""
+"""``make bench``: measure the performance targets and write ``bench/results.json``."""
 
 from __future__ import annotations
 

@@ -1,16 +1,19 @@
-"""Issue 7 target 3: save and restore of a 256 MiB guest with 16 MiB of video memory.
+"""Save and restore of a 256 MiB guest with 16 MiB of video memory.
 
 Before each save the guest fills all of its RAM with pseudo-random bytes (its own
 ``mem_fill``), so the image carries 256 MiB of real data rather than the holes of a guest
 that never touched its memory; after the restore the guest's RAM hash is checked against
 the one taken before the save.
 
-The bandwidths are compared with ``cat IMAGE > /dev/null`` on the same image in the same run,
-taken right after the save: the image is then in the page cache (warm), as it is for the
-restore that follows.  Two figures are given per direction: the whole ``xl save`` (suspend,
-image, destroy) or ``xl restore`` (start to unpaused guest), and the memory copy alone (the
-image write or memory load step of the result's ``phases``).  A cold ``cat`` (the image's
-pages dropped with ``posix_fadvise(DONTNEED)`` after ``fsync``) is recorded for reference.
+The bandwidths are compared with ``cp`` of the same bytes in the same run: for a save, the
+guest's memory file (``RUNDIR/mem/dom<domid>.mem``, just filled, so in the page cache) copied
+to a new file beside the image; for a restore, the image (just written, so warm, as it is for
+the restore that follows) copied to a new file in the memory directory.  A copy is the honest
+limit of a save or a restore, which each move every byte from one file to another.  Two
+figures are given per direction: the whole ``xl save`` (suspend, image, destroy) or ``xl
+restore`` (start to unpaused guest), and the memory copy alone (the image write or memory
+load step of the result's ``phases``).  ``cat IMAGE > /dev/null``, warm and cold (the image's
+pages dropped with ``posix_fadvise(DONTNEED)`` after ``fsync``), is recorded for reference.
 """
 
 from __future__ import annotations
@@ -68,6 +71,17 @@ def cat_seconds(image: Path, repeats: int, *, cold: bool = False) -> float:
     return statistics.median(walls)
 
 
+def cp_seconds(src: Path, dest: Path, repeats: int) -> float:
+    """Median wall time of ``cp src dest`` (a new file each time, removed after)."""
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(["cp", str(src), str(dest)], check=True)
+        walls.append(time.perf_counter() - t0)
+        dest.unlink()
+    return statistics.median(walls)
+
+
 async def _ram_sha256(xl: Libxl, domid: int, sz: Sizes) -> str:
     op = {"op": "mem_sha256", "gpa": 0, "len": sz.memory_mib * MIB}
     return str((await xl.guest_ops(domid, [op]))[0])
@@ -88,11 +102,19 @@ async def _one_mode(rundir: Path, work: Path, mode: str, sz: Sizes) -> dict[str,
             await xl.guest_ops(created.domid, [fill])
             ram = await _ram_sha256(xl, created.domid, sz)
             image = work / f"{mode}-{i}.img"
+            memfile = rundir / "mem" / f"dom{created.domid}.mem"
+            cp_save_s = await trio.to_thread.run_sync(
+                cp_seconds, memfile, work / "cp-save.img", sz.cat_repeats
+            )
+            mem_bytes = memfile.stat().st_size
             t0 = time.perf_counter()
             saved = await xl.save(created.domid, image)
             save_s = time.perf_counter() - t0
             st = image.stat()
             cat_s = await trio.to_thread.run_sync(cat_seconds, image, sz.cat_repeats)
+            cp_restore_s = await trio.to_thread.run_sync(
+                cp_seconds, image, rundir / "mem" / "cp-restore.mem", sz.cat_repeats
+            )
             # Restore downtime: from the restore call to the guest unpaused, which is when
             # restore returns (libxl.py: _resume_dm_and_guest is its last step).
             t0 = time.perf_counter()
@@ -113,6 +135,9 @@ async def _one_mode(rundir: Path, work: Path, mode: str, sz: Sizes) -> dict[str,
                     "save_memory_s": saved.phases["memory"],
                     "restore_memory_s": restored.phases["memory"],
                     "cat_s": cat_s,
+                    "memory_file_bytes": mem_bytes,
+                    "cp_save_s": cp_save_s,
+                    "cp_restore_s": cp_restore_s,
                     "cat_cold_s": cat_cold_s,
                     "save_phases": saved.phases,
                     "restore_phases": restored.phases,
@@ -134,6 +159,8 @@ async def _one_mode(rundir: Path, work: Path, mode: str, sz: Sizes) -> dict[str,
         "save_memory_mib_s": size / med("save_memory_s") / MIB,
         "restore_memory_mib_s": size / med("restore_memory_s") / MIB,
         "cat_mib_s": size / med("cat_s") / MIB,
+        "cp_save_mib_s": med("memory_file_bytes") / med("cp_save_s") / MIB,
+        "cp_restore_mib_s": size / med("cp_restore_s") / MIB,
         "cat_cold_mib_s": size / med("cat_cold_s") / MIB,
         "downtime_s": med("restore_s"),
         "save_phases_s": phases("save_phases"),
@@ -166,17 +193,18 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
     guest = f"{sz.memory_mib} MiB + {sz.videoram_mib} MiB VRAM"
     for mode, m in modes.items():
         for what in ("save", "restore"):
+            cp = m[f"cp_{what}_mib_s"]
             for key, label in ((what, "whole"), (f"{what}_memory", "memory copy")):
                 results.add(
                     Target(
                         "saverestore",
-                        f"{what} ({mode}, {label}) / cat bandwidth",
-                        ratio(m[f"{key}_mib_s"], m["cat_mib_s"]),
+                        f"{what} ({mode}, {label}) / cp bandwidth",
+                        ratio(m[f"{key}_mib_s"], cp),
                         "x",
-                        "≥ 0.5x",
-                        0.5,
-                        note=f"{m[f'{key}_mib_s']:,.0f} vs warm cat {m['cat_mib_s']:,.0f} MiB/s"
-                        f" (cold {m['cat_cold_mib_s']:,.0f}); {guest}",
+                        "≥ 0.8x",
+                        0.8,
+                        note=f"{m[f'{key}_mib_s']:,.0f} vs cp {cp:,.0f} MiB/s (cat warm"
+                        f" {m['cat_mib_s']:,.0f}, cold {m['cat_cold_mib_s']:,.0f}); {guest}",
                     )
                 )
         steps = ", ".join(f"{p} {s * 1000:.0f}" for p, s in m["downtime_phases_s"].items())

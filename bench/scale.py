@@ -1,4 +1,4 @@
-"""Issue 7 target 2: a tree of a million nodes.
+"""A tree of a million nodes.
 
 The tree is written over the privileged socket as ``/local/domain/<d>/n<k>`` with many
 requests in flight on several connections.  Latencies are taken one request at a time with

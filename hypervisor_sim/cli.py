@@ -17,12 +17,13 @@ import trio
 
 from xenstored_sim.client.paths import parse_principal_sockets
 from xenstored_sim.ready import add_ready_fd_argument, notify_ready
+from xenstored_sim.startup import OneLineParser, os_errors
 
 from .server import AuditLog, HypervisorServer
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="hypervisor-sim",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,10 +75,29 @@ async def _run(server: HypervisorServer, ready_fd: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    audit = AuditLog(args.audit_log) if args.audit_log else None
+    audit: AuditLog | None = None
     try:
-        server = HypervisorServer(args.rundir, args.xen_libs, audit, args.principal_sockets)
-        trio.run(_run, server, args.ready_fd)
+        if args.audit_log:
+            try:
+                audit = AuditLog(args.audit_log)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot open the audit log {args.audit_log}: {exc.strerror}"
+                ) from None
+        trio.run(
+            _run,
+            HypervisorServer(args.rundir, args.xen_libs, audit, args.principal_sockets),
+            args.ready_fd,
+        )
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        lines = os_errors(exc)
+        if lines is None:
+            raise
+        for line in lines:
+            print(f"hypervisor-sim: {line}", file=sys.stderr)
+        return 1
     finally:
         if audit is not None:
             audit.close()

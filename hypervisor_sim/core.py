@@ -97,6 +97,8 @@ class Domain:
     # XEN_DOMCTL_createdomain leaves a domain paused; the toolstack unpauses it when it is built.
     paused: bool = True
     p2m: dict[int, int] = field(default_factory=dict)
+    #: Pinned cache attributes: (first gfn, last gfn, XEN_DOMCTL_MEM_CACHEATTR_*).
+    pinned_cacheattr: list[tuple[int, int, int]] = field(default_factory=list)
     # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY and HVMOP_track_dirty_vram state (logdirty.py).
     logdirty: DigestLog | None = None
     vram: VramTracker | None = None
@@ -377,8 +379,20 @@ class Hypervisor:
         for gfn in gfns:
             mfn = d.p2m.get(gfn)
             offsets.append(-1 if mfn is None else mfn * PAGE_SIZE)
-            errors.append("ENOENT" if mfn is None else "")
+            # An unpopulated gfn fails get_page_from_l1e in mod_l1_entry (xen/arch/x86/mm.c):
+            # EINVAL.  ENOENT is kept for paged-out frames, which this hypervisor never has.
+            errors.append("EINVAL" if mfn is None else "")
         return {"mem_path": d.frames.path, "offsets": offsets, "errors": errors}
+
+    def _call_pin_memory_cacheattr(
+        self, conn: int, domid: int, start: int, end: int, type: int
+    ) -> None:
+        # XEN_DOMCTL_pin_mem_cacheattr (xc_domain_pin_memory_cacheattr in QEMU 2.10,
+        # xendevicemodel_pin_memory_cacheattr later): remembered, no effect on memory here.
+        d = self.domain(domid)
+        if not 0 <= start <= end < GFN_LIMIT:
+            raise HypercallError("EINVAL", f"cache attribute range {start:#x}-{end:#x}")
+        d.pinned_cacheattr.append((start, end, type))
 
     def _call_restrict(self, conn: int, domid: int) -> None:
         state = self.conns.setdefault(conn, ConnState())

@@ -100,18 +100,24 @@ class Guest:
         self._cancel = trio.CancelScope()
         self._xs: XenstoreConnection | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        self._xs_stack: contextlib.AsyncExitStack | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # The xenstore connection (a client with a nursery of its own) is entered into the
+        # exit stack from inside the cancel scope, so the stack must close inside it too:
+        # scopes nest, the connection's closes before the vCPU's.
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                self._stack = stack
-                with self._cancel:
+            with self._cancel:
+                async with contextlib.AsyncExitStack() as stack:
+                    self._stack = stack
                     task_status.started()
                     async for job in self._recv:
                         await self._run_job(job)
         finally:
+            self._stack = self._xs_stack = None
+            self._xs = None
             self._recv.close()
             while True:
                 try:
@@ -275,28 +281,41 @@ class Guest:
                     await self._access(a, size, "write", value)
 
     async def _xs_op(self, name: str, op: Mapping[str, Any]) -> Any:
+        """One xenstore op on the domain's connection.  A connection the daemon dropped (it
+        was restarted on its state directory) is opened again once: a real guest's ring
+        outlives a xenstored restart, the new daemon maps it again."""
         from xenstored_sim.wire import XsError
 
         path = _field(op, "path", str)
-        xs = await self._xenstore()
-        try:
-            if name == "xs_read":
-                return await xs.read(path)
-            if name == "xs_write":
-                value = op.get("value")
-                if not isinstance(value, str | bytes):
-                    raise HypercallError("EINVAL", "field 'value' must be str or bytes")
-                await xs.write(path, value)
+        value = op.get("value")
+        if name == "xs_write" and not isinstance(value, str | bytes):
+            raise HypercallError("EINVAL", "field 'value' must be str or bytes")
+        for attempt in (1, 2):
+            xs = await self._xenstore()
+            try:
+                if name == "xs_read":
+                    return await xs.read(path)
+                if name == "xs_write":
+                    await xs.write(path, value)
+                    return None
+                if name == "xs_directory":
+                    return await xs.directory(path)
+                await xs.rm(path)
                 return None
-            if name == "xs_directory":
-                return await xs.directory(path)
-            await xs.rm(path)
-            return None
-        except XsError as exc:
-            raise HypercallError(exc.errno_name, f"xenstore {path}: {exc}") from None
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._xs = None
-            raise HypercallError("EIO", f"xenstore connection failed: {exc}") from None
+            except XsError as exc:
+                raise HypercallError(exc.errno_name, f"xenstore {path}: {exc}") from None
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await self._close_xenstore()
+                if attempt == 2:
+                    raise HypercallError("EIO", f"xenstore connection failed: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def _close_xenstore(self) -> None:
+        self._xs = None
+        if self._xs_stack is not None:
+            stack, self._xs_stack = self._xs_stack, None
+            with contextlib.suppress(Exception):
+                await stack.aclose()
 
     async def _xenstore(self) -> XenstoreConnection:
         if self._xs is not None:
@@ -304,13 +323,13 @@ class Guest:
         from xenstored_sim.client import open_xenstore
 
         assert self._stack is not None
+        # Its own exit stack, closed on a reconnect, inside the actor's (closed at the end).
+        conn = await self._stack.enter_async_context(contextlib.AsyncExitStack())
         try:
-            xs: XenstoreConnection = await self._stack.enter_async_context(
-                open_xenstore(self._xs_path)
-            )
+            xs: XenstoreConnection = await conn.enter_async_context(open_xenstore(self._xs_path))
         except OSError as exc:
             raise HypercallError(
                 "ENOENT", f"no xenstore guest socket at {self._xs_path}: {exc}"
             ) from None
-        self._xs = xs
+        self._xs, self._xs_stack = xs, conn
         return xs

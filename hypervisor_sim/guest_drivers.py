@@ -55,9 +55,11 @@ CRT_INDEX, CRT_DATA = 0x3D4, 0x3D5
 CIRRUS_SR7: Final = {8: 0x01, 16: 0x07, 24: 0x05, 32: 0x09}  # linear SVGA mode | bpp code
 
 # QXL: RAM header at the end of BAR 0 (layout in qemu_model/qxl.py), I/O port numbers.
-QXL_RAM_HEADER_SIZE: Final = 4096
-QXL_HDR_MEM_SLOT: Final = 16
-QXL_HDR_CREATE_SURFACE: Final = 32
+# ALIGN(sizeof(QXLRam), 4096): QXLRam is 5348 bytes (spice-protocol qxl_dev.h), with mem_slot
+# and create_surface after the 4 KiB log buffer and the three rings.
+QXL_RAM_HEADER_SIZE: Final = 8192
+QXL_HDR_MEM_SLOT: Final = 5276
+QXL_HDR_CREATE_SURFACE: Final = 5292
 QXL_IO_MEMSLOT_ADD: Final = 8
 QXL_IO_CREATE_PRIMARY: Final = 12
 QXL_FORMATS: Final = {32: 32, 16: 80}  # bpp -> SPICE_SURFACE_FMT_32_xRGB / _16_565
@@ -172,7 +174,9 @@ def _qxl_primary(
     if stride * height > vram - QXL_RAM_HEADER_SIZE:
         raise ValueError("the primary surface does not fit in the VRAM")
     slot = struct.pack("<QQ", addr, addr + vram)
-    surface = struct.pack("<IIiIIIIIQ", width, height, stride, QXL_FORMATS[bpp], 0, 0, 0, 0, addr)
+    # QXLPHYSICAL: slot 0 in bits 63:56, the offset inside the slot below (the surface starts
+    # the slot, which starts BAR 0).
+    surface = struct.pack("<IIiIIIIIQ", width, height, stride, QXL_FORMATS[bpp], 0, 0, 0, 0, 0)
     return [
         {"op": "mem_write", "gpa": header + QXL_HDR_MEM_SLOT, "data": slot},
         _pio(QXL_IO_BASE + QXL_IO_MEMSLOT_ADD, 1, 0),

@@ -90,6 +90,11 @@ class Privcmd:
         """Where each gfn's frame lives: the memory file and per-gfn offsets (or -1 + errno)."""
         return cast(ForeignMap, self.call("map_foreign", domid=domid, gfns=list(gfns)))
 
+    def sequence(self, calls: list[tuple[str, dict[str, Any]]]) -> int:
+        """Hypercalls run in order in one round trip, stopping at the first failure (raised as
+        :class:`HypercallError`); each is still its own hypercall to the hypervisor."""
+        return int(self.call("sequence", calls=[[c, a] for c, a in calls]))
+
     def restrict(self, domid: int) -> None:
         """``IOCTL_PRIVCMD_RESTRICT``: from now on only ``domid`` may be named."""
         self.call("restrict", domid=domid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket as stdsocket
 import struct
 import time
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 import trio
+
+from xenstored_sim.startup import OwnedSocket, answering_pid, listen_unix
 
 from . import guest_drivers
 from .core import DomainCreated, DomainDestroyed, Hypervisor, IoreqDone, all_ones
@@ -65,21 +68,6 @@ def peer_of(sock: trio.socket.SocketType) -> Peer:
     except OSError:
         cmdline = []
     return Peer(pid, cmdline)
-
-
-async def _listen(path: str) -> trio.socket.SocketType:
-    """A listening Unix socket at ``path`` (a stale file there is replaced)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if os.path.lexists(path):
-        os.unlink(path)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _peer_record(peer: Peer) -> dict[str, Any]:
@@ -154,27 +142,37 @@ class HypervisorServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``RUNDIR/hypervisor.sock`` until cancelled; then remove the socket and
         every domain's frame file."""
-        os.makedirs(self.mem_dir, exist_ok=True)
+        try:
+            os.makedirs(self.mem_dir, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create {self.mem_dir}: {exc.strerror}") from None
+        # Unless another hypervisor answers here (then this one must not start), frame files
+        # left by a killed one belong to domains that no longer exist: removed before the
+        # socket appears, so none of them can be a new domain's.
+        answering_pid(self.sock_path)
+        self._remove_stale_frames()
         # The principals' sockets first: the daemon is ready when hypervisor.sock accepts.
         sockets = [*self.principal_sockets, (None, self.sock_path)]
-        bound: list[tuple[str | None, str, trio.socket.SocketType]] = []
+        bound: list[tuple[str | None, OwnedSocket]] = []
         try:
             for principal, path in sockets:
-                bound.append((principal, path, await _listen(path)))
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                bound.append((principal, listen_unix(path, backlog=64)))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for principal, _, sock in bound:
+                for principal, owned in bound:
+                    sock = trio.socket.from_stdlib_socket(owned.sock)
                     nursery.start_soon(self._serve_listener, principal, sock, nursery)
                 task_status.started()
         finally:
-            for _, path, sock in bound:
-                sock.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            for _, owned in bound:
+                owned.sock.close()
             for g in self.guests.values():
                 g.stop()
             self.core.destroy_all()
             self.core.take_effects()
+            for _, owned in bound:
+                owned.remove()
 
     async def _serve_listener(
         self, principal: str | None, sock: trio.socket.SocketType, nursery: trio.Nursery
@@ -184,6 +182,12 @@ class HypervisorServer:
 
         listener = trio.SocketListener(sock)
         await trio.serve_listeners(handle, [listener], handler_nursery=nursery)
+
+    def _remove_stale_frames(self) -> None:
+        for entry in os.scandir(self.mem_dir):
+            if re.fullmatch(r"dom\d+\.mem", entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
     # ---------------------------------------------------------------- connections
 
@@ -238,7 +242,10 @@ class HypervisorServer:
             nursery.start_soon(self._async_call, conn, req.id, req.call, req.args)
             return
         try:
-            result = self.core.call(conn.id, req.call, req.args)
+            if req.call == "sequence":
+                result = self._sequence(conn, req.args)
+            else:
+                result = self.core.call(conn.id, req.call, req.args)
         except HypercallError as exc:
             self._audit(conn, req.call, req.args.get("domid"), exc.errno_name)
             await conn.send(error_reply(req.id, exc.errno_name, exc.message))
@@ -246,6 +253,33 @@ class HypervisorServer:
             self._audit(conn, req.call, req.args.get("domid"), "ok")
             await conn.send(ok_reply(req.id, result))
         self._apply_effects()
+
+    def _sequence(self, conn: Connection, args: dict[str, Any]) -> int:
+        """Synchronous hypercalls made one after the other, as a caller's loop would make them,
+        stopping at the first failure; each is audited as its own hypercall.  Only the round
+        trips are saved (a device model's per-page relocation loop)."""
+        check_args("sequence", args)
+        calls = args["calls"]
+        for i, item in enumerate(calls):
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], dict)
+                or item[0] in _ASYNC_CALLS
+                or item[0] == "sequence"
+            ):
+                raise HypercallError("EINVAL", f"sequence item {i} is not [call, {{args}}]")
+            call, call_args = item
+            try:
+                self.core.call(conn.id, call, call_args)
+            except HypercallError as exc:
+                self._audit(conn, call, call_args.get("domid"), exc.errno_name)
+                raise HypercallError(
+                    exc.errno_name, f"{exc.message} (call {i} of {len(calls)})"
+                ) from None
+            self._audit(conn, call, call_args.get("domid"), "ok")
+        return len(calls)
 
     async def _async_call(
         self, conn: Connection, rid: int, call: str, args: dict[str, Any]

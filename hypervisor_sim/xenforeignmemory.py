@@ -7,8 +7,10 @@ with the semantics of Xen's ``xenforeignmemory_map2`` (tools/include/xenforeignm
 * ``addr`` is a placement hint, as for mmap(2); with ``MAP_FIXED`` in ``flags`` the mapping
   replaces whatever is at ``addr`` (the mapcache's in-place replacement of a dummy entry).
 * With per-page errors the call still returns a valid address: ``errs[i]`` is 0 or a negative
-  errno (``-ENOENT`` for an unpopulated gfn).  A failed page is backed by zero-filled anonymous
-  memory here, so a stray access reads zeros rather than faulting.
+  errno (``-EINVAL`` for an unpopulated gfn, as ``mod_l1_entry`` in xen/arch/x86/mm.c answers;
+  ``-ENOENT`` would mean paged out).  As with Linux privcmd, touching a failed page raises
+  SIGBUS: the range behind it is a shared mapping of an empty memfd, so every access is past
+  the end of its file.
 * A total failure (no such domain, a restricted privcmd naming another domain) raises
   :class:`OSError` with the errno, where the C function returns NULL.
 
@@ -56,19 +58,30 @@ class ForeignMemory:
         fixed = bool(flags & vma.MAP_FIXED)
         if fixed and addr is None:
             raise OSError(errno.EINVAL, "xenforeignmemory_map2: MAP_FIXED without an address")
-        try:
-            where = self.privcmd.map_foreign(domid, list(pfns))
-        except HypercallError as exc:
-            raise OSError(_errno(exc.errno_name), str(exc)) from None
+        # As libxenforeignmemory: the range is mmap-ed first (placed at the hint), then the
+        # frames are asked for (IOCTL_PRIVCMD_MMAPBATCH_V2).
         length = n * PAGE_SIZE
-        base_flags = vma.MAP_SHARED | vma.MAP_ANONYMOUS | (flags & ~vma.MAP_PRIVATE)
-        base = vma.mmap_raw(addr, length, prot, base_flags, -1, 0)
+        base = self._map_faulting(addr, length, prot, flags)
         try:
+            try:
+                where = self.privcmd.map_foreign(domid, list(pfns))
+            except HypercallError as exc:
+                raise OSError(_errno(exc.errno_name), str(exc)) from None
             errs = self._map_runs(base, prot, where["mem_path"], where["offsets"], where["errors"])
         except OSError:
             vma.munmap(base, length)
             raise
         return base, errs
+
+    @staticmethod
+    def _map_faulting(addr: int | None, length: int, prot: int, flags: int) -> int:
+        """The whole range as a mapping whose every access raises SIGBUS (an empty file)."""
+        fd = os.memfd_create("privcmd-failed", os.MFD_CLOEXEC)
+        try:
+            base_flags = vma.MAP_SHARED | (flags & ~(vma.MAP_PRIVATE | vma.MAP_ANONYMOUS))
+            return vma.mmap_raw(addr, length, prot, base_flags, fd, 0)
+        finally:
+            os.close(fd)
 
     def map(self, domid: int, prot: int, pfns: Sequence[int]) -> tuple[int, list[int]]:
         """``xenforeignmemory_map``: :meth:`map2` with no placement."""
@@ -79,7 +92,7 @@ class ForeignMemory:
         base: int, prot: int, path: str, offsets: Sequence[int], errors: Sequence[str]
     ) -> list[int]:
         errs = [
-            0 if off >= 0 else -_errno(err or "ENOENT")
+            0 if off >= 0 else -_errno(err or "EINVAL")
             for off, err in zip(offsets, errors, strict=True)
         ]
         mode = os.O_RDWR if prot & vma.PROT_WRITE else os.O_RDONLY

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +26,13 @@ import trio
 from rich.console import Console
 from rich.markup import escape
 
-from toolstack.config import DM_MODES, FLAVOURS, VGA_CHOICES
+from toolstack.config import DM_MODES, DM_QEMU_VERSIONS, FLAVOURS, VGA_CHOICES
+from xenstored_sim.startup import OneLineParser
 
 from .demo import (
     DEFAULT_DEVICES,
     DEFAULT_MODES,
+    DEFAULT_QEMU,
     DEFAULT_TOOLSTACKS,
     DemoOutcome,
     StepError,
@@ -46,7 +49,7 @@ PROG: Final = "physmap-lab"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="A simulated Xen host that saves and restores QEMU's VRAM."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help=f"toolstack flavours: {', '.join(FLAVOURS)} (default: libxl)",
     )
+    _add_qemu(p, f"default: {DEFAULT_QEMU}, the release that merged the series")
     p.add_argument(
         "--rundir",
         metavar="DIR",
@@ -117,7 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_host(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_qemu(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--qemu",
+        dest="qemus",
+        action="extend",
+        nargs="+",
+        choices=DM_QEMU_VERSIONS,
+        metavar="V",
+        help=f"the QEMU the device model behaves as: {', '.join(DM_QEMU_VERSIONS)} ({default})",
+    )
+
+
+def _add_host(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     p = sub.add_parser(
         "host",
         help="start or stop one simulated host (a run directory with its own daemons)",
@@ -152,8 +168,8 @@ def _host(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .audit.runner import DEVICES, DMS, MODES, TOOLSTACKS
+def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
+    from .audit.runner import DEVICES, DMS, MODES, QEMUS, TOOLSTACKS
 
     p = sub.add_parser(
         "audit",
@@ -179,6 +195,7 @@ def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             metavar=name[0].upper(),
             help=f"{', '.join(choices)} (default: all)",
         )
+    _add_qemu(p, f"default: {' and '.join(QEMUS)}; a privileged device model runs as the first")
 
 
 def _cases(n: int) -> str:
@@ -234,6 +251,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         args.modes or DEFAULT_MODES,
         args.devices or DEFAULT_DEVICES,
         args.toolstacks or DEFAULT_TOOLSTACKS,
+        args.qemus or [DEFAULT_QEMU],
     )
 
     err.print(f"[bold]physmap-lab demo[/bold]: {_cases(len(cases))}", highlight=False)
@@ -301,21 +319,28 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     return outcome.exit_status
 
 
-def _usage_error(message: str) -> int:
-    """A wrong combination of options: one line naming it, status 2 (no usage dump)."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+def _unusable_dir(path: str) -> str | None:
+    """Why ``path`` cannot serve as a directory to write into (created if missing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "attach", False) and not args.rundir:
-        return _usage_error("--attach needs --rundir: the directory the daemons run on")
+        parser.error("--attach needs --rundir: the directory the daemons run on")
     if getattr(args, "migrate", False) and (args.attach or args.screenshots):
-        return _usage_error(
-            "--migrate starts its own two hosts and takes no --attach or --screenshots"
-        )
+        parser.error("--migrate starts its own two hosts and takes no --attach or --screenshots")
+    for flag, path in ((f, getattr(args, f[2:], None)) for f in ("--rundir", "--out")):
+        if path and (problem := _unusable_dir(path)):
+            print(f"{PROG}: error: {flag} {path}: {problem}", file=sys.stderr)
+            return 1
     if args.command == "demo":
         return _run(args, Console(stderr=True, soft_wrap=True))
     if args.command == "host":

@@ -67,6 +67,8 @@ STEP_LIMIT_S: Final = 60.0
 CLEANUP_LIMIT_S: Final = 30.0
 
 XL_PROGRAM: Final = "xl-sim"
+#: The QEMU release that merged the series; ``xl-sim --dm-qemu-version`` names others.
+DEFAULT_QEMU: Final = "2.10"
 DM_PROGRAM: Final = "qemu-model"
 
 
@@ -80,15 +82,22 @@ class Case:
     toolstack: str = "libxl"
     #: Start the device model with ``dm_restrict`` (qemu-physmap.md §5.2).
     restrict: bool = False
+    #: The QEMU the device model behaves as (``qemu-model --qemu-version``); 2.10 merged the
+    #: series and is the default.
+    qemu: str = DEFAULT_QEMU
 
     @property
     def name(self) -> str:
         suffix = "-restrict" if self.restrict else ""
+        if self.qemu != DEFAULT_QEMU:
+            suffix += f"-qemu{self.qemu}"
         return f"demo-{self.mode}-{self.device}-{self.toolstack}{suffix}"
 
     @property
     def label(self) -> str:
         suffix = "+restrict" if self.restrict else ""
+        if self.qemu != DEFAULT_QEMU:
+            suffix += f"@qemu-{self.qemu}"
         return f"{self.mode}/{self.device}/{self.toolstack}{suffix}"
 
     @property
@@ -101,13 +110,15 @@ def plan(
     modes: Sequence[str] = DEFAULT_MODES,
     devices: Sequence[str] = DEFAULT_DEVICES,
     toolstacks: Sequence[str] = DEFAULT_TOOLSTACKS,
+    qemus: Sequence[str] = (DEFAULT_QEMU,),
 ) -> list[Case]:
     """Every combination, in the order given, without repeats."""
     cases: list[Case] = []
-    for mode in dict.fromkeys(modes):
-        for device in dict.fromkeys(devices):
-            for toolstack in dict.fromkeys(toolstacks):
-                cases.append(Case(mode, device, toolstack))
+    for qemu in dict.fromkeys(qemus):
+        for mode in dict.fromkeys(modes):
+            for device in dict.fromkeys(devices):
+                for toolstack in dict.fromkeys(toolstacks):
+                    cases.append(Case(mode, device, toolstack, qemu=qemu))
     return cases
 
 
@@ -168,6 +179,8 @@ class CaseResult:
     device: str
     toolstack: str
     dm: str | None
+    #: The QEMU the device model behaved as.
+    qemu_version: str
     ok: bool
     expected_ok: bool
     error: str | None
@@ -227,6 +240,7 @@ def evaluate(
         device=case.device,
         toolstack=case.toolstack,
         dm=dm,
+        qemu_version=case.qemu,
         ok=error is None,
         expected_ok=expected_to_work(case),
         error=error,
@@ -455,6 +469,8 @@ class DemoRun:
                     case.mode,
                     "--toolstack",
                     case.toolstack,
+                    "--dm-qemu-version",
+                    case.qemu,
                     *(["--dm-restrict"] if case.restrict else []),
                 ),
             )

@@ -1,10 +1,12 @@
 """Cirrus CLGD 5446 (1013:00b8), reduced to what moves the VRAM.
 
-BAR 0 is a 32 MiB window; ``vga.vram`` appears at its offset 0 only in linear VRAM mode,
-which the guest selects through the extended sequencer register SR07.  The mapping is
-re-evaluated by ``cirrus_update_memory_access``, which is also the post_load hook: on restore
-the VRAM enters the address space (the listener's ``region_add``) only when post_load runs
-(qemu-physmap.md §4.5 step 6).
+BAR 0 is a 32 MiB window; ``vga.vram`` appears at its offset 0 while the linear VRAM mapping
+is on.  ``cirrus_update_memory_access`` (hw/display/cirrus_vga.c) turns it off only for the
+blitter and bank modes (SR17, GR0B, GR05 with GR0B bit 2) and on otherwise, text mode
+included: SR07 bit 0 only gates the legacy bank aliases, which are not modelled.
+``cirrus_reset`` turns it off.  It is re-evaluated on writes to SR07, SR17, GR05 and GR0B and by
+``cirrus_post_load``: on restore the VRAM enters the address space (the listener's
+``region_add``) only when post_load runs.
 
 The display geometry comes from the CRTC (0x3d4/0x3d5): CR01 horizontal display end,
 CR12/CR07 vertical display end, CR13/CR1B the line offset, as ``cirrus_get_resolution`` and
@@ -47,23 +49,40 @@ class Cirrus(VGAPCIDevice):
         self.sr_index = self.gr_index = self.cr_index = 0
         self.sr[0x06] = 0x0F  # extensions unlocked, as the BIOS leaves them
         self.cr[0x27] = CIRRUS_ID_CLGD5446
+        self.linear_vram = False  # vga.vram is a subregion of BAR 0
         self.linear_at: int | None = None  # where vga.vram is in the address space
+        #: ``cirrus_srcptr != cirrus_srcptr_end``: the blitter is not modelled, so never.
+        self.blit_in_progress = False
+        self.cirrus_reset()
+
+    def cirrus_reset(self) -> None:
+        """``cirrus_reset``: the linear VRAM mapping is removed (``unmap_linear_vram``)."""
+        self.linear_vram = False
+        self._apply_linear()
 
     # ----------------------------------------------------------------------------------------
     # Memory access
 
     def linear_vram_mode(self) -> bool:
-        """Linear VRAM mode: SVGA mode selected and no blitter/bank mode in the way."""
-        if not self.sr[0x07] & CIRRUS_SR7_BPP_SVGA:
+        """The condition of ``cirrus_update_memory_access`` for ``map_linear_vram``."""
+        sr, gr = self.sr, self.gr
+        if (sr[0x17] & 0x44) == 0x44 or self.blit_in_progress:
             return False
-        if (self.sr[0x17] & 0x44) == 0x44 or (self.gr[0x0B] & 0x14) == 0x14:
+        if (gr[0x0B] & 0x14) == 0x14 or gr[0x0B] & 0x02:
             return False
-        return not self.gr[0x0B] & 0x02
+        mode = gr[0x05] & 0x07
+        return mode < 4 or mode > 5 or not gr[0x0B] & 0x04
 
     def update_memory_access(self) -> None:
-        """``cirrus_update_memory_access``: show or hide the VRAM in BAR 0."""
+        """``cirrus_update_memory_access``: map or unmap the linear VRAM in BAR 0."""
+        self.linear_vram = self.linear_vram_mode()
+        self._apply_linear()
+
+    def _apply_linear(self) -> None:
+        """The memory listener's view: the VRAM is in the address space where BAR 0 decodes,
+        while it is a subregion of BAR 0."""
         bar = self.bar0_addr()
-        want = bar if bar is not None and self.linear_vram_mode() else None
+        want = bar if bar is not None and self.linear_vram else None
         if want == self.linear_at:
             return
         if self.linear_at is not None:
@@ -74,7 +93,7 @@ class Cirrus(VGAPCIDevice):
 
     def bar_moved(self, bar: PCIBar, old: int | None, new: int | None) -> None:
         if bar.index == 0:
-            self.update_memory_access()
+            self._apply_linear()
 
     # ----------------------------------------------------------------------------------------
     # Ports
@@ -123,11 +142,13 @@ class Cirrus(VGAPCIDevice):
 
     def _write_reg(self, index_port: int, value: int) -> None:
         if index_port == VGA_SEQ_INDEX:
+            if self.sr_index == 0x17:  # cirrus_vga_write_sr: bits 3-5 are read-only
+                value = (self.sr[0x17] & 0x38) | (value & 0xC7)
             self.sr[self.sr_index] = value
             if self.sr_index in (0x07, 0x17):
                 self.update_memory_access()
         elif index_port == VGA_GFX_INDEX:
-            self.gr[self.gr_index] = value
+            self.gr[self.gr_index] = value & 0x7F if self.gr_index == 0x05 else value
             if self.gr_index in (0x05, 0x0B):
                 self.update_memory_access()
         elif self.cr_index != 0x27:  # the chip id is read-only
@@ -151,7 +172,7 @@ class Cirrus(VGAPCIDevice):
     def framebuffer(self) -> Framebuffer | None:
         mode = self.mode_info()
         ptr = self.vga.vram_ptr
-        if mode is None or ptr is None or not self.linear_vram_mode():
+        if mode is None or ptr is None:
             return None
         length = mode["height"] * mode["stride"]
         if length == 0 or length > self.vga.vram_size:

@@ -2,7 +2,8 @@
 
 ::
 
-    qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--vga stdvga|cirrus|qxl]
+    qemu-model --domid N [--xen-mode new|compat|pointer-fixup|auto] [--qemu-version 2.10|3.0|current]
+               [--vga stdvga|cirrus|qxl]
                [--incoming FILE|defer] [--restrict] [-S] [--rundir DIR] [--xenstore PATH]
                [--hypervisor PATH]
                [--memory-mib M] [--vram-mib V] [--vnc HOST:N|:N|unix:PATH|none]
@@ -14,7 +15,6 @@ QEMU's assertions fail (the compat map2 shim, a failed in-place replacement).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -25,17 +25,19 @@ import trio
 
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.ready import add_ready_fd_argument, notify_ready, ready_fd_from
+from xenstored_sim.startup import OneLineParser, one_line
 
 from .errors import QemuAbort, QemuExit
 from .machine import DEVICES
 from .server import Config, serve
 from .ui.vnc import VncConfigError, parse_vnc
+from .version import DEFAULT_QEMU_VERSION, QEMU_VERSIONS, QemuVersion
 
 PROG = "qemu-model"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog=PROG, description="A Xen HVM device model (QEMU, modelled).")
+    p = OneLineParser(prog=PROG, description="A Xen HVM device model (QEMU, modelled).")
     p.add_argument("--domid", type=int, required=True, help="the guest domain (-xen-domid)")
     p.add_argument(
         "--xen-mode",
@@ -43,6 +45,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default="new",
         help="physmap handling: libs >= 4.10, XEN_COMPAT_PHYSMAP, the rejected pointer "
         "fix-up, or chosen from the hypervisor's library version",
+    )
+    p.add_argument(
+        "--qemu-version",
+        choices=QEMU_VERSIONS,
+        default=DEFAULT_QEMU_VERSION,
+        help="which QEMU to behave as: 2.10 (the release that merged the series, default), "
+        "3.0 (xentoolcore_restrict_all) or current (docs/fidelity.md)",
     )
     p.add_argument(
         "--vga",
@@ -100,6 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     except VncConfigError as exc:
         p.error(str(exc))
     rundir = Path(a.rundir)
+    if not rundir.is_dir():
+        p.error(f"--rundir {a.rundir}: no such directory")
     xenstore = a.xenstore or os.environ.get("XENSTORED_PATH") or str(rundir / "socket")
     return Config(
         domid=a.domid,
@@ -112,6 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         start_paused=a.start_paused,
         memory_mib=a.memory_mib,
         vram_mib=a.vram_mib,
+        qemu_version=QemuVersion.parse(a.qemu_version),
         vnc=vnc,
         hypervisor=Path(a.hypervisor) if a.hypervisor else None,
     )
@@ -151,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: {exc.message}", file=sys.stderr, flush=True)
             return exc.status
         if isinstance(exc, HypervisorDisconnected | HypercallError | OSError):
-            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+            print(f"{PROG}: {one_line(exc)}", file=sys.stderr, flush=True)
             return 1
         if isinstance(exc, KeyboardInterrupt):
             return 130

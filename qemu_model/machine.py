@@ -25,10 +25,11 @@ from .mapcache import MapCache, RecordingNotifier
 from .memory import RamBlock, RamList
 from .pci import VGA_SBDF
 from .qxl import QXL
+from .version import QemuVersion
 from .vga import MachineOps, StdVGA, VGAPCIDevice
 from .vmstate import DeviceState, decode, encode
 from .xen_hvm import Hypercalls, Mode, XenHvm, XenStore
-from .xen_native import CompatForeignMemory, compat_restrict_all
+from .xen_native import CompatForeignMemory, RestrictableHandles, xen_restrict
 from .xenforeignmemory import ForeignMemoryLike
 
 log = logging.getLogger(__name__)
@@ -69,18 +70,23 @@ class Machine:
         xenstore: XenStore | None,
         incoming: bool,
         trace: Callable[[str], None] | None = None,
+        version: QemuVersion | None = None,
+        restricted_handles: tuple[str, ...] = (),
         dirty: DirtyHypercalls | None = None,
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}")
         self.domid = domid
         self.mode: Mode = mode
+        self.version = version or QemuVersion()
         self.device_kind = device
         self.runstate: RunState = "inmigrate" if incoming else "prelaunch"
-        self.restricted = False
+        # QEMU 2.10 restricts in xen_hvm_init, before the machine exists.
+        self.restricted_handles = restricted_handles
+        self.restricted = bool(restricted_handles)
         # Compat builds see only the map2 shim (qemu-physmap.md §6.1).
         fm: ForeignMemoryLike = CompatForeignMemory(fmem) if mode == "compat" else fmem
-        self.xen = XenHvm(domid, mode, hypercalls, xenstore, fm, self.in_migrate)
+        self.xen = XenHvm(domid, mode, hypercalls, xenstore, fm, self.in_migrate, self.version)
         self.notifier = RecordingNotifier()
         # §3.6: the translation callback only in compat builds.
         self.mapcache = MapCache(
@@ -90,6 +96,7 @@ class Machine:
             self.xen.phys_offset_to_gaddr if mode == "compat" else None,
             notifier=self.notifier,
             trace=trace or log.info,
+            version=self.version,
         )
         self.xen.mapcache = self.mapcache
         self.dirty_vram = DirtyVram(domid, dirty)
@@ -118,28 +125,54 @@ class Machine:
         self.xen.register_framebuffer(block)
 
     def region_add(self, block: RamBlock, start_addr: int, size: int) -> None:
-        """``xen_region_add`` for a RAM section with VGA dirty logging on; the listener's
-        ``log_start`` follows for the relocated framebuffer (dirty_vram.py)."""
-        self.xen.add_to_physmap(start_addr, size, block)
+        """``xen_region_add`` (``xen_set_memory`` gating below); the listener's ``log_start``
+        follows for the relocated framebuffer (dirty_vram.py)."""
+        self.set_memory(block, start_addr, size, add=True)
         if self.xen.get_physmapping(start_addr, size) is not None:
             self.dirty_vram.log_start(start_addr, size)
 
     def region_del(self, block: RamBlock, start_addr: int, size: int) -> None:
+        """``xen_region_del`` (``xen_set_memory`` gating below)."""
         if self.dirty_vram.logging is not None and self.dirty_vram.logging[0] == start_addr:
             self.dirty_vram.log_stop()
-        self.xen.remove_from_physmap(start_addr, size)
+        self.set_memory(block, start_addr, size, add=False)
+
+    def set_memory(self, block: RamBlock, start_addr: int, size: int, *, add: bool) -> None:
+        """``xen_set_memory`` (hw/i386/xen/xen-hvm.c) for a RAM section.
+
+        It returns early when the region's VGA dirty logging differs from ``add``: a section
+        is added to the physmap only while logging is on, and removed only while it is off.
+        So the VRAM of stdvga and cirrus (always logging) never leaves its BAR address, and a
+        QXL in native mode (logging off) is never added.
+        """
+        if block.log_dirty != add:
+            return
+        page = (1 << 12) - 1
+        start_addr &= ~page
+        size = (size + page) & ~page
+        if add:
+            self.xen.add_to_physmap(start_addr, size, block)
+        else:
+            self.xen.remove_from_physmap(start_addr, size)
+
+    def register_pointer_fixup(self, fixup: Callable[[int, int], None]) -> None:
+        """Remember a VRAM pointer for the pointer-fixup reconstruction."""
+        self.xen.pointer_fixups.append(fixup)
 
     # ----------------------------------------------------------------------------------------
     # Privileges (§5.2)
 
-    def restrict(self, restrict_all: Callable[[int], int]) -> None:
-        """``xen_restrict`` in the accelerator's setup_post: ``restrict_all`` restricts the
-        hypervisor connections and returns 0 or a negative errno."""
-        rc = compat_restrict_all(self.domid) if self.mode == "compat" else restrict_all(self.domid)
+    def restrict(self, handles: RestrictableHandles) -> None:
+        """``xen_restrict``: QEMU 2.10 restricts the devicemodel and foreignmemory handles (the
+        process shell calls it before the machine exists); from 3.0 ``xen_setup_post`` restricts
+        every handle and closes xenstore."""
+        rc, restricted = xen_restrict(self.version, self.mode == "compat", self.domid, handles)
         if rc < 0:
             raise QemuExit("xen: failed to restrict", 1)
-        self.xen.xenstore = None
-        self.restricted = True
+        self.restricted_handles = restricted
+        self.restricted = bool(restricted)
+        if "xenstore" in restricted:
+            self.xen.xenstore = None
 
     # ----------------------------------------------------------------------------------------
     # ioreqs
@@ -213,21 +246,9 @@ class Machine:
         """Load in QEMU's order: PCI config (→ BAR mapping → region_add → xen_add_to_physmap),
         then the device registers and post_load.  Nothing is applied if the file is bad."""
         state = self.check_devices_state(data)
-        incoming = self.in_migrate()
         self.device.load_config(state.pci_config)
         self.device.load_state(state.device_section)
         self.device.post_load()
-        if incoming and self.mode == "pointer-fixup":
-            self._fixup_pointers()
-
-    def _fixup_pointers(self) -> None:
-        """The rejected scheme (§4.7): patch the VRAM pointers we know about — ``vram_ptr`` —
-        with a fresh mapping of the real frames at a new address."""
-        vga = self.device.vga
-        new = self.xen.map_relocated(vga.vram)
-        if new is not None:
-            log.info("pointer-fixup: vga.vram_ptr %#x -> %#x", vga.vram_ptr or 0, new)
-            vga.vram_ptr = new
 
     # ----------------------------------------------------------------------------------------
     # Introspection
@@ -248,6 +269,8 @@ class Machine:
         xs_ops = self.xen.xenstore_accounting.ops
         return {
             "mode": self.mode,
+            "qemu_version": str(self.version),
+            "restricted_handles": list(self.restricted_handles),
             "device": self.device_kind,
             "domid": self.domid,
             "runstate": self.runstate,

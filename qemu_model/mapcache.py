@@ -9,7 +9,8 @@ Theory of operation (qemu-physmap.md §3):
   locked pointer handed out is recorded in the reverse map ``locked_entries``.
 * When a mapping fails, compat mode retries through the translation callback (the physmap read
   from xenstore), and during INMIGRATE a zero-filled anonymous DUMMY mapping is handed out.
-* ``replace_cache_entry`` maps real frames over a dummy at the SAME virtual address.
+* ``replace_cache_entry`` maps real frames over a dummy at the SAME virtual address: in QEMU
+  2.10 by unmapping it and passing its address as a hint, in current QEMU with MAP_FIXED.
 * RAM-block notifiers are told about new and removed mappings, but not about swaps that involve
   a dummy (the v3 change): they see one registration of the range throughout.
 
@@ -31,6 +32,7 @@ from typing import Final, Protocol
 from hypervisor_sim import vma
 
 from .errors import QemuAbort, QemuExit
+from .version import QemuVersion
 from .xenforeignmemory import ForeignMemoryFailed, ForeignMemoryLike
 
 # §3.1, 64-bit host.
@@ -43,8 +45,10 @@ XC_PAGE_SIZE: Final = 1 << XC_PAGE_SHIFT
 #: ``MapCacheEntry.flags`` bit 0 (patch 2 of the series).
 XEN_MAPCACHE_ENTRY_DUMMY: Final = 1 << 0
 
-#: The lock count is a uint32_t that aborts on wrap-around in current QEMU.
+#: ``MapCacheEntry.lock``: a uint8_t that silently wraps in QEMU 2.10 and 3.0; current QEMU
+#: aborts before its counter overflows (cf. xen-mapcache.c: xen_map_cache_unlocked()).
 _LOCK_MAX: Final = (1 << 32) - 1
+_LOCK_MASK_U8: Final = 0xFF
 
 #: ``phys_offset_to_gaddr_t``: (phys_offset, size) -> guest address.
 PhysOffsetToGaddr = Callable[[int, int], int]
@@ -128,7 +132,9 @@ class MapCache:
         notifier: RamBlockNotifier | None = None,
         max_size: int = MCACHE_MAX_SIZE,
         trace: Callable[[str], None] | None = None,
+        version: QemuVersion | None = None,
     ) -> None:
+        self.version = version or QemuVersion()
         self._fmem = fmem
         self.domid = domid
         self._in_migrate = in_migrate
@@ -216,9 +222,12 @@ class MapCache:
             assert entry.vaddr_base is not None
             ptr = entry.vaddr_base + offset
             if lock:
-                if entry.lock >= _LOCK_MAX:
-                    raise QemuAbort("mapcache entry lock count would wrap around")
-                entry.lock += 1
+                if not self.version.lock_aborts_on_overflow:
+                    entry.lock = (entry.lock + 1) & _LOCK_MASK_U8  # uint8_t: 256 locks are 0
+                elif entry.lock >= _LOCK_MAX:
+                    raise QemuAbort("mapcache entry lock overflow")
+                else:
+                    entry.lock += 1
                 self.locked_entries.insert(0, MapCacheRev(ptr, entry.paddr_index, entry.size, dma))
             return ptr
 
@@ -250,14 +259,20 @@ class MapCache:
         return entry.vaddr_base + new_offset
 
     def ram_addr_from_mapcache(self, ptr: int) -> int | None:
-        """``xen_ram_addr_from_mapcache``: the guest address a locked pointer maps, or None
-        (RAM_ADDR_INVALID)."""
+        """``xen_ram_addr_from_mapcache``: the guest address a locked pointer maps.
+
+        QEMU 2.10 and 3.0 abort on a pointer that is not in the reverse map and answer 0 when
+        its entry is gone; current QEMU answers RAM_ADDR_INVALID (None) for both.
+        """
         rev = next((r for r in self.locked_entries if r.vaddr_req == ptr), None)
+        aborts = self.version.ram_addr_lookup_aborts
         if rev is None:
+            if aborts:
+                raise QemuAbort(f"Trying to find address {ptr:#x} that is not in the mapcache!")
             return None
         entry = self._find(rev.paddr_index, rev.size)
         if entry is None or entry.vaddr_base is None:
-            return None
+            return 0 if aborts else None
         return (rev.paddr_index << MCACHE_BUCKET_SHIFT) + (ptr - entry.vaddr_base)
 
     def invalidate_entry(self, ptr: int) -> None:
@@ -282,6 +297,8 @@ class MapCache:
             return
         entry = chain[pos]
         entry.lock -= 1
+        if not self.version.lock_aborts_on_overflow:
+            entry.lock &= _LOCK_MASK_U8
         # Head entries stay in the bucket array; only chained entries are freed at lock 0.
         if entry.lock > 0 or pos == 0:
             return
@@ -383,29 +400,38 @@ class MapCache:
     def _remap_bucket(
         self, entry: MapCacheEntry, vaddr: int | None, size: int, index: int, dummy: bool
     ) -> None:
-        """``xen_remap_bucket`` (§3.5, current form with MAP_FIXED and no munmap on replace)."""
+        """``xen_remap_bucket`` (cf. hw/i386/xen/xen-mapcache.c).
+
+        QEMU 2.10 and 3.0 always unmap the old mapping first and pass ``vaddr`` to
+        ``xenforeignmemory_map2`` (or ``mmap`` for a dummy) as a placement hint with flags 0;
+        whether the address is kept rests on the kernel honouring the hint, and
+        ``xen_add_to_physmap`` asserts it.  Current QEMU maps over the old entry with
+        MAP_FIXED and no unmap.
+        """
         was_dummy = entry.dummy
+        fixed = self.version.remap_map_fixed and vaddr is not None
         if entry.vaddr_base is not None:
             if not was_dummy:
                 self._notify_removed(entry.vaddr_base, entry.size)
-            if vaddr is not None and (entry.vaddr_base != vaddr or entry.size != size):
+            if fixed and (entry.vaddr_base != vaddr or entry.size != size):
                 raise QemuAbort("xen_remap_bucket: Assertion `!vaddr || ...' failed.")
-            if vaddr is None:
+            if not fixed:
                 self._unmap(entry)
                 entry.vaddr_base = None
         npages = size >> XC_PAGE_SHIFT
         first_pfn = index << (MCACHE_BUCKET_SHIFT - XC_PAGE_SHIFT)
         if not dummy:
             pfns = range(first_pfn, first_pfn + npages)
-            flags = vma.MAP_FIXED if vaddr is not None else 0
+            flags = vma.MAP_FIXED if fixed else 0
             try:
                 base, errs = self._fmem.map2(self.domid, vaddr, vma.PROT_RW, flags, pfns)
             except ForeignMemoryFailed as exc:
                 raise QemuExit(f"xen_remap_bucket: xenforeignmemory_map2: {exc}", 255) from exc
             self.stats.foreign_mappings += 1
         else:
+            mflags = vma.MAP_SHARED | vma.MAP_ANONYMOUS | (vma.MAP_FIXED if fixed else 0)
             try:
-                base = vma.map_anonymous(size, vaddr)
+                base = vma.mmap_raw(vaddr, size, vma.PROT_RW, mflags, -1, 0)
             except OSError as exc:
                 raise QemuExit(f"xen_remap_bucket: mmap: {exc}", 255) from exc
             errs = [0] * npages

@@ -21,6 +21,8 @@ class RamBlock:
     offset: int  # ram_addr_t: under Xen also gfn << 12 of the block's home
     max_length: int
     host: int | None = None  # block->host once mapped
+    #: VGA dirty logging on the region (memory_region_set_log(mr, on, DIRTY_MEMORY_VGA)).
+    log_dirty: bool = False
 
 
 class RamList:

@@ -1,34 +1,25 @@
-"""QXL (1b36:0100), reduced to its pointers into VRAM.
+"""QXL (1b36:0100), reduced to its pointers into VRAM (hw/display/qxl.c).
 
-BAR 0 is ``vga.vram``, the QXL RAM, with the RAM header at its end; BAR 1 (``qxl.vram``) and
-the ROM (BAR 2) are sized but not backed here; BAR 3 holds the I/O ports.  What matters is
-how QXL derives pointers from the VRAM pointer (qemu-physmap.md §4.3):
+BAR 0 is ``vga.vram``, the QXL RAM, with the ``QXLRam`` header at its end; BAR 1 (``qxl.vram``)
+and the ROM (BAR 2) are sized but not backed here; BAR 3 holds the I/O ports.  How QXL gets at
+the VRAM:
 
-* ``init_qxl_ram`` at realize: ``ram = vga.vram_ptr + ram_header_offset``;
-* ``qxl_add_memslot``: a slot's host ``virt_start`` comes from the block's host pointer
-  (``memory_region_get_ram_ptr``) plus the slot's offset into the BAR;
-* the primary surface's pointer is ``qxl_phys2virt`` of its QXLPHYSICAL address.
+* ``init_qxl_ram`` at realize: ``d->ram = vga.vram_ptr + ram_header_offset``, kept for the life
+  of the device: the header, its rings and the interrupt registers are read through it;
+* ``qxl_add_memslot``: a guest slot remembers ``{slot, mr, offset, size, delta, active}``, and
+  the host range ``memory_region_get_ram_ptr(mr) + offset`` is registered with the SPICE server
+  (``qemu_spice_add_memslot``: ``virt_start``, ``virt_end``, ``addr_delta``), which keeps it;
+* ``qxl_phys2virt`` recomputes ``memory_region_get_ram_ptr(mr) + offset`` on every call;
+* the SPICE server resolves the primary surface through its own memslot table.
 
-These are the pointers a scheme that patches only ``vga.vram_ptr`` leaves behind (§4.7).
+So the pointers that go stale when the VRAM moves are ``d->ram``, ``d->last_release`` and the
+SPICE memslots; ``qxl_phys2virt`` follows the RAM block.
 
-The RAM header layout (little-endian; offsets from the header start):
-
-=====  ====  =============================================
-0      u32   magic ``QXRA`` (0x41525851)
-4      u32   int_pending
-8      u32   int_mask
-16     u64   mem_slot.mem_start   (guest-physical)
-24     u64   mem_slot.mem_end
-32     u32   create_surface.width
-36     u32   create_surface.height
-40     i32   create_surface.stride
-44     u32   create_surface.format (SPICE_SURFACE_FMT_*)
-48     u32   create_surface.position
-52     u32   create_surface.mouse_mode
-56     u32   create_surface.flags
-60     u32   create_surface.type
-64     u64   create_surface.mem    (QXLPHYSICAL: slot id in bits 63:56, guest address below)
-=====  ====  =============================================
+``QXLRam`` (spice-protocol ``qxl_dev.h``, packed): magic, int_pending, int_mask, a 4 KiB
+``log_buf``, the command, cursor and release rings, update_area, update_surface, mem_slot,
+create_surface, flags, monitors_config: 5348 bytes, so the header takes
+``ALIGN(sizeof(QXLRam), 4096)`` = 8 KiB at the end of BAR 0.  A QXLPHYSICAL holds the slot id
+in bits 63:56 and the offset in the slot (minus the slot's ``delta``) below bit 48.
 """
 
 from __future__ import annotations
@@ -40,10 +31,26 @@ from typing import Any, Final
 
 from hypervisor_sim import vma
 
+from .memory import RamBlock
 from .vga import Framebuffer, MachineOps, VGAPCIDevice
 
 QXL_RAM_MAGIC: Final = 0x41525851
-QXL_RAM_HEADER_SIZE: Final = 4096
+QXL_LOG_BUF_SIZE: Final = 4096
+QXL_COMMAND_RING_SIZE: Final = 32
+QXL_CURSOR_RING_SIZE: Final = 32
+QXL_RELEASE_RING_SIZE: Final = 8
+_RING_HEADER: Final = 20  # num_items, prod, notify_on_prod, cons, notify_on_cons
+_QXL_COMMAND: Final = 16  # QXLPHYSICAL data, u32 type, u32 padding
+QXL_RAM_CMD_RING: Final = 12 + QXL_LOG_BUF_SIZE
+QXL_RAM_CURSOR_RING: Final = QXL_RAM_CMD_RING + _RING_HEADER + QXL_COMMAND_RING_SIZE * _QXL_COMMAND
+QXL_RAM_RELEASE_RING: Final = (
+    QXL_RAM_CURSOR_RING + _RING_HEADER + QXL_CURSOR_RING_SIZE * _QXL_COMMAND
+)
+QXL_RAM_UPDATE_AREA: Final = QXL_RAM_RELEASE_RING + _RING_HEADER + QXL_RELEASE_RING_SIZE * 8
+HDR_MEM_SLOT_OFFSET: Final = QXL_RAM_UPDATE_AREA + 16 + 4  # after update_area, update_surface
+HDR_CREATE_SURFACE_OFFSET: Final = HDR_MEM_SLOT_OFFSET + 16
+SIZEOF_QXLRAM: Final = HDR_CREATE_SURFACE_OFFSET + 40 + 8 + 8  # + flags, monitors_config
+QXL_RAM_HEADER_SIZE: Final = (SIZEOF_QXLRAM + 4095) // 4096 * 4096
 QXL_VRAM_BAR_SIZE: Final = 4 << 20
 QXL_ROM_SIZE: Final = 8 << 10
 QXL_IO_RANGE_SIZE: Final = 32
@@ -54,22 +61,34 @@ QXL_IO_CREATE_PRIMARY: Final = 12
 QXL_IO_DESTROY_PRIMARY: Final = 13
 NUM_MEMSLOTS: Final = 8
 SLOT_ID_SHIFT: Final = 56
-ADDR_MASK: Final = (1 << SLOT_ID_SHIFT) - 1
+ADDR_MASK: Final = 0xFFFFFFFFFFFF
 #: SPICE surface formats and their bytes per pixel.
 SPICE_SURFACE_FMT: Final = {32: 4, 80: 2, 16: 2}
 
 HDR_MEM_SLOT: Final = struct.Struct("<QQ")
-HDR_MEM_SLOT_OFFSET: Final = 16
 HDR_CREATE_SURFACE: Final = struct.Struct("<IIiIIIIIQ")
-HDR_CREATE_SURFACE_OFFSET: Final = 32
 
 
 @dataclass
 class GuestSlot:
-    active: bool = False
+    """``qxl->guest_slots[i]``: the guest's QXLMemSlot and where it lies in a RAM region."""
+
     mem_start: int = 0
     mem_end: int = 0
-    virt_start: int | None = None  # host address handed to SPICE
+    mr: RamBlock | None = None
+    offset: int = 0  # into the region
+    size: int = 0
+    delta: int = 0
+    active: bool = False
+
+
+@dataclass(frozen=True)
+class SpiceMemSlot:
+    """A ``QXLDevMemSlot`` as registered with the SPICE server: host addresses, kept."""
+
+    virt_start: int
+    virt_end: int
+    addr_delta: int
 
 
 @dataclass
@@ -95,60 +114,111 @@ class QXL(VGAPCIDevice):
         self.register_bar(3, QXL_IO_RANGE_SIZE, io=True)
         self.ram_header_offset = vram_size - QXL_RAM_HEADER_SIZE
         self.guest_slots = [GuestSlot() for _ in range(NUM_MEMSLOTS)]
+        self.spice_memslots: dict[int, SpiceMemSlot] = {}
         self.primary: Primary | None = None
-        self.surface_ptr: int | None = None
         self.last_io_error: str | None = None
         self.ram: int | None = None
+        #: ``d->last_release``: a host pointer into a release ring item; command rings are not
+        #: processed here, so it stays NULL, as after every reset.
+        self.last_release: int | None = None
+        self.native = False
         self._pending: Mapping[str, Any] | None = None
         self.init_qxl_ram()
 
     # ----------------------------------------------------------------------------------------
     # Pointers
 
+    def _ram_ptr(self) -> int | None:
+        """``memory_region_get_ram_ptr(&vga.vram)``: the RAM block's host pointer now."""
+        return self.machine.get_ram_ptr(self.vga.vram)
+
     def init_qxl_ram(self) -> None:
-        """``init_qxl_ram``: the header pointer, derived from ``vga.vram_ptr`` once."""
+        """``init_qxl_ram`` at realize: ``d->ram`` derived from ``vga.vram_ptr`` once."""
         ptr = self.vga.vram_ptr
         self.ram = None if ptr is None else ptr + self.ram_header_offset
-        if self.ram is not None:
-            vma.write(self.ram, struct.pack("<III", QXL_RAM_MAGIC, 0, 0))
+        if self.ram is None:
+            return
+        vma.write(self.ram, struct.pack("<III", QXL_RAM_MAGIC, 0, 0))
+        for ring, items in (
+            (QXL_RAM_CMD_RING, QXL_COMMAND_RING_SIZE),
+            (QXL_RAM_CURSOR_RING, QXL_CURSOR_RING_SIZE),
+            (QXL_RAM_RELEASE_RING, QXL_RELEASE_RING_SIZE),
+        ):
+            vma.write(self.ram + ring, struct.pack("<I", items))  # SPICE_RING_INIT
 
-    def add_memslot(self, slot_id: int, mem_start: int, mem_end: int) -> str | None:
-        """``qxl_add_memslot``: the slot must lie in BAR 0; None on success, else why not."""
+    def add_memslot(self, slot_id: int, mem_start: int, mem_end: int, delta: int = 0) -> str | None:
+        """``qxl_add_memslot``: None on success, else the guest bug."""
         if not 0 <= slot_id < NUM_MEMSLOTS:
             return f"bad memslot id {slot_id}"
         bar = self.bar0_addr()
         if bar is None or not bar <= mem_start <= mem_end <= bar + self.vga.vram_size:
             return f"memslot {slot_id} [{mem_start:#x}, {mem_end:#x}) is not in BAR 0"
-        host = self.machine.get_ram_ptr(self.vga.vram)  # memory_region_get_ram_ptr
+        host = self._ram_ptr()
         if host is None:
             return "vga.vram has no host mapping"
-        self.guest_slots[slot_id] = GuestSlot(True, mem_start, mem_end, host + (mem_start - bar))
+        virt_start = host + (mem_start - bar)
+        virt_end = host + (mem_end - bar)
+        # qemu_spice_add_memslot: the SPICE server keeps these host addresses.
+        self.spice_memslots[slot_id] = SpiceMemSlot(virt_start, virt_end, virt_start - delta)
+        self.guest_slots[slot_id] = GuestSlot(
+            mem_start, mem_end, self.vga.vram, virt_start - host, virt_end - virt_start, delta, True
+        )
         return None
 
-    def phys2virt(self, pqxl: int, length: int) -> int | None:
-        """``qxl_phys2virt``: a QXLPHYSICAL inside an active slot to a host pointer."""
-        slot_id, addr = pqxl >> SLOT_ID_SHIFT, pqxl & ADDR_MASK
+    def del_memslot(self, slot_id: int) -> None:
+        """``qxl_del_memslot``."""
+        self.spice_memslots.pop(slot_id, None)
+        self.guest_slots[slot_id] = GuestSlot()
+
+    def _slot_offset(self, pqxl: int) -> tuple[GuestSlot, int] | None:
+        """``qxl_get_check_slot_offset``."""
+        slot_id, offset = pqxl >> SLOT_ID_SHIFT, pqxl & ADDR_MASK
         if slot_id >= NUM_MEMSLOTS:
             return None
         slot = self.guest_slots[slot_id]
-        if not slot.active or slot.virt_start is None:
+        if not slot.active or offset < slot.delta or offset - slot.delta > slot.size:
             return None
-        if not slot.mem_start <= addr <= addr + length <= slot.mem_end:
+        return slot, offset - slot.delta
+
+    def phys2virt(self, pqxl: int, length: int = 0) -> int | None:
+        """``qxl_phys2virt`` (guest group): recomputed from the region's pointer on each call."""
+        found = self._slot_offset(pqxl)
+        if found is None:
             return None
-        return slot.virt_start + (addr - slot.mem_start)
+        slot, offset = found
+        if offset + length > slot.size or slot.mr is None:
+            return None
+        host = self.machine.get_ram_ptr(slot.mr)
+        return None if host is None else host + slot.offset + offset
+
+    def spice_virt(self, pqxl: int) -> int | None:
+        """How the SPICE server reaches a QXLPHYSICAL: through the memslot it was given."""
+        slot = self.spice_memslots.get(pqxl >> SLOT_ID_SHIFT)
+        return None if slot is None else slot.addr_delta + (pqxl & ADDR_MASK)
 
     def create_primary(self, primary: Primary) -> str | None:
+        """``qxl_create_guest_primary``: leave VGA mode (dirty logging off), go native."""
         bytes_pp = SPICE_SURFACE_FMT.get(primary.format)
         if bytes_pp is None or primary.width <= 0 or primary.height <= 0:
             return "unsupported primary surface"
         if primary.stride < primary.width * bytes_pp:
             return "primary surface stride too small"
-        ptr = self.phys2virt(primary.mem, primary.stride * primary.height)
-        if ptr is None:
+        if self.phys2virt(primary.mem, primary.stride * primary.height) is None:
             return "primary surface is not inside an active memslot"
+        self.exit_vga_mode()
         self.primary = primary
-        self.surface_ptr = ptr
+        self.native = True
         return None
+
+    def enter_vga_mode(self) -> None:
+        """``qxl_enter_vga_mode`` (reset): ``vga_dirty_log_start``."""
+        self.native = False
+        self.primary = None
+        self.vga.dirty_log_start()
+
+    def exit_vga_mode(self) -> None:
+        """``qxl_exit_vga_mode``: ``vga_dirty_log_stop``."""
+        self.vga.dirty_log_stop()
 
     # ----------------------------------------------------------------------------------------
     # I/O BAR
@@ -172,32 +242,32 @@ class QXL(VGAPCIDevice):
 
     def _io(self, io: int, value: int) -> str | None:
         if io == QXL_IO_RESET:
-            self.guest_slots = [GuestSlot() for _ in range(NUM_MEMSLOTS)]
-            self.primary = self.surface_ptr = None
+            for i in range(NUM_MEMSLOTS):
+                self.del_memslot(i)
+            self.last_release = None
+            self.enter_vga_mode()
             return None
+        if io == QXL_IO_MEMSLOT_DEL:
+            if 0 <= value < NUM_MEMSLOTS:
+                self.del_memslot(value)
+            return None
+        if io == QXL_IO_DESTROY_PRIMARY:
+            self.primary = None  # qxl_destroy_primary: mode undefined, logging stays off
+            return None
+        if io not in (QXL_IO_MEMSLOT_ADD, QXL_IO_CREATE_PRIMARY):
+            return None
+        if self.ram is None:
+            return "no RAM header"
+        # Both read the guest's request through d->ram, the pointer init_qxl_ram made.
         if io == QXL_IO_MEMSLOT_ADD:
-            if self.ram is None:
-                return "no RAM header"
-            # The slot comes from the RAM header, read through the derived ``ram`` pointer.
             mem_start, mem_end = HDR_MEM_SLOT.unpack(
                 vma.read(self.ram + HDR_MEM_SLOT_OFFSET, HDR_MEM_SLOT.size)
             )
             return self.add_memslot(value, mem_start, mem_end)
-        if io == QXL_IO_MEMSLOT_DEL:
-            if 0 <= value < NUM_MEMSLOTS:
-                self.guest_slots[value] = GuestSlot()
-            return None
-        if io == QXL_IO_CREATE_PRIMARY:
-            if self.ram is None:
-                return "no RAM header"
-            w, h, stride, fmt, _pos, _mouse, _flags, _type, mem = HDR_CREATE_SURFACE.unpack(
-                vma.read(self.ram + HDR_CREATE_SURFACE_OFFSET, HDR_CREATE_SURFACE.size)
-            )
-            return self.create_primary(Primary(w, h, stride, fmt, mem))
-        if io == QXL_IO_DESTROY_PRIMARY:
-            self.primary = self.surface_ptr = None
-            return None
-        return None
+        w, h, stride, fmt, _pos, _mouse, _flags, _type, mem = HDR_CREATE_SURFACE.unpack(
+            vma.read(self.ram + HDR_CREATE_SURFACE_OFFSET, HDR_CREATE_SURFACE.size)
+        )
+        return self.create_primary(Primary(w, h, stride, fmt, mem))
 
     # ----------------------------------------------------------------------------------------
     # Display
@@ -215,25 +285,29 @@ class QXL(VGAPCIDevice):
         }
 
     def framebuffer(self) -> Framebuffer | None:
-        """Through the memslot-derived surface pointer, as SPICE would read it."""
-        if self.primary is None or self.surface_ptr is None:
+        """The primary surface as the SPICE server reads it: through its memslot."""
+        if self.primary is None:
             return None
-        return self.surface_ptr, self.primary.stride * self.primary.height
+        ptr = self.spice_virt(self.primary.mem)
+        return None if ptr is None else (ptr, self.primary.stride * self.primary.height)
 
     def derived_pointers(self) -> dict[str, tuple[int | None, int | None]]:
-        ptr = self.vga.vram_ptr
-        bar = self.bar0_addr()
+        """Each pointer QXL or SPICE keeps, against what the RAM block's pointer gives now."""
+        host = self.vga.vram.host
         out: dict[str, tuple[int | None, int | None]] = {
-            "ram": (self.ram, None if ptr is None else ptr + self.ram_header_offset)
+            "ram": (self.ram, None if host is None else host + self.ram_header_offset)
         }
-        for i, slot in enumerate(self.guest_slots):
-            if slot.active:
-                expected = None if ptr is None or bar is None else ptr + (slot.mem_start - bar)
-                out[f"memslot{i}.virt_start"] = (slot.virt_start, expected)
+        if self.last_release is not None:
+            out["last_release"] = (self.last_release, None)
+        for i, slot in self.spice_memslots.items():
+            g = self.guest_slots[i]
+            expected = None if host is None or not g.active else host + g.offset
+            out[f"spice_memslot{i}.virt_start"] = (slot.virt_start, expected)
         if self.primary is not None:
-            addr = self.primary.mem & ADDR_MASK
-            expected = None if ptr is None or bar is None else ptr + (addr - bar)
-            out["primary_surface"] = (self.surface_ptr, expected)
+            out["primary_surface"] = (
+                self.spice_virt(self.primary.mem),
+                self.phys2virt(self.primary.mem),
+            )
         return out
 
     # ----------------------------------------------------------------------------------------
@@ -282,16 +356,18 @@ class QXL(VGAPCIDevice):
         self._pending = state
 
     def post_load(self) -> None:
-        """``qxl_post_load``: re-add the memslots, then re-create the primary surface."""
+        """``qxl_post_load``: ``qxl_create_memslots``, then (native mode)
+        ``qxl_create_guest_primary`` from the saved surface, not from ``d->ram``."""
         state, self._pending = self._pending, None
         if state is None:
             return
-        self.guest_slots = [GuestSlot() for _ in range(NUM_MEMSLOTS)]
+        for i in range(NUM_MEMSLOTS):
+            self.del_memslot(i)
         for i, s in enumerate(state["guest_slots"]):
             if s["active"]:
                 self.add_memslot(i, s["mem_start"], s["mem_end"])
         p = state["primary"]
-        self.primary = self.surface_ptr = None
+        self.primary = None
         if p is not None:
             self.create_primary(
                 Primary(p["width"], p["height"], p["stride"], p["format"], p["mem"])

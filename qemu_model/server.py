@@ -5,22 +5,29 @@ foreign mappings and hypercalls made from device code), xenstore, and the QMP so
 code runs in a worker thread under one lock, the way QEMU's runs under the big QEMU lock; when
 it needs xenstore it calls back into trio with ``trio.from_thread.run``.
 
-Start-up follows QEMU with Xen (qemu-physmap.md §4.5): open the connections, create the ioreq
-server, build the machine (mapcache, ``xen_read_physmap``, devices), apply ``--restrict`` in
-``setup_post`` (close xenstore, restrict the hypervisor connections, §5.2), open QMP, then run
-the incoming load if ``--incoming`` was given.  Without ``-S`` the machine then runs, and an
-unrestricted device model writes ``running`` to its state node (§2.4).
+Start-up follows QEMU with Xen: open the connections, create the ioreq server, build the
+machine (mapcache, ``xen_read_physmap``, devices), open QMP, then run the incoming load if
+``--incoming`` was given.  ``--restrict`` (-xen-domid-restrict) follows ``--qemu-version``:
+QEMU 2.10 calls ``xen_restrict`` in ``xen_hvm_init`` right after opening xenstore, before the
+machine is built, and restricts only the devicemodel and foreignmemory handles; from 3.0 the
+accelerator's ``setup_post`` calls ``xentoolcore_restrict_all``, which also closes xenstore.
+When the machine runs, the device model writes ``running`` to its state node
+(``xenstore_record_dm_state``) and exits with "error recording dm state" if it cannot; from
+3.0 a restricted device model does not register that write at all.
+
+Three hypervisor connections stand for QEMU's handles: ``privcmd`` is the foreignmemory handle
+(the mapcache's mappings), ``xc`` the libxenctrl handle (relocation, cache attributes,
+populate) and the trio client the devicemodel handle (ioreqs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
-import socket
-import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +38,20 @@ from hypervisor_sim.client import HypervisorClient, open_hypervisor
 from hypervisor_sim.privcmd import Privcmd
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import XsClient, XsDisconnected, open_xenstore
+from xenstored_sim.startup import OwnedSocket, listen_unix
 from xenstored_sim.wire import XsError
 
 from . import qmp
 from .errors import LoadError, QemuAbort, QemuExit
 from .machine import Machine, RunState
 from .ui import console, vnc
+from .version import QemuVersion
 from .xen_hvm import MODES, Mode
+from .xen_native import xen_restrict
 from .xenforeignmemory import ForeignMemory
 
 log = logging.getLogger("qemu_model")
+DEFAULT_VERSION = QemuVersion()
 
 #: Events a slow QMP client may have queued before it starts losing them.
 QMP_EVENT_BUFFER = 256
@@ -58,6 +69,7 @@ class Config:
     start_paused: bool
     memory_mib: int
     vram_mib: int
+    qemu_version: QemuVersion = DEFAULT_VERSION
     vnc: vnc.VncAddress | None = None
     #: The hypercall socket: ``RUNDIR/hypervisor.sock`` unless the toolstack gave the device
     #: models one of their own (``--hypervisor``).
@@ -132,8 +144,23 @@ class PrivcmdHypercalls:
     def populate_physmap(self, domid: int, gfns: list[int]) -> int:
         return int(self._p.call("populate_physmap", domid=domid, gfns=gfns))
 
+    def add_to_physmap(self, domid: int, space: str, idx: int, gpfn: int) -> None:
+        self._p.call("add_to_physmap", domid=domid, space=space, idx=idx, gpfn=gpfn)
+
+    def add_to_physmap_each(self, domid: int, space: str, moves: list[tuple[int, int]]) -> None:
+        """The per-page loop: one hypercall per page, sent in one round trip."""
+        self._p.sequence(
+            [
+                ("add_to_physmap", {"domid": domid, "space": space, "idx": i, "gpfn": g})
+                for i, g in moves
+            ]
+        )
+
     def relocate_memory(self, domid: int, src_gfn: int, dst_gfn: int, nr: int) -> None:
         self._p.call("relocate_memory", domid=domid, src_gfn=src_gfn, dst_gfn=dst_gfn, nr=nr)
+
+    def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
+        self._p.call("pin_memory_cacheattr", domid=domid, start=start, end=end, type=type)
 
     def track_dirty_vram(self, domid: int, first_pfn: int, nr: int) -> bytes:
         result = self._p.call("track_dirty_vram", domid=domid, first_pfn=first_pfn, nr=nr)
@@ -141,6 +168,49 @@ class PrivcmdHypercalls:
 
     def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
         self._p.call("modified_memory", domid=domid, first_pfn=first_pfn, nr=nr)
+
+
+@contextlib.asynccontextmanager
+async def _open_hypervisor(path: Path) -> AsyncIterator[HypervisorClient]:
+    """``open_hypervisor``, with a failure to connect said in one line naming the socket."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            hv = await stack.enter_async_context(open_hypervisor(path))
+        except OSError as exc:
+            raise QemuExit(f"xen: cannot reach hypervisor-sim at {path}: {exc.strerror}") from None
+        yield hv
+
+
+class DeviceModelHandles:
+    """The handles ``xen_restrict`` can restrict, over this device model's connections.
+
+    Called from a worker thread; the trio client is reached with ``trio.from_thread``.
+    """
+
+    def __init__(self, privcmd: Privcmd, xc: Privcmd, hv: HypervisorClient) -> None:
+        self._privcmd, self._xc, self._hv = privcmd, xc, hv
+
+    def _run(self, *steps: Callable[[int], object], domid: int) -> int:
+        try:
+            for step in steps:
+                step(domid)
+        except (HypercallError, HypervisorDisconnected) as exc:
+            log.error("restrict: %s", exc)
+            return -errno.EPERM
+        return 0
+
+    def _devicemodel(self, domid: int) -> None:
+        trio.from_thread.run(self._hv.restrict, domid)
+
+    def restrict_devicemodel(self, domid: int) -> int:
+        return self._run(self._devicemodel, domid=domid)
+
+    def restrict_foreignmemory(self, domid: int) -> int:
+        return self._run(self._privcmd.restrict, domid=domid)
+
+    def restrict_all(self, domid: int) -> int:
+        """``xentoolcore_restrict_all``: every handle (xenstore is closed by the caller)."""
+        return self._run(self._privcmd.restrict, self._xc.restrict, self._devicemodel, domid=domid)
 
 
 class _QmpClient:
@@ -160,10 +230,13 @@ class DeviceModel:
         self.autostart = not cfg.start_paused
         self._hv: HypervisorClient | None = None
         self._privcmd: Privcmd | None = None
+        self._xc: Privcmd | None = None
+        self._restricted_early: tuple[str, ...] = ()
         self._xs_bridge: XenStoreBridge | None = None
         self._clients: set[_QmpClient] = set()
         self._quit = trio.Event()
         self._fatal: BaseException | None = None
+        self._qmp_sock: OwnedSocket | None = None
         self._vnc: vnc.VncServer | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -172,10 +245,11 @@ class DeviceModel:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         try:
-            async with open_hypervisor(cfg.hypervisor_path) as hv:
+            async with _open_hypervisor(cfg.hypervisor_path) as hv:
                 self._hv = hv
                 self.mode = resolve_mode(cfg.xen_mode, bool((await hv.version())["has_map2"]))
                 self._privcmd = await trio.to_thread.run_sync(Privcmd, cfg.hypervisor_path)
+                self._xc = await trio.to_thread.run_sync(Privcmd, cfg.hypervisor_path)
                 await hv.ioreq_server_create(cfg.domid)
                 async with contextlib.AsyncExitStack() as xs_stack:
                     try:
@@ -185,8 +259,10 @@ class DeviceModel:
                             f"xen: could not open xenstore at {cfg.xenstore_path}: {exc}"
                         ) from None
                     self._xs_bridge = XenStoreBridge(xs, trio.lowlevel.current_trio_token())
+                    if cfg.restrict and not cfg.qemu_version.restrict_all:
+                        await self._restrict_2_10()
                     await self._init_machine()
-                    if cfg.restrict:
+                    if cfg.restrict and cfg.qemu_version.restrict_all:
                         await self._restrict()
                         await xs_stack.aclose()  # dm_restrict: no xenstore after setup_post
                     async with trio.open_nursery() as nursery:
@@ -203,8 +279,8 @@ class DeviceModel:
 
     async def _init_machine(self) -> None:
         cfg = self.cfg
-        assert self._privcmd is not None and self.mode is not None
-        privcmd, mode, bridge = self._privcmd, self.mode, self._xs_bridge
+        assert self._privcmd is not None and self._xc is not None and self.mode is not None
+        privcmd, xc, mode, bridge = self._privcmd, self._xc, self.mode, self._xs_bridge
 
         def build() -> Machine:
             return Machine(
@@ -214,10 +290,12 @@ class DeviceModel:
                 ram_size=cfg.memory_mib << 20,
                 vram_size=cfg.vram_mib << 20,
                 fmem=ForeignMemory(privcmd),
-                hypercalls=PrivcmdHypercalls(privcmd),
-                dirty=PrivcmdHypercalls(privcmd),
+                hypercalls=PrivcmdHypercalls(xc),
+                dirty=PrivcmdHypercalls(xc),
                 xenstore=bridge,
                 incoming=cfg.incoming is not None,
+                version=cfg.qemu_version,
+                restricted_handles=self._restricted_early,
             )
 
         try:
@@ -231,24 +309,30 @@ class DeviceModel:
             self.machine.device.vga.vram_ptr or 0,
         )
 
+    def _handles(self) -> DeviceModelHandles:
+        assert self._privcmd is not None and self._xc is not None and self._hv is not None
+        return DeviceModelHandles(self._privcmd, self._xc, self._hv)
+
+    async def _restrict_2_10(self) -> None:
+        """QEMU 2.10 ``xen_hvm_init``: ``xen_restrict`` right after ``xs_daemon_open``."""
+        assert self.mode is not None
+        version, compat, domid = self.cfg.qemu_version, self.mode == "compat", self.cfg.domid
+        handles = self._handles()
+        rc, restricted = await trio.to_thread.run_sync(
+            xen_restrict, version, compat, domid, handles
+        )
+        if rc < 0:
+            raise QemuExit(f"failed to restrict: error {-rc}", 1)
+        self._restricted_early = restricted
+        log.info("restricted to domain %d: %s", domid, ", ".join(restricted) or "nothing")
+
     async def _restrict(self) -> None:
-        """``xen_restrict`` → ``xentoolcore_restrict_all``: every handle is restricted."""
-        assert self.machine is not None and self._privcmd is not None and self._hv is not None
-        privcmd, hv, domid = self._privcmd, self._hv, self.cfg.domid
-
-        def restrict_all(target: int) -> int:
-            try:
-                privcmd.restrict(target)
-                trio.from_thread.run(hv.restrict, target)
-            except (HypercallError, HypervisorDisconnected) as exc:
-                log.error("restrict: %s", exc)
-                return -1
-            return 0
-
-        await trio.to_thread.run_sync(self.machine.restrict, restrict_all)
+        """``xen_setup_post`` → ``xentoolcore_restrict_all`` (QEMU 3.0 and later)."""
+        assert self.machine is not None
+        await trio.to_thread.run_sync(self.machine.restrict, self._handles())
         if self._xs_bridge is not None:
             self._xs_bridge.close()
-        log.info("restricted to domain %d; xenstore closed", domid)
+        log.info("restricted to domain %d; xenstore closed", self.cfg.domid)
 
     async def _start(self) -> None:
         incoming = self.cfg.incoming
@@ -268,13 +352,15 @@ class DeviceModel:
             await self._set_running()
 
     def _shutdown(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.cfg.qmp_path)
+        if self._qmp_sock is not None:
+            self._qmp_sock.remove()
         vnc.unlink_unix(self.cfg.vnc)
         if self.machine is not None:
             self.machine.close()
         if self._privcmd is not None:
             self._privcmd.close()
+        if self._xc is not None:
+            self._xc.close()
 
     # ----------------------------------------------------------------------------------------
     # Run states
@@ -298,15 +384,22 @@ class DeviceModel:
         await self._set_runstate("running")
 
     async def _record_dm_state(self) -> None:
-        """``xenstore_record_dm_state``: not registered at all when restricted (§2.4)."""
-        if self.cfg.restrict or self._xs_bridge is None or self.machine is None:
+        """``xen_change_state_handler`` → ``xenstore_record_dm_state`` (hw/xen/xen-common.c).
+
+        From QEMU 3.0 the handler is not registered under -xen-domid-restrict; otherwise a
+        failed write makes QEMU exit.
+        """
+        if self.machine is None:
+            return
+        if self.cfg.restrict and self.cfg.qemu_version.skip_state_write_when_restricted:
             return
         # Relative, as QEMU writes it: xenstored puts it under this connection's home, dom0's
-        # tree for a dom0 device model and the stub's own tree for a stub domain (§2.4, §5.5).
+        # tree for a dom0 device model and the stub's own tree for a stub domain.
         path = f"device-model/{self.cfg.domid}/state"
-        ok = await trio.to_thread.run_sync(self._xs_bridge.write, path, "running")
+        bridge = self._xs_bridge
+        ok = bridge is not None and await trio.to_thread.run_sync(bridge.write, path, "running")
         if not ok:
-            log.warning("xen: could not write %s", path)
+            raise QemuExit("error recording dm state", 1)
 
     async def _load(self, data: bytes) -> None:
         assert self.machine is not None
@@ -344,20 +437,17 @@ class DeviceModel:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         path = self.cfg.qmp_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
-        # Bind and listen under a temporary name, then rename: whoever sees the path can
-        # connect at once (a client waiting for the file never meets ECONNREFUSED).
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(str(tmp))
-        sock.listen(16)
-        os.chmod(tmp, 0o600)
-        os.rename(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QemuExit(f"cannot create {path.parent}: {exc.strerror}") from None
+        # Bound under a temporary name and renamed: whoever sees the path can connect at once.
+        # A live device model's socket is never replaced, and only our own is removed at exit.
+        try:
+            self._qmp_sock = listen_unix(str(path), backlog=16)
+        except OSError as exc:
+            raise QemuExit(f"QMP: {exc.strerror}") from None
+        sock = trio.socket.from_stdlib_socket(self._qmp_sock.sock)
         listener = trio.SocketListener(sock)
         task_status.started()
         async with listener, trio.open_nursery() as nursery:

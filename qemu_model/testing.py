@@ -28,6 +28,7 @@ class FakeHypervisor:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.fail_relocate = False
         self.restricted_to: int | None = None
+        self.restricted_handles: list[str] = []
 
     def close(self) -> None:
         os.close(self._fd)
@@ -54,18 +55,48 @@ class FakeHypervisor:
         for i, frame in enumerate(frames):
             self.p2m[domid, dst_gfn + i] = frame
 
+    def add_to_physmap(self, domid: int, space: str, idx: int, gpfn: int) -> None:
+        """XENMAPSPACE_gmfn: move one frame; EINVAL when ``idx`` holds none (xen/common/memory.c)."""
+        self.calls.append(("add_to_physmap", {"domid": domid, "idx": idx, "gpfn": gpfn}))
+        if self.fail_relocate or (domid, idx) not in self.p2m:
+            raise OSError(f"EINVAL: add_to_physmap {idx:#x} -> {gpfn:#x}")
+        self.p2m[domid, gpfn] = self.p2m.pop((domid, idx))
+
+    def add_to_physmap_each(self, domid: int, space: str, moves: list[tuple[int, int]]) -> None:
+        for idx, gpfn in moves:
+            self.add_to_physmap(domid, space, idx, gpfn)
+
+    def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
+        self.calls.append(
+            ("pin_memory_cacheattr", {"domid": domid, "start": start, "end": end, "type": type})
+        )
+
     def map_foreign(self, domid: int, gfns: list[int]) -> dict[str, Any]:
         self.calls.append(("map_foreign", {"domid": domid, "first": gfns[0], "nr": len(gfns)}))
         offsets, errors = [], []
         for gfn in gfns:
             frame = self.p2m.get((domid, gfn))
             offsets.append(-1 if frame is None else frame * PAGE_SIZE)
-            errors.append("ENOENT" if frame is None else "")
+            errors.append("EINVAL" if frame is None else "")
         return {"mem_path": self.mem_path, "offsets": offsets, "errors": errors}
 
     def restrict(self, domid: int) -> int:
         self.restricted_to = domid
         return 0
+
+    # The handles xen_restrict restricts (qemu_model.xen_native.RestrictableHandles).
+
+    def restrict_devicemodel(self, domid: int) -> int:
+        self.restricted_handles.append("devicemodel")
+        return self.restrict(domid)
+
+    def restrict_foreignmemory(self, domid: int) -> int:
+        self.restricted_handles.append("foreignmemory")
+        return self.restrict(domid)
+
+    def restrict_all(self, domid: int) -> int:
+        self.restricted_handles.append("all")
+        return self.restrict(domid)
 
     # The guest's view.
 

@@ -1,13 +1,15 @@
 """The VGA family: the common VRAM (``vga_common_init``) and the standard VGA with VBE.
 
-``vga_common_init`` (qemu-physmap.md §4.3) creates the ``vga.vram`` RAM block, registers it
-as Xen's framebuffer, caches ``vram_ptr`` from the block's host pointer and turns on dirty
-logging; all of this happens at realize time, BEFORE an incoming device state is loaded.
+``vga_common_init`` (hw/display/vga.c) creates the ``vga.vram`` RAM block, registers it
+as Xen's framebuffer, caches ``vram_ptr`` from the block's host pointer and turns on VGA dirty
+logging (``vga_dirty_log_start``); all of this happens at realize time, BEFORE an incoming
+device state is loaded.  Whether logging is on decides what ``xen_set_memory`` does with the
+VRAM when it enters or leaves the address space (:meth:`qemu_model.machine.Machine.set_memory`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, Protocol
 
 from hypervisor_sim import vma
@@ -51,6 +53,8 @@ class MachineOps(Protocol):
 
     def region_del(self, block: RamBlock, start_addr: int, size: int) -> None: ...
 
+    def register_pointer_fixup(self, fixup: Callable[[int, int], None]) -> None: ...
+
 
 class VGACommon:
     """``VGACommonState``'s VRAM half: the block and the pointer devices keep."""
@@ -61,7 +65,21 @@ class VGACommon:
         machine.register_framebuffer(self.vram)
         self.vram_ptr: int | None = machine.get_ram_ptr(self.vram)
         self.vram_ptr_at_init = self.vram_ptr
-        self.dirty_log = True  # vga_dirty_log_start
+        # The pointer-fixup reconstruction knows this one pointer of every VGA device.
+        machine.register_pointer_fixup(self._fixup_vram_ptr)
+        self.dirty_log_start()
+
+    def dirty_log_start(self) -> None:
+        """``vga_dirty_log_start``: VGA dirty logging on the VRAM region."""
+        self.vram.log_dirty = True
+
+    def dirty_log_stop(self) -> None:
+        """``vga_dirty_log_stop`` (only QXL calls it, leaving VGA mode)."""
+        self.vram.log_dirty = False
+
+    def _fixup_vram_ptr(self, old: int, new: int) -> None:
+        if self.vram_ptr is not None and old <= self.vram_ptr < old + self.vram_size:
+            self.vram_ptr = new + (self.vram_ptr - old)
 
     def read(self, offset: int, length: int) -> bytes | None:
         """Bytes of VRAM through ``vram_ptr``."""

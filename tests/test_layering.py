@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 NO_TRIO_MODULES = [
     "xenstored_sim.wire",
     "xenstored_sim.core",
+    "xenstored_sim.startup",
     "hypervisor_sim.vma",
     "hypervisor_sim.guest_drivers",
     "qemu_model.mapcache",
@@ -46,11 +47,17 @@ NO_TRIO_MODULES = [
 # package -> the only modules of other packages it may import
 ALLOWED: dict[str, set[str]] = {
     "xenstored_sim": set(),
-    "hypervisor_sim": {"xenstored_sim.wire", "xenstored_sim.client", "xenstored_sim.ready"},
+    "hypervisor_sim": {
+        "xenstored_sim.wire",
+        "xenstored_sim.client",
+        "xenstored_sim.ready",
+        "xenstored_sim.startup",
+    },
     "qemu_model": {
         "xenstored_sim.ready",
         "xenstored_sim.wire",
         "xenstored_sim.client",
+        "xenstored_sim.startup",
         "hypervisor_sim.client",
         "hypervisor_sim.privcmd",
         "hypervisor_sim.vma",
@@ -60,6 +67,7 @@ ALLOWED: dict[str, set[str]] = {
     "physmap_lab": {
         "xenstored_sim.wire",
         "xenstored_sim.client",
+        "xenstored_sim.startup",
         "hypervisor_sim.client",
         "hypervisor_sim.protocol",
         "hypervisor_sim.guest_drivers",
@@ -68,6 +76,7 @@ ALLOWED: dict[str, set[str]] = {
     "toolstack": {
         "xenstored_sim.wire",
         "xenstored_sim.client",
+        "xenstored_sim.startup",
         "hypervisor_sim.client",
         "hypervisor_sim.protocol",
         "hypervisor_sim.guest_drivers",

@@ -4,7 +4,8 @@ tools/xl/xl_cmdtable.c and xl(1)).
 ::
 
     xl-sim [--rundir DIR] [--json] create [CONFIG] [--name N] [--memory MiB] [--vga V]
-                                      [--videoram MiB] [--dm-mode M] [--dm-restrict]
+                                      [--videoram MiB] [--dm-mode M]
+                                      [--dm-qemu-version V] [--dm-restrict]
                                       [--dm-stubdom [--dm-grant 'ACCESS PATH' ...]]
                                       [--toolstack libxl|unaware]
     xl-sim list [-l|--long] [DOMAIN]
@@ -12,7 +13,8 @@ tools/xl/xl_cmdtable.c and xl(1)).
     xl-sim pause|unpause|destroy DOMAIN
     xl-sim domid NAME | domname DOMID
     xl-sim save [-c|--checkpoint] [-p] [--toolstack F] DOMAIN FILE
-    xl-sim restore [-p] [CONFIG] FILE [--name N] [--dm-mode M] [--dm-restrict |
+    xl-sim restore [-p] [CONFIG] FILE [--name N] [--dm-mode M]
+                                      [--dm-qemu-version V] [--dm-restrict |
                                       --no-dm-restrict] [--dm-stubdom | --no-dm-stubdom]
                                       [--dm-grant 'ACCESS PATH' ...] [--toolstack F]
     xl-sim migrate DOMAIN ADDRESS:PORT [--max-rounds N] [--dirty-threshold PAGES]
@@ -42,11 +44,13 @@ import trio
 from hypervisor_sim import guest_drivers
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenstored_sim.client import XsDisconnected
+from xenstored_sim.startup import OneLineParser
 from xenstored_sim.wire import XsError
 
 from . import migrate, vncviewer, xl_info
 from .config import (
     DM_MODES,
+    DM_QEMU_VERSIONS,
     FLAVOURS,
     VGA_CHOICES,
     ConfigError,
@@ -127,7 +131,7 @@ def _grant_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument(
         "--rundir",
         default=argparse.SUPPRESS,
@@ -137,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, parents=[common], description="A toolstack for the simulated Xen host."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -149,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vga", choices=VGA_CHOICES)
     p.add_argument("--videoram", type=_int, help="video memory in MiB")
     p.add_argument("--dm-mode", choices=DM_MODES)
+    p.add_argument(
+        "--dm-qemu-version",
+        choices=DM_QEMU_VERSIONS,
+        help="the QEMU the device model behaves as (xl.cfg device_model_qemu_version)",
+    )
     p.add_argument("--dm-restrict", action="store_true", default=None)
     p.add_argument("--dm-stubdom", dest="dm_stubdom", action="store_true", default=None)
     _grant_arg(p)
@@ -197,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name")
     p.add_argument("--dm-mode", choices=DM_MODES)
+    p.add_argument(
+        "--dm-qemu-version",
+        choices=DM_QEMU_VERSIONS,
+        help="the QEMU the device model behaves as (xl.cfg device_model_qemu_version)",
+    )
     p.add_argument("--dm-restrict", dest="dm_restrict", action="store_true", default=None)
     p.add_argument("--no-dm-restrict", dest="dm_restrict", action="store_false")
     p.add_argument("--dm-stubdom", dest="dm_stubdom", action="store_true", default=None)
@@ -275,6 +289,7 @@ def _create_config(args: argparse.Namespace) -> DomainConfig:
         vga=args.vga,
         videoram_mib=args.videoram,
         dm_mode=args.dm_mode,
+        dm_qemu_version=args.dm_qemu_version,
         dm_restrict=args.dm_restrict,
         dm_stubdom=args.dm_stubdom,
         dm_stubdom_grants=None if args.dm_grants is None else tuple(args.dm_grants),
@@ -300,6 +315,7 @@ def _restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         "name": args.name,
         "dm_mode": args.dm_mode,
+        "dm_qemu_version": args.dm_qemu_version,
         "dm_restrict": args.dm_restrict,
         "dm_stubdom": args.dm_stubdom,
         "dm_stubdom_grants": None if args.dm_grants is None else tuple(args.dm_grants),

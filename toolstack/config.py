@@ -19,6 +19,8 @@ from .xlcfg import XL_CFG_OPTIONS, Setting, XlCfgSyntaxError, parse_settings
 
 Vga = Literal["stdvga", "cirrus", "qxl"]
 DmMode = Literal["new", "compat", "pointer-fixup", "auto"]
+#: ``qemu-model --qemu-version``: the QEMU the device model behaves as (its docs/fidelity.md).
+DmQemuVersion = Literal["2.10", "3.0", "current"]
 Flavour = Literal["libxl", "unaware"]
 #: xl.cfg(5) ``on_poweroff``, ``on_reboot``, ``on_crash``: what to do when the guest stops.
 Action = Literal[
@@ -36,6 +38,7 @@ MAX_VCPUS: Final = 128
 
 VGA_CHOICES: Final[tuple[str, ...]] = get_args(Vga)
 DM_MODES: Final[tuple[str, ...]] = get_args(DmMode)
+DM_QEMU_VERSIONS: Final[tuple[str, ...]] = get_args(DmQemuVersion)
 FLAVOURS: Final[tuple[str, ...]] = get_args(Flavour)
 
 #: Default video memory in MiB per card, as libxl's build-info defaults for qemu-xen
@@ -66,6 +69,8 @@ class DomainConfig:
     videoram_mib: int | None = None
     dm_mode: DmMode = "new"
     dm_restrict: bool = False
+    #: xl.cfg ``device_model_qemu_version``, in the manner of ``device_model_version``.
+    dm_qemu_version: DmQemuVersion = "2.10"
     toolstack: Flavour = "libxl"
     uuid: str | None = None
     #: Run the device model as an unprivileged stub domain (xl.cfg
@@ -161,6 +166,11 @@ def check(config: DomainConfig) -> DomainConfig:
             )
     if config.dm_mode not in DM_MODES:
         raise ConfigError(f"dm_mode must be one of {', '.join(DM_MODES)}, not {config.dm_mode!r}")
+    if config.dm_qemu_version not in DM_QEMU_VERSIONS:
+        raise ConfigError(
+            f"device_model_qemu_version must be one of {', '.join(DM_QEMU_VERSIONS)}, "
+            f"not {config.dm_qemu_version!r}"
+        )
     if not isinstance(config.dm_restrict, bool):
         raise ConfigError("dm_restrict must be 0 or 1")
     if not isinstance(config.dm_stubdom, bool):
@@ -224,6 +234,7 @@ _KEYS: Final[dict[str, tuple[str, str]]] = {
     "videoram": ("videoram_mib", "int"),
     "dm_mode": ("dm_mode", "str"),
     "dm_restrict": ("dm_restrict", "bool"),
+    "device_model_qemu_version": ("dm_qemu_version", "str"),
     "device_model_stubdomain_override": ("dm_stubdom", "bool"),
     "toolstack": ("toolstack", "str"),
     "uuid": ("uuid", "str"),

@@ -52,6 +52,8 @@ def dm_argv(
         str(domid),
         "--xen-mode",
         config.dm_mode,
+        "--qemu-version",
+        config.dm_qemu_version,
         "--vga",
         config.vga,
         "--rundir",

@@ -204,7 +204,8 @@ def read_image(f: BinaryIO) -> ImageIndex:
             if index.xenstore is not None:
                 raise StreamError("second EMULATOR_XENSTORE_DATA record", where)
             body = stream.read_body(r, hdr)
-            stream.parse_emulator_header(body, hdr.name, where)
+            # libxl_stream_read.c hands the body past the emulator sub-header to
+            # libxl__restore_emulator_xenstore_data without looking at the emulator id.
             try:
                 index.xenstore = decode(body)
             except XenstoreDataError as exc:

@@ -33,7 +33,7 @@ from xenstored_sim.wire import LocalProtocolError, XsError
 from . import devicemodel, stubdom
 from .audit import Audit
 from .config import DomainConfig, Flavour
-from .emulator_xenstore import XenstoreDataError, dm_root, physmap_pairs
+from .emulator_xenstore import PHYSMAP_FIELDS, XenstoreDataError, dm_root, physmap_pairs
 from .image import (
     ImageIndex,
     WriteSummary,
@@ -509,6 +509,9 @@ class Libxl:
                 await self._xs("write", path, t.write(path, value), tx=True)
 
             await rm(dom)
+            # Left by an earlier domain with this domid that was never destroyed (it died
+            # with the hypervisor): its "running" must not pass for the new device model's.
+            await rm(dm_root(domid))
             await mknod(dom, ro)
             await rm(vm)
             await mknod(vm, ro)
@@ -553,9 +556,9 @@ class Libxl:
             "domid": str(domid),
             "store/port": str(STORE_PORT),
             "store/ring-ref": str(STORE_GFN),
-            # libxl_get_stubdom_id reads this; 0 means the device model runs in dom0.
-            "image/device-model-domid": "0",
         }
+        # image/device-model-domid is written only by libxl__spawn_stub_dm (libxl_dm.c);
+        # libxl_get_stubdom_id reads it and takes a missing node for dom0.
 
         async def fill(t: Transaction) -> None:
             for key, value in entries.items():
@@ -595,6 +598,10 @@ class Libxl:
             )["domid"]
         )
         made.domid = domid
+        # The hypervisor gave out this domid: any configuration recorded under it belongs to
+        # a domain that no longer exists (libxl keys userdata by domid).
+        for stale in self.run.userdata_files(domid):
+            stale.unlink(missing_ok=True)
         made.files.append(
             self._store_userdata(domid, uuid, config.with_overrides(name=name, uuid=uuid))
         )
@@ -946,10 +953,13 @@ class Libxl:
         root = dm_root(domid, dm_domid)
         entries: dict[str, dict[str, str | None]] = {}
         for child in await self.xs_directory(f"{root}/physmap"):
-            entries[child] = {
-                name: await self.xs_read(f"{root}/physmap/{child}/{name}")
-                for name in ("start_addr", "size", "name")
-            }
+            sub: dict[str, str | None] = {}
+            entries[child] = sub
+            for name in PHYSMAP_FIELDS:
+                sub[name] = await self.xs_read(f"{root}/physmap/{child}/{name}")
+                if sub[name] is None:
+                    # libxl stops at the first missing key (goto out); later ones are unread.
+                    return physmap_pairs(entries)
         return physmap_pairs(entries)
 
     async def save(

@@ -3,7 +3,8 @@
 
 ``magic`` (32 octets), then four u32 in the saving host's order: ``byteorder`` (0x01020304),
 ``mandatory_flags`` (unknown bits refuse the restore; bit 0 = the config is JSON, bit 1 = a v2
-stream follows), ``optional_flags`` (unknown bits refuse too) and ``optional_data_len``.  The
+stream follows), ``optional_flags`` (unknown bits are ignored, as ``xl`` ignores them) and
+``optional_data_len``.  The
 optional data is the config: its length as a u32, then the config text with a trailing NUL.
 """
 
@@ -57,8 +58,7 @@ def read_header(r: ImageReader) -> SaveFileHeader:
         raise StreamError(f"save file byte order 0x{byteorder:08x} is not this host's", start)
     if mandatory & ~_FLAGS_KNOWN:
         raise StreamError(f"save file has unknown mandatory flags 0x{mandatory:x}", start)
-    if optional_flags:
-        raise StreamError(f"save file has unknown optional flags 0x{optional_flags:x}", start)
+    # Unknown optional flags are ignored (xl_saverestore.c: only mandatory ones refuse).
     if not mandatory & FLAG_STREAM_V2:
         raise StreamError("save file holds a legacy (pre-v2) stream, which is not supported", start)
     if optlen > CONFIG_MAX + _LEN.size:

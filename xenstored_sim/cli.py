@@ -10,6 +10,8 @@ timeout (xenstore-facts.md §7.1, §4.8; C 4.17's usage text).  Like C (``xs_lib
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import signal
 import sys
@@ -23,6 +25,15 @@ from .core.errors import XsErrno
 from .ready import add_ready_fd_argument, notify_ready, ready_fd_from
 from .server import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
+from .startup import OneLineParser, answering_pid, os_errors
+
+_IGNORED_C_FLAGS = (
+    "C xenstored 4.17's other flags are accepted so that a harness starting C can start this "
+    "instead: -N/--no-fork (this daemon never forks), -D/--no-domain-init (there is no dom0 "
+    "ring to set up), -R/--no-recovery, -I/--internal-db [on|off] (the store is in memory, or "
+    "in --state-dir), -U/--live-update, --event, --master-domid and --priv-domid have no "
+    "meaning here and are ignored."
+)
 
 
 def _quota_arg(text: str) -> tuple[str, int]:
@@ -33,9 +44,14 @@ def _quota_arg(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="xenstored-sim", description="A xenstore daemon speaking the real wire protocol."
+    p = OneLineParser(
+        prog="xenstored-sim",
+        description="A xenstore daemon speaking the real wire protocol.",
+        epilog=_IGNORED_C_FLAGS,
+        add_help=False,
     )
+    p.add_argument("-h", "-H", "--help", action="help", help="show this help message and exit")
+    _c_flags(p)
     p.add_argument(
         "--rundir", help=f"run directory (default: $XENSTORED_RUNDIR, else {DEFAULT_RUNDIR})"
     )
@@ -107,6 +123,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _c_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of C xenstored 4.17 (cf. tools/xenstore/xenstored_core.c: options[], usage())
+    beyond the quota ones."""
+    p.add_argument("-F", "--pid-file", metavar="FILE", help="write the daemon's pid to FILE")
+    p.add_argument(
+        "-P", "--output-pid", action="store_true", help="print the daemon's pid on stdout"
+    )
+    p.add_argument(
+        "-T",
+        "--trace-file",
+        metavar="FILE",
+        help="log every request and reply to FILE, in C xenstored's trace format",
+    )
+    p.add_argument("-V", "--verbose", action="store_true", help="log more (debug level)")
+    p.add_argument(
+        "-K",
+        "--keep-orphans",
+        action="store_true",
+        help="on RELEASE, give a domain's nodes to dom0 instead of deleting them",
+    )
+    for short, long in (("-N", "--no-fork"), ("-D", "--no-domain-init"), ("-R", "--no-recovery")):
+        p.add_argument(short, long, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-U", "--live-update", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-I", "--internal-db", nargs="?", const="on", help=argparse.SUPPRESS)
+    for long in ("--event", "--master-domid", "--priv-domid"):
+        p.add_argument(long, type=int, help=argparse.SUPPRESS)
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -126,6 +170,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
             quotas.soft_memory = value
     except XsErrno:
         parser.error("invalid quota name or value")
+    if args.journal_max < 1:
+        parser.error(f"--journal-max {args.journal_max}: must be at least 1")
+    if args.live_update_state is not None:
+        try:
+            os.fstat(args.live_update_state)
+        except OSError as exc:
+            parser.error(f"--live-update-state {args.live_update_state}: {exc.strerror}")
     watch_event_timeout = 20.0
     for name, value in args.timeout:
         if name != "watch-event":
@@ -137,8 +188,6 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         parser.error(str(exc))
     if any(path == socket_path for _, path in principal_sockets):
         parser.error(f"--principal-socket: {socket_path} is the privileged socket itself")
-    if args.state_dir:
-        os.makedirs(args.state_dir, exist_ok=True)
     return DaemonConfig(
         rundir=rundir,
         socket_path=socket_path,
@@ -149,6 +198,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         journal_max=args.journal_max,
         live_update_state=args.live_update_state,
         watch_event_timeout=watch_event_timeout,
+        trace_file=args.trace_file,
+        keep_orphans=args.keep_orphans,
+        pid_file=args.pid_file,
+        output_pid=args.output_pid,
+        verbose=args.verbose,
         principal_sockets=principal_sockets,
     )
 
@@ -157,37 +211,63 @@ async def _main(config: DaemonConfig, ready_fd: int | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_xenstored, config)
+            _announce(config)
             notify_ready("xenstored-sim", config.socket_path, ready_fd)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
 
 
+def _prepare(config: DaemonConfig) -> None:
+    """Create the directories the daemon writes into (the run directory with ``domains/``,
+    the state directory, the audit log's directory); refuse a socket a live daemon serves."""
+    dirs = [os.path.join(config.rundir, "domains")]
+    if config.state_dir:
+        dirs.append(config.state_dir)
+    if config.audit_log:
+        dirs.append(os.path.dirname(os.path.abspath(config.audit_log)))
+    for d in dirs:
+        if os.path.lexists(d) and not os.path.isdir(d):
+            raise NotADirectoryError(errno.ENOTDIR, f"{d} is not a directory")
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create directory {d}: {exc.strerror}") from None
+    if config.live_update_state is None:
+        # Before the state directory is opened: a second daemon must not touch the journal
+        # of a live first one.
+        answering_pid(config.socket_path)
+
+
+def _announce(config: DaemonConfig) -> None:
+    """Once serving: C's write_pidfile() (``%ld\\n``) and ``-P``'s pid on stdout."""
+    if config.pid_file:
+        with open(config.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    if config.output_pid:
+        print(os.getpid(), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     ready_fd = ready_fd_from(argv)
-    os.makedirs(config.rundir, exist_ok=True)
+    if config.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="xenstored-sim: %(message)s")
     try:
+        _prepare(config)
         trio.run(_main, config, ready_fd)
-    except OSError as exc:
-        print(f"xenstored-sim: {exc}", file=sys.stderr)
-        return 1
-    except BaseExceptionGroup as group:
-        # Start-up failures (a socket that cannot be bound, an unreadable state directory)
-        # reach here wrapped by the nurseries.
-        errors, rest = group.split(OSError)
-        if errors is None or rest is not None:
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        # Start-up failures (a socket in use or that cannot be bound, an unreadable state
+        # directory) may reach here wrapped by the nurseries.
+        lines = os_errors(exc)
+        if lines is None:
             raise
-        for leaf in _leaves(errors):
-            print(f"xenstored-sim: {leaf}", file=sys.stderr)
+        for line in lines:
+            print(f"xenstored-sim: {line}", file=sys.stderr)
         return 1
     return 0
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The daemons' readiness handshake: one "ready" line, and ``--ready-fd N``.
 
 A daemon is ready once its sockets accept.  It then prints one line such as
-``xenstored-sim: ready on RUNDIR/socket (pid N)`` on stdout and, given ``--ready-fd N``, writes
+``xenstored-sim: ready on RUNDIR/socket (pid N)`` on stderr, with its other messages (stdout
+stays C xenstored's: ``-P`` prints the pid there alone), and, given ``--ready-fd N``, writes
 the same line to file descriptor N and closes it, so that a parent that passed one end of a
 pipe reads a line when the daemon is ready, or end of file if it died first.  This is the
 role ``sd_notify(1, "READY=1")`` plays for C xenstored under systemd (cf. Xen
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections.abc import Sequence
 
 
@@ -42,17 +44,17 @@ def add_ready_fd_argument(parser: argparse.ArgumentParser) -> None:
 
 def ready_fd_from(argv: Sequence[str] | None) -> int | None:
     """``--ready-fd`` out of a daemon's arguments, which its own parser has already checked."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_ready_fd_argument(p)
     fd: int | None = p.parse_known_args(argv)[0].ready_fd
     return fd
 
 
 def notify_ready(prog: str, where: str, fd: int | None) -> str:
-    """Announce readiness: the ready line on stdout and on ``fd``; returns the line."""
+    """Announce readiness: the ready line on stderr and on ``fd``; returns the line."""
     line = f"{prog}: ready on {where} (pid {os.getpid()})"
-    with contextlib.suppress(OSError):  # stdout closed: a courtesy; the fd is the contract
-        print(line, flush=True)
+    with contextlib.suppress(OSError):  # stderr closed: a courtesy; the fd is the contract
+        print(line, file=sys.stderr, flush=True)
     if fd is not None:
         try:
             os.write(fd, (line + "\n").encode())

@@ -22,6 +22,7 @@ from .runner import (
     DEVICES,
     DMS,
     MODES,
+    QEMUS,
     TOOLSTACKS,
     AuditOutcome,
     derived_sets,
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
         args.modes or MODES,
         args.devices or DEVICES,
         args.dms or DMS,
+        args.qemus or QEMUS,
     )
     total = len(cases) * args.repeats
     t0 = time.monotonic()

@@ -35,11 +35,12 @@ def _text(x: float, y: float, s: str, **attrs: str) -> str:
 
 
 def matrix_svg(scenarios: Sequence[Scenario]) -> str:
-    """Rows: toolstack x dm; columns: mode x device; each cell coloured by its outcome."""
-    rows = list(dict.fromkeys((s.toolstack, s.dm) for s in scenarios))
+    """Rows: toolstack x dm (with the QEMU version); columns: mode x device; each cell
+    coloured by its outcome."""
+    rows = list(dict.fromkeys((s.toolstack, f"{s.dm} (QEMU {s.qemu})") for s in scenarios))
     cols = list(dict.fromkeys((s.mode, s.device) for s in scenarios))
-    cell = {(s.toolstack, s.dm, s.mode, s.device): s for s in scenarios}
-    left, top, cw, ch = 170, 70, 78, 46
+    cell = {(s.toolstack, f"{s.dm} (QEMU {s.qemu})", s.mode, s.device): s for s in scenarios}
+    left, top, cw, ch = 250, 70, 78, 46
     width, height = left + cw * len(cols) + 20, top + ch * len(rows) + 60
     body = [_text(10, 22, "Save → restore outcome per cell", font_size="16", font_weight="bold")]
     modes = list(dict.fromkeys(m for m, _ in cols))

@@ -161,6 +161,8 @@ _HV_TEMPLATES: Final[tuple[tuple[str, dict[str, object]], ...]] = (
     ("decrease_reservation", {"domid": 0, "gfns": [16]}),
     ("add_to_physmap", {"domid": 0, "space": "gmfn", "idx": 16, "gpfn": 40}),
     ("relocate_memory", {"domid": 0, "src_gfn": 17, "dst_gfn": 64, "nr": 2}),
+    ("pin_memory_cacheattr", {"domid": 0, "start": 64, "end": 65, "type": 6}),
+    ("sequence", {"calls": [["p2m", {"domid": 0}], ["add_to_physmap", {"domid": 0}]]}),
     ("p2m", {"domid": 0}),
     ("map_foreign", {"domid": 0, "gfns": [0, 1, 16, 99999]}),
     ("ioreq_server_create", {"domid": 0}),

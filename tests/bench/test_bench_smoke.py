@@ -19,7 +19,19 @@ from bench.results import SECTIONS, Target, ratio
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
-TARGET_KEYS = {"section", "name", "figure", "unit", "goal", "bound", "at_least", "note", "passed"}
+TARGET_KEYS = {
+    "section",
+    "name",
+    "figure",
+    "unit",
+    "goal",
+    "bound",
+    "at_least",
+    "note",
+    "passed",
+    "must",
+    "must_passed",
+}
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -44,6 +56,11 @@ def check_target(t: dict[str, Any]) -> None:
         assert math.isfinite(t["figure"]) and t["figure"] >= 0
         ok = t["figure"] >= t["bound"] if t["at_least"] else t["figure"] <= t["bound"]
         assert t["passed"] is ok
+    if t["figure"] is None or t["must"] is None:
+        assert t["must_passed"] is None
+    else:
+        ok = t["figure"] >= t["must"] if t["at_least"] else t["figure"] <= t["must"]
+        assert t["must_passed"] is ok
 
 
 def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
@@ -52,6 +69,8 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
     assert doc["schema"] == 1 and doc["quick"] is True and doc["oracle"] is False
     assert doc["errors"] == {}
     assert set(doc["sections"]) == set(SECTIONS)
+    assert doc["build"] in ("compiled", "pure") and doc["host"]["cpu_model"]
+    assert f"build: {doc['build']}" in log
     for t in doc["targets"]:
         check_target(t)
     by_section = {s: [t for t in doc["targets"] if t["section"] == s] for s in SECTIONS}
@@ -71,6 +90,7 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
     assert set(modes) == {"new", "compat"}
     for m in modes.values():
         assert m["image_bytes"] > 16 << 20 and m["downtime_s"] > 0
+        assert m["cp_save_mib_s"] > 0 and m["cp_restore_mib_s"] > 0
     cases = doc["sections"]["migration"]["cases"]
     assert {k for k in cases if k != "network"} == {"new@2000", "compat@2000"}
     for c in (cases["new@2000"], cases["compat@2000"]):
@@ -81,7 +101,7 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
             and sum(run["pages_per_round"]) == run["pages_sent"]
         )
     assert len(by_section["migration"]) == 6
-    assert "physmap-lab issue 7: targets" in log
+    assert "physmap-lab targets" in log
 
 
 def test_only_runs_the_named_section(tmp_path: Path) -> None:
@@ -130,3 +150,14 @@ def test_ratio_is_unavailable_without_both_figures() -> None:
     assert ratio(2.0, None) is None
     assert ratio(2.0, 0.0) is None
     assert ratio(3.0, 2.0) == 1.5
+
+
+@pytest.mark.parametrize(
+    ("figure", "passed", "must_passed"),
+    [(1.1, True, True), (0.9, False, True), (0.7, False, False), (None, None, None)],
+)
+def test_target_with_a_must_bound(
+    figure: float | None, passed: bool | None, must_passed: bool | None
+) -> None:
+    t = Target("throughput", "x", figure, "x", "≥ 1.0x (must ≥ 0.8x)", 1.0, must=0.8)
+    assert (t.passed, t.must_passed) == (passed, must_passed)

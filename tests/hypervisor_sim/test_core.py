@@ -119,7 +119,9 @@ def test_relocation_errors(hv: Hypervisor) -> None:
     assert _errno(hv, DM, "relocate_memory", neg) == "EINVAL"
 
 
-def test_map_foreign_reports_offsets_and_enoent(hv: Hypervisor) -> None:
+def test_map_foreign_reports_einval_for_unpopulated_frames(hv: Hypervisor) -> None:
+    """mod_l1_entry (xen/arch/x86/mm.c) refuses an unpopulated gfn with EINVAL; ENOENT is
+    for paged-out frames."""
     domid = _domain(hv)
     hv.call(TOOL, "populate_physmap", {"domid": domid, "gfns": [3, 4]})
     d = hv.domains[domid]
@@ -127,7 +129,7 @@ def test_map_foreign_reports_offsets_and_enoent(hv: Hypervisor) -> None:
     assert got == {
         "mem_path": os.path.join(hv.mem_dir, f"dom{domid}.mem"),
         "offsets": [d.p2m[4] * PAGE_SIZE, -1, d.p2m[3] * PAGE_SIZE],
-        "errors": ["", "ENOENT", ""],
+        "errors": ["", "EINVAL", ""],
     }
 
 
@@ -266,3 +268,16 @@ def test_cpu_time_counts_only_the_unpaused_time(tmp_path: pathlib.Path) -> None:
     now[0] += 5
     assert [d["cpu_time"] for d in hv.call(1, "domain_list", {})] == [705]
     hv.destroy_all()
+
+
+def test_pin_memory_cacheattr_is_recorded_and_checks_its_range(hv: Hypervisor) -> None:
+    """XEN_DOMCTL_pin_mem_cacheattr, as xen_add_to_physmap calls it after relocating."""
+    domid = _domain(hv)
+    hv.call(
+        DM, "pin_memory_cacheattr", {"domid": domid, "start": 0xF0000, "end": 0xF03FF, "type": 6}
+    )
+    assert hv.domains[domid].pinned_cacheattr == [(0xF0000, 0xF03FF, 6)]
+    assert (
+        _errno(hv, DM, "pin_memory_cacheattr", {"domid": domid, "start": 2, "end": 1, "type": 6})
+        == "EINVAL"
+    )

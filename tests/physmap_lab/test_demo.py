@@ -270,7 +270,7 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert "usage: physmap-lab" in capsys.readouterr().err
+    assert re.match(r"physmap-lab( \w+)?: error: ", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
@@ -283,9 +283,11 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
 def test_a_wrong_combination_is_one_line_not_the_usage(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(argv) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"physmap-lab: error: {err.split('error: ')[1].strip()}"]
+    assert len(err.splitlines()) == 1 and err.startswith("physmap-lab: error: ")
     assert message in err and "usage" not in err
 
 

@@ -45,8 +45,9 @@ def test_ready_line_comes_when_the_socket_accepts(tmp_path: Path, program: str, 
         assert accepts(str(tmp_path / sock))
         assert said == f"{program}: ready on {tmp_path / sock} (pid {proc.pid})\n"
     finally:
-        out, _ = _stop(proc)
-    assert out.splitlines().count(said.strip()) == 1
+        out, err = _stop(proc)
+    assert err.splitlines().count(said.strip()) == 1
+    assert said.strip() not in out  # stdout stays C's (-P prints the pid there alone)
 
 
 def test_a_daemon_that_cannot_start_closes_the_pipe_without_a_line(tmp_path: Path) -> None:

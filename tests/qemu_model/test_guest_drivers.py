@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypervisor_sim import guest_drivers as gd
+from qemu_model import qxl
 
 MODE = {"width": 640, "height": 480, "bpp": 32}
 
@@ -63,16 +64,21 @@ def test_cirrus_mode_sets_geometry_then_linear_mode() -> None:
 
 
 def test_qxl_mode_fills_the_ram_header_and_rings_the_io_ports() -> None:
+    """The guest finds QXLRam at vram - ALIGN(sizeof(QXLRam), 4096) (qxl.c: init_qxl_ram) and
+    writes mem_slot and create_surface at their offsets after log_buf and the rings."""
     ops = gd.ops_for("qxl", "set_mode", {**MODE, "addr": 0xF0000000, "vram_mib": 16})
-    header = 0xF0000000 + (16 << 20) - 4096
+    header = 0xF0000000 + (16 << 20) - qxl.QXL_RAM_HEADER_SIZE
+    assert qxl.SIZEOF_QXLRAM == 5348 and qxl.QXL_RAM_HEADER_SIZE == 8192
+    assert ops[2]["gpa"] == header + qxl.HDR_CREATE_SURFACE_OFFSET
     assert ops[0] == {
         "op": "mem_write",
-        "gpa": header + 16,
+        "gpa": header + qxl.HDR_MEM_SLOT_OFFSET,
         "data": struct.pack("<QQ", 0xF0000000, 0xF0000000 + (16 << 20)),
     }
     assert ops[1] == {"op": "pio_write", "port": 0xC000 + 8, "size": 1, "value": 0}
     w, h, stride, fmt, *_, mem = struct.unpack("<IIiIIIIIQ", ops[2]["data"])
-    assert (w, h, stride, fmt, mem) == (640, 480, 640 * 4, 32, 0xF0000000)
+    # QXLPHYSICAL: slot 0, offset 0 inside the slot.
+    assert (w, h, stride, fmt, mem) == (640, 480, 640 * 4, 32, 0)
     assert ops[3]["port"] == 0xC000 + 12
 
 

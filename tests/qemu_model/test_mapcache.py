@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hypervisor_sim import vma
-from qemu_model.errors import CompatMap2Assertion
+from qemu_model.errors import CompatMap2Assertion, QemuAbort
 from qemu_model.mapcache import MCACHE_BUCKET_SIZE, MapCache, RecordingNotifier
 from qemu_model.testing import FakeHypervisor
+from qemu_model.version import QemuVersion
 from qemu_model.xen_native import CompatForeignMemory
 from qemu_model.xenforeignmemory import ForeignMemory
 
@@ -199,7 +202,70 @@ def test_m5_reverse_lookup_fails_after_replace(rig: Rig) -> None:
     rig.populate(BAR, VRAM)
     assert rig.mc.replace_cache_entry(PHYS_OFFSET, BAR, VRAM) == ptr
     assert rig.mc.locked_entries[0].paddr_index == PHYS_OFFSET >> 20  # rev keeps the old index
+    # xen_ram_addr_from_mapcache: QEMU 2.10 answers 0 when the entry is gone, current QEMU
+    # RAM_ADDR_INVALID.
+    assert rig.mc.ram_addr_from_mapcache(ptr) == 0
+    rig.mc.version = QemuVersion("current")
     assert rig.mc.ram_addr_from_mapcache(ptr) is None
+
+
+def test_xen_ram_addr_from_mapcache_aborts_on_an_unknown_pointer(rig: Rig) -> None:
+    """QEMU 2.10 xen_ram_addr_from_mapcache: "Trying to find address ... not in the mapcache!"
+    then abort(); current QEMU answers RAM_ADDR_INVALID."""
+    with pytest.raises(QemuAbort, match="not in the mapcache"):
+        rig.mc.ram_addr_from_mapcache(0x1234000)
+    rig.mc.version = QemuVersion("current")
+    assert rig.mc.ram_addr_from_mapcache(0x1234000) is None
+
+
+def test_xen_map_cache_lock_is_a_uint8_that_wraps_in_2_10(rig: Rig) -> None:
+    """MapCacheEntry.lock is a uint8_t in QEMU 2.10: the 256th lock makes it 0 (unlocked)."""
+    rig.populate(PHYS_OFFSET, MiB)
+    for _ in range(255):
+        assert rig.mc.map(PHYS_OFFSET, MiB, lock=True) is not None
+    entry = rig.mc.find_entry(PHYS_OFFSET >> 20, MiB)
+    assert entry is not None and entry.lock == 255
+    rig.mc.map(PHYS_OFFSET, MiB, lock=True)
+    assert entry.lock == 0
+    rig.mc.version = QemuVersion("current")
+    entry.lock = (1 << 32) - 1
+    with pytest.raises(QemuAbort, match="lock overflow"):
+        rig.mc.map(PHYS_OFFSET, MiB, lock=True)
+
+
+@pytest.mark.parametrize("version", ["2.10", "current"])
+def test_xen_remap_bucket_unmaps_then_hints_in_2_10(version: str) -> None:
+    """QEMU 2.10 xen_remap_bucket: munmap, then xenforeignmemory_map2(vaddr, flags 0);
+    current QEMU: MAP_FIXED over the old mapping, no munmap."""
+    r = make_rig()
+    r.mc.version = QemuVersion.parse(version)
+    calls: list[tuple[int | None, int]] = []
+    unmaps: list[int] = []
+    real_map2, real_unmap = r.mc._fmem.map2, r.mc._fmem.unmap
+
+    def map2(domid: int, addr: int | None, prot: int, flags: int, pfns: Any) -> Any:
+        calls.append((addr, flags))
+        return real_map2(domid, addr, prot, flags, pfns)
+
+    def unmap(vaddr: int, npages: int) -> None:
+        unmaps.append(vaddr)
+        real_unmap(vaddr, npages)
+
+    r.mc._fmem = SimpleNamespace(map2=map2, unmap=unmap)
+    try:
+        r.state["inmigrate"] = True
+        ptr = r.mc.map(PHYS_OFFSET, VRAM, lock=True)
+        r.populate(BAR, VRAM, seed=9)
+        calls.clear()
+        unmaps.clear()
+        assert r.mc.replace_cache_entry(PHYS_OFFSET, BAR, VRAM) == ptr
+        if version == "2.10":
+            assert calls == [(ptr, 0)]  # a hint, no MAP_FIXED; the dummy was munmapped first
+        else:
+            assert calls == [(ptr, vma.MAP_FIXED)] and unmaps == []
+    finally:
+        r.mc.destroy()
+        r.hv.close()
 
 
 def test_m6_invalidate_leaves_locked_entries_alone(rig: Rig) -> None:

@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 
 from hypervisor_sim import guest_drivers
+from qemu_model.cirrus import Cirrus
 from qemu_model.errors import CompatMap2Assertion, LoadError, QemuExit
 from qemu_model.machine import Machine
+from qemu_model.qxl import QXL
 from qemu_model.testing import FakeHypervisor, FakeXenStore
-from qemu_model.xen_hvm import Mode, XenPhysmap, physmap_keys
+from qemu_model.version import QemuVersion
+from qemu_model.xen_hvm import Mode, XenPhysmap, physmap_keys, strtoull
 from qemu_model.xenforeignmemory import ForeignMemory
 
 MiB = 1 << 20
@@ -35,7 +38,9 @@ class Host:
         self.xs = FakeXenStore()
         self.machines: list[Machine] = []
 
-    def machine(self, domid: int, mode: Mode, device: str, *, incoming: bool) -> Machine:
+    def machine(
+        self, domid: int, mode: Mode, device: str, *, incoming: bool, version: str = "2.10"
+    ) -> Machine:
         m = Machine(
             domid=domid,
             mode=mode,
@@ -46,6 +51,7 @@ class Host:
             hypercalls=self.hv,
             xenstore=self.xs,
             incoming=incoming,
+            version=QemuVersion.parse(version),
         )
         self.machines.append(m)
         return m
@@ -67,9 +73,11 @@ class Host:
             else:
                 raise AssertionError(f"unexpected op {op}")
 
-    def boot_and_draw(self, mode: Mode, device: str, seed: int = 42) -> tuple[Machine, str]:
+    def boot_and_draw(
+        self, mode: Mode, device: str, seed: int = 42, version: str = "2.10"
+    ) -> tuple[Machine, str]:
         """A fresh guest that maps the BAR, sets a mode and draws; returns the pattern hash."""
-        m = self.machine(SRC, mode, device, incoming=False)
+        m = self.machine(SRC, mode, device, incoming=False, version=version)
         m.runstate = "running"
         self.guest(m, device, "map_bar", addr=BAR)
         self.guest(m, device, "set_mode")
@@ -115,13 +123,17 @@ def test_fresh_boot_relocates_vram_and_the_device_sees_the_drawing(
     assert info["physmap"] == [
         {"start_addr": BAR, "size": VRAM, "name": "vga.vram", "phys_offset": RAM}
     ]
-    relocs = [c for c in host.hv.calls if c[0] == "relocate_memory"]
-    assert relocs == [
-        (
-            "relocate_memory",
-            {"domid": SRC, "src_gfn": RAM >> 12, "dst_gfn": BAR >> 12, "nr": VRAM >> 12},
-        )
+    # QEMU 2.10 xen_add_to_physmap: one XENMAPSPACE_gmfn add_to_physmap per page, then the
+    # cache attribute pin.
+    moves = [c[1] for c in host.hv.calls if c[0] == "add_to_physmap"]
+    assert moves == [
+        {"domid": SRC, "idx": (RAM >> 12) + i, "gpfn": (BAR >> 12) + i} for i in range(VRAM >> 12)
     ]
+    assert [c for c in host.hv.calls if c[0] == "relocate_memory"] == []
+    assert (
+        "pin_memory_cacheattr",
+        {"domid": SRC, "start": BAR >> 12, "end": (BAR + VRAM - 1) >> 12, "type": 6},
+    ) in host.hv.calls
     # VRAM was populated at its ram_addr gfns by the device model (§4.1).
     assert ("populate_physmap", {"domid": SRC, "nr": VRAM >> 12}) in host.hv.calls
     assert info["display_sha256"] == want
@@ -180,22 +192,49 @@ def test_k2_failed_relocation_writes_nothing(host: Host) -> None:
     assert [e for e in host.xs.log if e[0] == "write"] == []
 
 
-def test_k2_unmap_keeps_the_keys_and_moves_the_frames_home(host: Host) -> None:
-    m, _ = host.boot_and_draw("compat", "stdvga")
+def test_relocation_in_current_qemu_is_one_relocate_memory(host: Host) -> None:
+    """Later xen_add_to_physmap: xendevicemodel_relocate_memory instead of the 2.10 loop."""
+    host.boot_and_draw("new", "stdvga", version="current")
+    assert [c for c in host.hv.calls if c[0] == "add_to_physmap"] == []
+    assert [c for c in host.hv.calls if c[0] == "relocate_memory"] == [
+        (
+            "relocate_memory",
+            {"domid": SRC, "src_gfn": RAM >> 12, "dst_gfn": BAR >> 12, "nr": VRAM >> 12},
+        )
+    ]
+
+
+@pytest.mark.parametrize("device", ["stdvga", "cirrus"])
+def test_xen_set_memory_never_removes_vram_that_logs_dirty(host: Host, device: str) -> None:
+    """xen_set_memory returns early when log_dirty != add: stdvga and cirrus keep VGA dirty
+    logging on (vga_common_init), so region_del never reaches xen_remove_from_physmap."""
+    m, _ = host.boot_and_draw("compat", device)
     keys = dict(host.xs.nodes)
+    calls = len(host.hv.calls)
     m.handle_ioreq("pci_config", "write", (0x10 << 32) | 0x04, 2, 0)  # memory decoding off
-    assert m.xen.physmap == []
-    assert host.hv.calls[-1] == (
-        "relocate_memory",
-        {"domid": SRC, "src_gfn": BAR >> 12, "dst_gfn": RAM >> 12, "nr": VRAM >> 12},
-    )
+    assert [p.start_addr for p in m.xen.physmap] == [BAR]
+    assert host.hv.calls[calls:] == []  # the frames stay at the old BAR address
+    assert (SRC, BAR >> 12) in host.hv.p2m
+    # A new BAR address gets an entry, but the frames are not at phys_offset to be moved.
+    host.guest(m, device, "map_bar", addr=0xE0000000)
+    if device == "cirrus":
+        host.guest(m, device, "set_mode")
+    assert [p.start_addr for p in m.xen.physmap] == [0xE0000000, BAR]
     assert host.xs.nodes == keys
-    # Mapping again at a new address overwrites the same phys_offset key (§1.2).
-    host.guest(m, "stdvga", "map_bar", addr=0xE0000000)
-    assert (
-        host.xs.nodes[f"/local/domain/0/device-model/{SRC}/physmap/1000000/start_addr"]
-        == "e0000000"
-    )
+    assert (SRC, BAR >> 12) in host.hv.p2m and (SRC, 0xE0000000 >> 12) not in host.hv.p2m
+
+
+def test_xen_set_memory_qxl_native_mode_removes_but_never_adds(host: Host) -> None:
+    """QXL leaves VGA mode (vga_dirty_log_stop) when it creates its primary surface: then a
+    region_del moves the frames home and a region_add is skipped."""
+    m, _ = host.boot_and_draw("new", "qxl")
+    assert not m.device.vga.vram.log_dirty
+    m.handle_ioreq("pci_config", "write", (0x10 << 32) | 0x04, 2, 0)  # decoding off
+    assert m.xen.physmap == []
+    assert (SRC, RAM >> 12) in host.hv.p2m
+    m.handle_ioreq("pci_config", "write", (0x10 << 32) | 0x04, 2, 3)  # decoding on again
+    assert m.xen.physmap == []
+    assert (SRC, BAR >> 12) not in host.hv.p2m
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,18 +316,26 @@ def test_r4_compat_without_keys_aborts_in_the_map2_shim(host: Host) -> None:
         dst.load_devices_state(state)
 
 
-def test_r5_qxl_pointer_fixup_leaves_derived_pointers_stale(host: Host) -> None:
+def test_r5_qxl_pointer_fixup_leaves_d_ram_stale(host: Host) -> None:
+    """The reconstructed fix-up updates block->host and vga.vram_ptr in xen_add_to_physmap,
+    before qxl_post_load, so the SPICE memslots it re-adds are fresh and qxl_phys2virt follows
+    the block; d->ram (init_qxl_ram) still points into the dummy."""
     src, want = host.boot_and_draw("pointer-fixup", "qxl")
     state = migrate(host, src)
     dst = host.machine(DST, "pointer-fixup", "qxl", incoming=True)
     dst.load_devices_state(state)
     info = dst.info()
     assert info["vram_ptr"] != info["vram_ptr_at_init"]
+    assert info["vram_ptr"] == info["block_host"]
     assert not info["derived_ptrs_valid"]
-    assert info["derived_ptrs"]["ram"]["ptr"] == info["vram_ptr_at_init"] + VRAM - 4096
-    # The surface is read through the stale memslot pointer: the zero dummy, not the drawing.
-    assert info["display_sha256"] != want
-    assert info["display_sha256"] == hashlib.sha256(bytes(320 * 200 * 4)).hexdigest()
+    assert info["derived_ptrs"]["ram"]["ptr"] == info["vram_ptr_at_init"] + VRAM - 8192
+    assert info["derived_ptrs"]["ram"]["expected"] == info["vram_ptr"] + VRAM - 8192
+    assert info["derived_ptrs"]["spice_memslot0.virt_start"]["ptr"] == info["vram_ptr"]
+    assert info["display_sha256"] == want
+    # The guest's next request is read through d->ram: the dummy's zeros, not its header.
+    host.guest(dst, "qxl", "set_mode")
+    assert isinstance(dst.device, QXL)
+    assert dst.device.last_io_error == "unsupported primary surface"
 
 
 @pytest.mark.parametrize("device", ["stdvga", "cirrus"])
@@ -303,18 +350,40 @@ def test_pointer_fixup_works_for_stdvga_and_cirrus(host: Host, device: str) -> N
     assert info["mapcache"]["replacements"] == 0
 
 
-def test_r6_restrict_fails_in_compat_mode(host: Host) -> None:
+def test_xen_restrict_2_10_compat_starts_unrestricted(host: Host) -> None:
+    """QEMU 2.10 xen_restrict (xen_common.h): the compat stubs answer ENOTTY, which counts as
+    success, so a compat device model with -xen-domid-restrict starts and still writes keys."""
     m = host.machine(SRC, "compat", "stdvga", incoming=False)
+    m.restrict(host.hv)
+    assert m.restricted_handles == () and host.hv.restricted_to is None
+    host.guest(m, "stdvga", "map_bar", addr=BAR)
+    assert f"/local/domain/0/device-model/{SRC}/physmap/1000000/start_addr" in host.xs.nodes
+
+
+@pytest.mark.parametrize("version", ["3.0", "current"])
+def test_xen_setup_post_restrict_all_refuses_compat(host: Host, version: str) -> None:
+    """From QEMU 3.0 xentoolcore_restrict_all is the compat stub (ENOTTY): QEMU exits."""
+    m = host.machine(SRC, "compat", "stdvga", incoming=False, version=version)
     with pytest.raises(QemuExit, match="xen: failed to restrict"):
-        m.restrict(host.hv.restrict)
+        m.restrict(host.hv)
     assert host.hv.restricted_to is None
 
 
-def test_restricted_new_mode_restores_without_xenstore(host: Host) -> None:
+def test_xen_restrict_2_10_keeps_xenstore_open(host: Host) -> None:
+    """2.10 restricts the devicemodel and foreignmemory handles only."""
+    m = host.machine(DST, "new", "stdvga", incoming=True)
+    m.restrict(host.hv)
+    assert host.hv.restricted_handles == ["devicemodel", "foreignmemory"]
+    assert m.xen.xenstore is host.xs
+
+
+@pytest.mark.parametrize("version", ["3.0", "current"])
+def test_restricted_new_mode_restores_without_xenstore(host: Host, version: str) -> None:
     src, want = host.boot_and_draw("new", "stdvga")
     state = migrate(host, src)
-    dst = host.machine(DST, "new", "stdvga", incoming=True)
-    dst.restrict(host.hv.restrict)
+    dst = host.machine(DST, "new", "stdvga", incoming=True, version=version)
+    dst.restrict(host.hv)
+    assert host.hv.restricted_handles == ["all"]
     assert host.hv.restricted_to == DST and dst.xen.xenstore is None
     dst.load_devices_state(state)
     assert dst.info()["display_sha256"] == want
@@ -387,3 +456,121 @@ def test_bar_sizing_reads_back_the_size(host: Host) -> None:
     m.handle_ioreq("pci_config", "write", cfg | 0x1C, 4, 0xFFFFFFFF)
     assert m.handle_ioreq("pci_config", "read", cfg | 0x1C, 4, 0) == 0xFFFFFFE1
     assert m.xen.physmap == []  # decoding is off: nothing moved
+
+
+# --------------------------------------------------------------------------------------------
+# Smaller corrections
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("f0000000", 0xF0000000),
+        ("0x1f00000", 0x1F00000),
+        ("  12zz", 0x12),
+        ("garbage", 0),
+        ("", 0),
+        ("-1", (1 << 64) - 1),
+        ("1" * 20, (1 << 64) - 1),
+    ],
+)
+def test_xen_read_physmap_parses_with_strtoull(text: str, value: int) -> None:
+    """xen_read_physmap: strtoull(value, NULL, 16), unchecked."""
+    assert strtoull(text) == value
+
+
+def test_xen_read_physmap_inserts_garbage_entries(host: Host) -> None:
+    """Garbage becomes 0 or its numeric prefix and the entry is still inserted."""
+    base = f"/local/domain/0/device-model/{SRC}/physmap/zz"
+    host.xs.nodes.update({f"{base}/start_addr": "f0000000junk", f"{base}/size": "nope"})
+    m = host.machine(SRC, "compat", "stdvga", incoming=False)
+    assert [p.to_json() for p in m.xen.physmap] == [
+        {"start_addr": 0xF0000000, "size": 0, "name": None, "phys_offset": 0}
+    ]
+
+
+@pytest.mark.parametrize("version, want", [("2.10", BAR), ("current", BAR + 0x3000)])
+def test_xen_phys_offset_to_gaddr(host: Host, version: str, want: int) -> None:
+    """QEMU 2.10 returns the entry's start_addr; current QEMU adds the offset inside it."""
+    m = host.machine(SRC, "compat", "stdvga", incoming=False, version=version)
+    m.xen.physmap.insert(0, XenPhysmap(BAR, VRAM, "vga.vram", RAM))
+    assert m.xen.phys_offset_to_gaddr(RAM + 0x3000, 0x1000) == want
+    assert m.xen.phys_offset_to_gaddr(0x5000, 0x1000) == 0x5000
+
+
+def test_xen_add_to_physmap_ignores_offset_within_region(host: Host) -> None:
+    """phys_offset is memory_region_get_ram_addr(mr), whatever the section's offset."""
+    m = host.machine(SRC, "new", "stdvga", incoming=False)
+    m.xen.add_to_physmap(BAR, VRAM, m.device.vga.vram)
+    assert m.xen.physmap[0].phys_offset == RAM
+
+
+def _cirrus(host: Host) -> tuple[Machine, Cirrus]:
+    m = host.machine(SRC, "new", "cirrus", incoming=False)
+    assert isinstance(m.device, Cirrus)
+    return m, m.device
+
+
+def _reg(m: Machine, index_port: int, reg: int, value: int) -> None:
+    m.handle_ioreq("pio", "write", index_port, 2, reg | value << 8)
+
+
+def test_cirrus_update_memory_access_maps_vram_in_text_mode(host: Host) -> None:
+    """cirrus_update_memory_access does not test SR07 bit 0: a text-mode guest (GR05 mode 0)
+    has its linear VRAM mapped, and Xen relocates it."""
+    m, dev = _cirrus(host)
+    assert not dev.linear_vram  # cirrus_reset
+    host.guest(m, "cirrus", "map_bar", addr=BAR)
+    assert m.xen.physmap == []
+    _reg(m, 0x3CE, 0x05, 0x10)  # GR05: a text-mode write, SR07 untouched
+    assert dev.sr[0x07] & 1 == 0
+    assert dev.linear_vram and [p.start_addr for p in m.xen.physmap] == [BAR]
+
+
+@pytest.mark.parametrize(
+    "port, reg, value",
+    [
+        (0x3C4, 0x17, 0x44),  # SR17 memory-mapped I/O
+        (0x3CE, 0x0B, 0x14),  # GR0B
+        (0x3CE, 0x0B, 0x02),  # GR0B bit 1
+    ],
+)
+def test_cirrus_update_memory_access_unmaps_for_bank_and_blit_modes(
+    host: Host, port: int, reg: int, value: int
+) -> None:
+    m, dev = _cirrus(host)
+    _reg(m, 0x3CE, 0x05, 0)
+    assert dev.linear_vram
+    _reg(m, port, reg, value)
+    assert not dev.linear_vram
+
+
+def test_cirrus_update_memory_access_modes_4_and_5_need_gr0b_bit_2(host: Host) -> None:
+    m, dev = _cirrus(host)
+    _reg(m, 0x3CE, 0x05, 0x04)  # write mode 4, GR0B bit 2 clear: still linear
+    assert dev.linear_vram
+    _reg(m, 0x3CE, 0x0B, 0x04)
+    assert not dev.linear_vram
+    dev.blit_in_progress = True
+    _reg(m, 0x3CE, 0x05, 0x00)
+    assert not dev.linear_vram
+
+
+def test_qxl_phys2virt_recomputes_from_the_ram_block(host: Host) -> None:
+    """qxl_phys2virt: memory_region_get_ram_ptr(mr) + offset on every call, so it follows the
+    block; the SPICE memslot keeps the address it was given."""
+    m, _ = host.boot_and_draw("new", "qxl")
+    dev = m.device
+    assert isinstance(dev, QXL)
+    slot = dev.guest_slots[0]
+    assert slot.active and slot.mr is dev.vga.vram and slot.offset == 0 and slot.delta == 0
+    assert slot.size == VRAM
+    host_ptr = dev.vga.vram.host
+    assert host_ptr is not None
+    assert dev.phys2virt(0x1000) == host_ptr + 0x1000
+    assert dev.phys2virt(1 << 56) is None  # slot 1 is not active
+    assert dev.spice_memslots[0].virt_start == host_ptr
+    dev.vga.vram.host = host_ptr + 0x100000  # as if the block moved
+    assert dev.phys2virt(0x1000) == host_ptr + 0x100000 + 0x1000
+    assert dev.spice_virt(0x1000) == host_ptr + 0x1000
+    dev.vga.vram.host = host_ptr

@@ -252,10 +252,15 @@ async def test_qxl_pointer_fixup_breaks_derived_pointers(lab: Lab) -> None:
                 await trio.sleep(0.02)
         assert (await q.execute("query-status"))["status"] == "paused"
         info = await q.execute("x-physmap-info")
+    # The reconstruction updates block->host and vram_ptr in xen_add_to_physmap; d->ram, set by
+    # init_qxl_ram at realize, still points into the dummy.
     assert not info["derived_ptrs_valid"]
     assert info["vram_ptr"] != info["vram_ptr_at_init"]
-    assert info["display_sha256"] != pattern_sha256("qxl")
-    assert info["display_sha256"] == hashlib.sha256(bytes(320 * 200 * 4)).hexdigest()
+    ram = info["derived_ptrs"]["ram"]
+    assert (
+        ram["ptr"] != ram["expected"]
+        and ram["expected"] == info["vram_ptr"] + (VRAM_MIB << 20) - 8192
+    )
 
 
 async def test_compat_mode_writes_and_reads_exactly_the_physmap_keys(lab: Lab) -> None:
@@ -306,12 +311,14 @@ async def test_compat_restore_without_keys_aborts(lab: Lab) -> None:
     assert not dm2.qmp_path.exists()
 
 
-async def test_restrict_new_mode_restores_without_xenstore(lab: Lab) -> None:
+@pytest.mark.parametrize("version", ["2.10", "3.0"])
+async def test_restrict_new_mode_restores_without_xenstore(lab: Lab, version: str) -> None:
     src, dm = await lab.boot_and_draw("new", "qxl")
     image = await lab.save(src, dm)
     dst = await lab.domain("dst", populate=False)
     await lab.copy_memory(src, dst)
-    dm2 = await lab.start_dm(dst, "--vga", "qxl", "--restrict", "-S", "--incoming", str(image))
+    dm2 = await lab.start_dm(dst, "--vga", "qxl", "--restrict", "-S", "--incoming", str(image),
+                             "--qemu-version", version)  # fmt: skip
     async with open_qmp(dm2.qmp_path) as q:
         with trio.fail_after(10):
             while (await q.execute("query-status"))["status"] == "inmigrate":
@@ -322,16 +329,47 @@ async def test_restrict_new_mode_restores_without_xenstore(lab: Lab) -> None:
         info = await q.execute("x-physmap-info")
     assert info["restricted"] and info["derived_ptrs_valid"]
     assert info["display_sha256"] == pattern_sha256("qxl")
-    # Restricted: no state node (libxl uses QMP instead, §2.4).
-    with pytest.raises(XsError):
-        await lab.xs.read(f"/local/domain/0/device-model/{dst}/state")
+    state = f"/local/domain/0/device-model/{dst}/state"
+    if version == "2.10":
+        # xen_restrict restricts devicemodel and foreignmemory only: xenstore stays open and
+        # xenstore_record_dm_state writes "running".
+        assert info["restricted_handles"] == ["devicemodel", "foreignmemory"]
+        assert await lab.xs.read(state) == b"running"
+    else:
+        # xentoolcore_restrict_all; the state handler is not registered (libxl uses QMP).
+        assert "xenstore" in info["restricted_handles"]
+        with pytest.raises(XsError):
+            await lab.xs.read(state)
 
 
-async def test_restrict_with_compat_fails_like_qemu(lab: Lab) -> None:
+async def test_restrict_with_compat_fails_like_qemu_3_0(lab: Lab) -> None:
+    """xen_setup_post: the compat xentoolcore_restrict_all stub fails with ENOTTY."""
     domid = await lab.domain("guest")
-    dm = await lab.start_dm(domid, "--xen-mode", "compat", "--restrict", wait=False)
+    dm = await lab.start_dm(domid, "--xen-mode", "compat", "--restrict", "--qemu-version", "3.0",
+                            wait=False)  # fmt: skip
     assert await wait_exit(dm) == 1
     assert "xen: failed to restrict" in dm.output()
+
+
+async def test_restrict_with_compat_starts_in_qemu_2_10(lab: Lab) -> None:
+    """QEMU 2.10 xen_restrict counts the stubs' ENOTTY as success: the compat device model
+    starts unrestricted and records its state."""
+    domid = await lab.domain("guest")
+    dm = await lab.start_dm(domid, "--xen-mode", "compat", "--restrict")
+    try:
+        async with open_qmp(dm.qmp_path) as q:
+            info = await q.execute("x-physmap-info")
+        assert info["restricted_handles"] == [] and info["qemu_version"] == "2.10"
+        with trio.fail_after(10):
+            while True:
+                try:
+                    state = await lab.xs.read(f"/local/domain/0/device-model/{domid}/state")
+                    break
+                except XsError:
+                    await trio.sleep(0.02)
+        assert state == b"running"
+    finally:
+        await stop_process(dm.process)
 
 
 async def test_auto_picks_compat_for_old_libraries(tmp_path: Path) -> None:

@@ -194,6 +194,17 @@ def test_k5_absolute_key_and_unterminated_value_reject_the_whole_image() -> None
         read_image(io.BytesIO(bytes(data)))
 
 
+def test_libxl_stream_read_ignores_the_xenstore_data_emulator_id() -> None:
+    """libxl_stream_read.c passes EMULATOR_XENSTORE_DATA to
+    libxl__restore_emulator_xenstore_data without checking its emulator id."""
+    data = bytearray(make_image([0]))
+    record = data.index(b"physmap/") - 16
+    data[record + 8 : record + 12] = struct.pack("<I", 0x99)  # no such emulator
+    index = read_image(io.BytesIO(bytes(data)))
+    assert index.xenstore is not None and index.xenstore.emulator_id == 0x99
+    assert dict(index.xenstore.pairs)["physmap/1f00000/name"] == "vga.vram"
+
+
 def test_savefile_header_rules() -> None:
     good = make_image([0])
     hdr_flags = 32 + 4
@@ -209,6 +220,10 @@ def test_savefile_header_rules() -> None:
     with pytest.raises(StreamError, match="byte order"):
         read_image(io.BytesIO(bytes(data)))
     assert good.startswith(savefile.MAGIC)
+    # xl_saverestore.c refuses unknown mandatory flags only: optional ones are ignored.
+    data = bytearray(good)
+    data[hdr_flags + 4 : hdr_flags + 8] = struct.pack("<I", 0x80)
+    assert read_image(io.BytesIO(bytes(data))).xenstore is not None
 
 
 def test_images_pass_xens_own_verify_stream_v2(tmp_path: Path) -> None:

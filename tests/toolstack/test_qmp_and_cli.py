@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from toolstack.cli import build_parser
-from toolstack.config import DomainConfig
+from toolstack.config import ConfigError, DomainConfig, parse_config
 from toolstack.devicemodel import dm_argv
 from toolstack.qmp import QmpParser, QmpProtocolError, command
 
@@ -50,8 +50,8 @@ def test_dm_argv_follows_libxl_for_restrict_and_restore() -> None:
     cfg = DomainConfig(vga="qxl", dm_mode="compat", memory_mib=32)
     argv = dm_argv(cfg, 3, "/run", "/run/socket", "/run/hypervisor.sock")
     assert argv == [
-        "--domid", "3", "--xen-mode", "compat", "--vga", "qxl", "--rundir", "/run",
-        "--xenstore", "/run/socket", "--hypervisor", "/run/hypervisor.sock",
+        "--domid", "3", "--xen-mode", "compat", "--qemu-version", "2.10", "--vga", "qxl",
+        "--rundir", "/run", "--xenstore", "/run/socket", "--hypervisor", "/run/hypervisor.sock",
         "--memory-mib", "32", "--vram-mib", "64",
     ]  # fmt: skip
     restricted = dm_argv(
@@ -63,6 +63,16 @@ def test_dm_argv_follows_libxl_for_restrict_and_restore() -> None:
         incoming="/run/lib/q",
     )
     assert restricted[-4:] == ["--restrict", "-S", "--incoming", "/run/lib/q"]
+    later = dm_argv(DomainConfig(dm_qemu_version="3.0"), 3, "/run", "/run/socket", "/run/hv.sock")
+    assert later[later.index("--qemu-version") + 1] == "3.0"
+
+
+def test_device_model_qemu_version_is_an_xl_cfg_key() -> None:
+    cfg = parse_config('device_model_qemu_version = "current"\n')
+    assert cfg.dm_qemu_version == "current"
+    assert DomainConfig().dm_qemu_version == "2.10"
+    with pytest.raises(ConfigError, match="device_model_qemu_version must be one of"):
+        parse_config('device_model_qemu_version = "2.9"\n')
 
 
 def test_global_options_work_before_and_after_the_command() -> None:

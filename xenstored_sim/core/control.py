@@ -72,11 +72,14 @@ def run(engine: XenstoreEngine, args: list[bytes]) -> bytes:
     if not args:
         raise XsErrno("EINVAL")
     cmd, rest = args[0], args[1:]
+    # C do_control_print(), do_control_check(): exactly one argument, none.
     if cmd == b"print":
-        if not rest:
+        if len(rest) != 1:
             raise XsErrno("EINVAL")
         return OK
     if cmd == b"check":
+        if rest:
+            raise XsErrno("EINVAL")
         return OK if not engine.check() else b"ERROR\0"
     if cmd == b"log":
         if len(rest) != 1 or rest[0] not in (b"on", b"off"):

@@ -9,8 +9,11 @@ class XsErrno(Exception):
     Raised inside the engine and turned into an ERROR reply; it never leaves the engine.
     """
 
-    __slots__ = ("errno",)
+    __slots__ = ("errno", "fails_transaction")
 
-    def __init__(self, errno: str) -> None:
+    def __init__(self, errno: str, *, fails_transaction: bool = True) -> None:
         super().__init__(errno)
         self.errno = errno
+        #: False where C answers the error without failing the enclosing transaction
+        #: (an ENOSPC/ENOMEM/EIO otherwise makes its commit answer ENOMEM).
+        self.fails_transaction = fails_transaction

@@ -12,8 +12,10 @@ deltas, replaying a record twice gives the same store, and a snapshot holds the 
 the records that led to it.
 
 Framing: every record and every snapshot is ``length (u32 LE) | crc32 (u32 LE) | msgpack``.
-:func:`read_frames` stops at the first frame that is short, over-long or fails its CRC: that
-is a torn tail (a write cut by a crash), and everything from there on is dropped.
+:func:`read_frames` stops at the first frame that is short, over-long, empty or fails its CRC:
+that is a torn tail (a write cut by a crash, or a hole of zeros where an un-synced append was
+lost while a later one reached the disk: a zero header is an empty frame with a valid CRC), and
+everything from there on is dropped, so what is replayed is always a prefix of the records.
 
 Not recorded: connections, watches and open transactions (they die with their connections),
 quota limits (they come from the command line at each start).  Per-owner node counts are
@@ -110,6 +112,10 @@ def read_frames(data: bytes) -> tuple[list[bytes], int, str | None]:
         if end - pos < hsize:
             return payloads, pos, f"partial header at offset {pos}"
         length, crc = FRAME_HEADER.unpack_from(data, pos)
+        if length == 0:
+            # Never written (every record and snapshot is non-empty msgpack), but what a
+            # hole reads as: zeros where a crash lost an append that a later one overtook.
+            return payloads, pos, f"empty record (a hole of zeros) at offset {pos}"
         if length > FRAME_MAX or pos + hsize + length > end:
             return payloads, pos, f"record at offset {pos} runs past the end"
         payload = bytes(view[pos + hsize : pos + hsize + length])

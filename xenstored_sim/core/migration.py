@@ -126,11 +126,21 @@ def _opt_node(node: Node | None) -> list[Any] | None:
     return None if node is None else _node_state(node)
 
 
+def _slots(obj: object) -> tuple[str, ...]:
+    """The attribute names of ``obj``'s class, in order: its ``__slots__``, or for a class
+    compiled with mypyc (xenstored_sim/compiled.py), which has none, ``__mypyc_attrs__``."""
+    cls = type(obj)
+    names: tuple[str, ...] | None = getattr(cls, "__slots__", None)
+    if names is None:
+        names = getattr(cls, "__mypyc_attrs__", ())
+    return tuple(sorted(names or ()))
+
+
 def _scalars(obj: object, handled: frozenset[str]) -> dict[str, int]:
     """The integer and flag slots of ``obj`` not serialised field by field (accounting
     counters), so that counters added to the engine's classes are carried over too."""
     found: dict[str, int] = {}
-    for name in getattr(type(obj), "__slots__", ()):
+    for name in _slots(obj):
         value = getattr(obj, name, None)
         if name not in handled and isinstance(value, int):  # bool is an int too
             found[name] = value
@@ -138,7 +148,7 @@ def _scalars(obj: object, handled: frozenset[str]) -> dict[str, int]:
 
 
 def _set_scalars(obj: object, values: dict[str, int]) -> None:
-    slots = getattr(type(obj), "__slots__", ())
+    slots = _slots(obj)
     for name, value in values.items():
         if name in slots:
             setattr(obj, name, value)

@@ -8,7 +8,6 @@ kept exactly as given (duplicates included).  Letters: ``n`` none, ``r`` read, `
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 from .errors import XsErrno
@@ -30,40 +29,63 @@ _MASK_OF: Final = {
     ord("w"): PERM_WRITE,
     ord("b"): PERM_BOTH,
 }
-# xenstore_strings_to_perms parses the id with strtol(..., 0): decimal, 0x hex or 0 octal.
-_ENTRY: Final = re.compile(rb"([nrwb])(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+#: Set on an ACL entry whose domain does not exist (C ``XS_PERM_IGNORE``, XSA-322): the entry
+#: is kept and listed by GET_PERMS, but grants nothing.
+PERM_IGNORE: Final = 0x10
+_SPACE: Final = b" \t\n\v\f\r"
+_LONG_MAX: Final = (1 << 63) - 1
 
 #: The initial list of every node of a fresh store: owned by dom0, no access for others.
 DEFAULT_PERMS: Final[Perms] = ((PERM_NONE, 0),)
 
 
+def c_strtol(raw: bytes) -> tuple[int, int]:
+    """glibc ``strtol(s, &end, 0)``: the value (clamped to a long) and how many bytes it used
+    (0 when there are no digits)."""
+    i = len(raw) - len(raw.lstrip(_SPACE))
+    sign = 1
+    if raw[i : i + 1] in (b"+", b"-"):
+        sign = -1 if raw[i : i + 1] == b"-" else 1
+        i += 1
+    base, digits = 10, b"0123456789"
+    if raw[i : i + 2].lower() == b"0x" and raw[i + 2 : i + 3].lower() in tuple(
+        bytes([c]) for c in b"0123456789abcdef"
+    ):
+        base, digits, i = 16, b"0123456789abcdef", i + 2
+    elif raw[i : i + 1] == b"0":
+        base, digits = 8, b"01234567"
+    j = i
+    while j < len(raw) and raw[j : j + 1].lower() in tuple(bytes([c]) for c in digits):
+        j += 1
+    if j == i:
+        return 0, 0
+    value = sign * int(raw[i:j], base)
+    return max(-_LONG_MAX - 1, min(_LONG_MAX, value)), j
+
+
 def parse_perms(args: list[bytes]) -> Perms:
-    """Parse SET_PERMS entries such as ``[b"n0", b"r5"]``; EINVAL on a bad or empty list."""
+    """Parse SET_PERMS entries such as ``[b"n0", b"r5"]`` as C ``xs_strings_to_perms()``:
+    a letter, then ``strtol(..., 0)`` up to the end of the string (blanks and a sign allowed,
+    the id truncated to 32 bits); EINVAL on a bad or empty list."""
     if not args:
         raise XsErrno("EINVAL")
     out: list[tuple[int, int]] = []
     for arg in args:
-        m = _ENTRY.fullmatch(arg)
-        if m is None:
+        mask = _MASK_OF.get(arg[0]) if arg else None
+        if mask is None:
             raise XsErrno("EINVAL")
-        # C strtol(s, NULL, 0): 0x is hex, a leading 0 octal, else decimal (§3.1).
-        digits = m.group(2)
-        if digits[:2] in (b"0x", b"0X"):
-            domid = int(digits[2:], 16)
-        elif digits[:1] == b"0" and len(digits) > 1:
-            domid = int(digits[1:], 8)
-        else:
-            domid = int(digits)
-        if domid > 0xFFFFFFFF:
+        value, used = c_strtol(arg[1:])
+        if used == 0 or used != len(arg) - 1:
             raise XsErrno("EINVAL")
-        out.append((_MASK_OF[arg[0]], domid))
+        out.append((mask, value & 0xFFFFFFFF))
     return tuple(out)
 
 
 def format_perms(perms: Perms) -> bytes:
     """GET_PERMS reply: each entry NUL-terminated (``n0\\0r5\\0``)."""
-    return b"".join(f"{LETTERS[mask]}{domid}".encode() + b"\0" for mask, domid in perms)
+    # C xs_perm_to_string(): the id printed as a signed int, an ignored entry as any other.
+    return b"".join(entry_string(mask, domid).encode() + b"\0" for mask, domid in perms)
 
 
 def entry_string(mask: int, domid: int) -> str:
-    return f"{LETTERS[mask]}{domid}"
+    return f"{LETTERS[mask & PERM_BOTH]}{domid - (1 << 32) if domid >= 1 << 31 else domid}"

@@ -52,6 +52,10 @@ class WatchRegistry:
         self._by_path.setdefault(path, []).append(watch)
         return watch
 
+    def has(self, conn_id: int, path: str, token: bytes) -> bool:
+        mine = self._by_conn.get(conn_id)
+        return mine is not None and (path, token) in mine
+
     def remove(self, conn_id: int, path: str, token: bytes) -> bool:
         mine = self._by_conn.get(conn_id)
         watch = mine.pop((path, token), None) if mine else None

@@ -16,7 +16,6 @@ new process then adopts the sockets instead of binding them.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -29,12 +28,14 @@ import trio
 
 from ..core import ConnKind, Outbox, Quotas, XenstoreEngine
 from ..core.journal import touches_domains
+from ..startup import OwnedSocket, listen_unix
 from ..wire import Op, Packet, encode
 from .audit import AuditLog
 from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
 from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
 from .live_update import LiveUpdater
 from .peer import peer_of
+from .trace import Tracer
 
 
 @dataclass
@@ -55,6 +56,14 @@ class DaemonConfig:
     #: Descriptor of the state a live update handed over (server/live_update.py); the
     #: sockets come from it instead of being bound.
     live_update_state: int | None = None
+    #: C ``-T/--trace-file``: every request and reply, in C's trace format (server/trace.py).
+    trace_file: str | None = None
+    #: C ``-K/--keep-orphans``: RELEASE gives the domain's nodes to dom0.
+    keep_orphans: bool = False
+    #: C ``-F/--pid-file``, ``-P/--output-pid``, ``-V/--verbose`` (handled by the CLI).
+    pid_file: str | None = None
+    output_pid: bool = False
+    verbose: bool = False
     #: (principal, path): further privileged sockets, one per principal the launcher names;
     #: the audit attributes each connection to the socket it came in on (architecture.md,
     #: "Principals in the audit logs").
@@ -68,22 +77,12 @@ _CONTROL = int(Op.CONTROL)
 _WATCH_EVENT = int(Op.WATCH_EVENT)
 
 
-def _listen_unix(path: str) -> socket.socket:
-    """Bind a non-blocking Unix stream socket with mode 0600 (no window where it is wider)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
+def _adopted(listener: socket.socket, path: str) -> OwnedSocket | None:
+    """The file of a listener handed over by a live update (gone: nothing to remove)."""
     try:
-        sock.bind(path)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
+        return OwnedSocket.adopt(listener, path)
+    except OSError:
+        return None
 
 
 class XenstoredServer:
@@ -93,11 +92,14 @@ class XenstoredServer:
         self.config = config
         self.engine = XenstoreEngine(config.quotas, audit=config.audit_log is not None)
         self.engine.unsent = self._unsent
+        self.engine.keep_orphans = config.keep_orphans
         self._audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._trace = Tracer(config.trace_file) if config.trace_file else None
         self._nursery = nursery
         self._clients: dict[int, ClientConnection] = {}
         self._guest_scopes: dict[int, trio.CancelScope] = {}
-        self._paths: list[str] = []
+        #: path -> the socket file bound (or adopted) here, removed at exit if still ours
+        self._owned: dict[str, OwnedSocket | None] = {}
         #: domid -> listening socket (0: the privileged socket), for a live update
         self.listeners: dict[int, socket.socket] = {}
         self.principal_listeners: dict[str, socket.socket] = {}
@@ -126,37 +128,46 @@ class XenstoredServer:
             # The principals' sockets first: the daemon is ready when the main one accepts.
             for name, path in self.config.principal_sockets:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                self.adopt_principal_listener(name, _listen_unix(path))
-            self.adopt_listener(_listen_unix(self.config.socket_path))
+                owned_principal = listen_unix(path)
+                self.adopt_principal_listener(name, owned_principal.sock, owned_principal)
+            owned = listen_unix(self.config.socket_path)
+            self.adopt_listener(owned.sock, owned)
             for domid in sorted(self.engine.domains):
                 self._open_guest(domid)  # restored from the state directory
         if self._durable is not None and self._durable.sync is SyncPolicy.BATCH:
             self._nursery.start_soon(self._committer)
 
-    def adopt_listener(self, listener: socket.socket) -> None:
+    def adopt_listener(self, listener: socket.socket, owned: OwnedSocket | None = None) -> None:
         """Accept on the privileged socket (bound here, or handed over by a live update)."""
+        path = self.config.socket_path
         self.listeners[0] = listener
-        self._paths.append(self.config.socket_path)
+        self._owned[path] = owned or _adopted(listener, path)
         self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0)
 
-    def adopt_principal_listener(self, name: str, listener: socket.socket) -> None:
+    def adopt_principal_listener(
+        self, name: str, listener: socket.socket, owned: OwnedSocket | None = None
+    ) -> None:
         """Accept on ``name``'s own privileged socket; its connections are ``name``'s."""
         self.principal_listeners[name] = listener
         path = dict(self.config.principal_sockets).get(name)
         if path is not None:
-            self._paths.append(path)
+            self._owned[path] = owned or _adopted(listener, path)
         self._nursery.start_soon(self._accept_loop, listener, ConnKind.SOCKET, 0, name)
 
     def _open_guest(self, domid: int, listener: socket.socket | None = None) -> None:
         path = self.guest_socket_path(domid)
         if listener is None:
             try:
-                listener = _listen_unix(path)
+                owned: OwnedSocket | None = listen_unix(path)
             except OSError as exc:
-                print(f"xenstored-sim: cannot serve {path}: {exc}", file=sys.stderr)
+                print(f"xenstored-sim: {exc.strerror}", file=sys.stderr)
                 return
+            assert owned is not None
+            listener = owned.sock
+        else:
+            owned = _adopted(listener, path)
         self.listeners[domid] = listener
-        self._paths.append(path)
+        self._owned[path] = owned
         scope = trio.CancelScope()
         self._guest_scopes[domid] = scope
         self._nursery.start_soon(self._guest_loop, scope, listener, domid)
@@ -172,11 +183,9 @@ class XenstoredServer:
         if scope is not None:
             scope.cancel()
         self.listeners.pop(domid, None)
-        path = self.guest_socket_path(domid)
-        if path in self._paths:
-            self._paths.remove(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        owned = self._owned.pop(self.guest_socket_path(domid), None)
+        if owned is not None:
+            owned.remove()
 
     async def _accept_loop(
         self, listener: socket.socket, kind: ConnKind, domid: int, principal: str | None = None
@@ -198,10 +207,10 @@ class XenstoredServer:
                 self._nursery.start_soon(self._serve_client, sock, kind, domid, None, principal)
 
     def remove_sockets(self) -> None:
-        for path in self._paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._paths.clear()
+        for owned in self._owned.values():
+            if owned is not None:
+                owned.remove()
+        self._owned.clear()
         self._flush_audit()
 
     # -------------------------------------------------------------- connections
@@ -245,12 +254,16 @@ class XenstoredServer:
             client.adopt(adopted[1], adopted[2])
         self._clients[conn_id] = client
         self._flush_audit()
+        if self._trace is not None:
+            self._trace.connection(conn_id, True)
         try:
             await client.run()
         finally:
             del self._clients[conn_id]
             engine.disconnect(conn_id)
             self._flush_audit()
+            if self._trace is not None:
+                self._trace.connection(conn_id, False)
 
     def dispatch(self, conn_id: int, packet: Packet) -> None:
         """Run one request and deliver everything it causes."""
@@ -258,8 +271,19 @@ class XenstoredServer:
             return
         if packet.op == _CONTROL and self.live_update.handles(conn_id, packet):
             return
+        if self._trace is not None:
+            self._trace.io(conn_id, packet, False)
         try:
-            out = self.engine.handle(conn_id, packet)
+            fast = None if self._durable is not None else self.engine.handle_fast(conn_id, packet)
+            if fast is None:
+                out = self.engine.handle(conn_id, packet)
+            elif isinstance(fast, bytes):
+                client = self._clients.get(conn_id)
+                if client is not None:
+                    client.push(fast)
+                return
+            else:
+                out = fast
         except Exception:
             # A bug must not take the daemon down: this client alone is dropped.
             traceback.print_exc()
@@ -273,9 +297,12 @@ class XenstoredServer:
 
     def _deliver(self, out: Outbox) -> None:
         clients = self._clients
+        trace = self._trace
         for target, message in out:
             client = clients.get(target)
             if client is not None:
+                if trace is not None:
+                    trace.io(target, message, True)
                 if message.op == _WATCH_EVENT:
                     client.push_event(encode(message))
                 else:
@@ -323,8 +350,7 @@ class XenstoredServer:
             self._commit_wake = trio.Event()
             batch, self._pending = self._pending, []
             if durable.unsynced:
-                durable.unsynced = False
-                os.fsync(durable.fd)  # blocks the loop: requests pile up for the next batch
+                durable.sync_journal()  # blocks the loop: requests pile up for the next batch
             for out in batch:
                 self._deliver(out)
             if durable.needs_compaction():
@@ -338,6 +364,8 @@ class XenstoredServer:
         if self._audit is not None:
             self._audit.write(self.engine.take_audit())
             self._audit.close()
+        if self._trace is not None:
+            self._trace.close()
 
     def _flush_audit(self) -> None:
         if self._audit is not None:
@@ -363,8 +391,7 @@ class XenstoredServer:
         """fsync the journal and deliver every held outbox now; flush the audit log."""
         durable = self._durable
         if durable is not None:
-            os.fsync(durable.fd)
-            durable.unsynced = False
+            durable.sync_journal()
         batch, self._pending = self._pending, []
         for out in batch:
             self._deliver(out)

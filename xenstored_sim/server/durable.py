@@ -17,14 +17,21 @@ leaves the daemon.  What that survives depends on ``--sync``:
     not a crash of the machine.
 
 A read's reply never overtakes the fsync of a change handled before it, so nothing a client
-has seen can be lost under ``always`` and ``batch``.
+has seen can be lost under ``always`` and ``batch``.  Under every policy a restart after a
+power cut holds a prefix of the history of changes.  These are checked on every state a crash
+may leave (``tests/xenstored_sim/durability/test_crash_states.py``, ``make crash-states``);
+every file operation goes through :mod:`.fileio`, which can record them for that purpose.
 
 Files in DIR: ``snapshot`` (one framed msgpack record of the whole state, with the number of
 the journal that follows it) and ``journal.<n>`` (framed records, appended).  When the journal
 grows past ``journal_max`` bytes it is compacted: the state is written to ``snapshot.tmp``,
 fsynced and renamed over ``snapshot``, a new empty journal ``journal.<n+1>`` is started and
-the old one deleted.  Recovery loads the snapshot, replays its journal, drops a torn tail
-(logging it on stderr and truncating the file there) and deletes stale files.
+the old one deleted.  Recovery loads the snapshot, replays its journal up to the first torn
+record (short, over-long, empty or failing its CRC), drops the rest (logging it on stderr and
+truncating the file there) and deletes stale files.  Ordering: the snapshot is fsynced before
+its rename, and the directory is fsynced after it, before the first record of the new journal;
+a journal's creation is made durable by a directory fsync before anything is acknowledged from
+it.
 
 Not restored: connections, watches and open transactions (clients reconnect after a crash
 and start over), and quota limits, which come from the command line at each start.
@@ -47,6 +54,7 @@ from ..core.journal import (
     read_frames,
     recount,
 )
+from .fileio import FileIO
 
 #: Journal size after which it is folded into a new snapshot.
 DEFAULT_JOURNAL_MAX: Final = 8 << 20
@@ -65,14 +73,6 @@ def _log(message: str) -> None:
     print(f"xenstored-sim: state: {message}", file=sys.stderr, flush=True)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class DurableStore:
     """The state directory of one daemon; :meth:`open` recovers into the engine."""
 
@@ -82,7 +82,10 @@ class DurableStore:
         engine: XenstoreEngine,
         sync: SyncPolicy = SyncPolicy.BATCH,
         journal_max: int = DEFAULT_JOURNAL_MAX,
+        io: FileIO | None = None,
     ) -> None:
+        #: every file operation goes through here (recordable, see :mod:`.fileio`)
+        self.io = io if io is not None else FileIO.from_environ()
         self.state_dir = state_dir
         self.engine = engine
         self.sync = sync
@@ -101,12 +104,12 @@ class DurableStore:
 
     def open(self) -> None:
         """Restore the engine from DIR, then open the journal for appending."""
-        os.makedirs(self.state_dir, exist_ok=True)
+        io = self.io
+        io.mkdirs(self.state_dir)
         engine = self.engine
         snap = self._path(SNAPSHOT)
-        if os.path.exists(snap):
-            with open(snap, "rb") as f:
-                data = f.read()
+        data = io.read_file(snap)
+        if data is not None:
             try:
                 self.epoch = load_snapshot(engine, data)
             except (JournalError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -114,21 +117,21 @@ class DurableStore:
                 # damage from outside, and serving a wrong store would be worse than stopping.
                 raise OSError(f"unreadable snapshot {snap}: {exc}") from exc
         path = self._path(f"journal.{self.epoch}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = io.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         try:
-            _fsync_dir(self.state_dir)  # the journal's directory entry survives a machine crash
-            data = _read_all(fd)
+            io.fsync_dir(self.state_dir)  # the journal's directory entry survives a machine crash
+            data = io.read_all(fd)
             payloads, good, problem = read_frames(data)
             if problem is not None:
                 _log(f"{path}: {problem}; dropped {len(data) - good} bytes of a torn tail")
-                os.ftruncate(fd, good)
-                os.fsync(fd)
+                io.ftruncate(fd, good)
+                io.fsync(fd)
             try:
                 apply_records(engine, payloads)
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise OSError(f"unreadable journal {path}: {exc}") from exc
         except BaseException:
-            os.close(fd)
+            io.close(fd)
             raise
         recount(engine.store)
         self._fd = fd
@@ -143,10 +146,9 @@ class DurableStore:
 
     def _remove_stale(self) -> None:
         keep = {SNAPSHOT, f"journal.{self.epoch}"}
-        for name in os.listdir(self.state_dir):
+        for name in self.io.listdir(self.state_dir):
             if name not in keep and (name.startswith("journal.") or name == SNAPSHOT + ".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path(name))
+                self.io.unlink(self._path(name))
 
     # ----------------------------------------------------------------- appending
 
@@ -159,17 +161,18 @@ class DurableStore:
         rec = self._journal.record(with_domains)
         if rec is None:
             return False
-        _write_all(self._fd, rec)
+        self.io.write_all(self._fd, rec)
         self._size += len(rec)
         if self.sync is SyncPolicy.ALWAYS:
-            os.fsync(self._fd)
+            self.io.fsync(self._fd)
         else:
             self.unsynced = True
         return True
 
-    @property
-    def fd(self) -> int:
-        return self._fd
+    def sync_journal(self) -> None:
+        """fsync the journal: every record written so far survives a machine crash."""
+        self.unsynced = False
+        self.io.fsync(self._fd)
 
     def needs_compaction(self) -> bool:
         return self._size > self.journal_max
@@ -179,22 +182,22 @@ class DurableStore:
         assert self._journal is not None
         epoch = self.epoch + 1
         body = self._journal.snapshot(epoch)
+        io = self.io
         tmp = self._path(SNAPSHOT + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            _write_all(fd, body)
-            os.fsync(fd)
+            io.write_all(fd, body)
+            io.fsync(fd)
         finally:
-            os.close(fd)
-        new = os.open(
-            self._path(f"journal.{epoch}"), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
+            io.close(fd)
+        new = io.open(
+            self._path(f"journal.{epoch}"), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
         )
-        os.replace(tmp, self._path(SNAPSHOT))
-        _fsync_dir(self.state_dir)
+        io.rename(tmp, self._path(SNAPSHOT))
+        io.fsync_dir(self.state_dir)
         old, self._fd = self._fd, new
-        os.close(old)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(f"journal.{self.epoch}"))
+        io.close(old)
+        io.unlink(self._path(f"journal.{self.epoch}"))
         self.epoch = epoch
         self._size = 0
         self.unsynced = False
@@ -203,21 +206,6 @@ class DurableStore:
         """fsync and close the journal (a clean stop loses nothing under any policy)."""
         if self._fd >= 0:
             with contextlib.suppress(OSError):
-                os.fsync(self._fd)
-            os.close(self._fd)
+                self.io.fsync(self._fd)
+            self.io.close(self._fd)
             self._fd = -1
-
-
-def _read_all(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

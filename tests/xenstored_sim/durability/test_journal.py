@@ -219,8 +219,20 @@ def test_oversized_length_is_a_torn_tail() -> None:
     assert payloads == [body] and end == len(good) and problem is not None
 
 
+def test_hole_of_zeros_ends_the_journal() -> None:
+    """A crash may keep a later append and lose an earlier one: the lost one reads as zeros,
+    whose header is an empty frame with a valid CRC.  Replay stops there, at a prefix."""
+    d = small_journal()
+    first, lost, *rest = d.records
+    for hole in (len(lost), FRAME_HEADER.size, 3):
+        data = first + bytes(hole) + b"".join(rest)
+        payloads, end, problem = read_frames(data)
+        assert end == len(first) and problem is not None
+        assert state(restored(None, payloads)) == state(restored(None, unframe([first])))
+
+
 def test_frame_round_trip() -> None:
-    bodies = [b"", b"x", bytes(range(256)) * 10]
+    bodies = [b"\x90", b"x", bytes(range(256)) * 10]
     data = b"".join(frame(b) for b in bodies)
     payloads, end, problem = read_frames(data)
     assert payloads == bodies and problem is None and end == len(data)

@@ -266,7 +266,8 @@ def test_xsa_322_reintroduced_domid_inherits_no_acl(xsd: Start) -> None:
     assert d.priv.req(Op.SET_PERMS, b"/shared\0n0\0r2\0b1\0") == b"OK\0"
     assert d.guest(2).req(Op.READ, b"/shared\0") == b"data"
     assert d.priv.req(Op.RELEASE, b"2\0") == b"OK\0"
-    assert d.priv.req(Op.GET_PERMS, b"/shared\0") == b"n0\0b1\0"
+    # 4.17 keeps the entry listed, ignored from now on (C domain_adjust_node_perms())
+    assert d.priv.req(Op.GET_PERMS, b"/shared\0") == b"n0\0r2\0b1\0"
     assert d.priv.req(Op.INTRODUCE, b"2\x001\x001\0") == b"OK\0"
     assert d.guest(2).req(Op.READ, b"/shared\0") == "EACCES"
     assert d.guest(1).req(Op.READ, b"/shared\0") == b"data"
@@ -464,7 +465,8 @@ def test_xsa_419_nodes_outside_home_deleted_on_release(xsd: Start) -> None:
     assert d.priv.req(Op.GET_PERMS, b"/shared/g0\0") == b"n1\0b1\0"
     assert d.priv.req(Op.RELEASE, b"1\0") == b"OK\0"
     assert d.priv.req(Op.DIRECTORY, b"/shared\0") == b""
-    assert d.priv.req(Op.GET_PERMS, b"/shared\0") == b"n0\0"
+    # 4.17 keeps the entry listed but ignored (C domain_adjust_node_perms(), XSA-322)
+    assert d.priv.req(Op.GET_PERMS, b"/shared\0") == b"n0\0b1\0"
 
 
 def test_xsa_483_reused_domid_gets_a_full_node_quota(xsd: Start) -> None:
