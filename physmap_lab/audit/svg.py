@@ -106,8 +106,8 @@ def ops_chart_svg(scenarios: Sequence[Scenario], *, physmap: bool = False) -> st
         for m in modes
     }
     peak = max([v[0] for d in data.values() for v in d.values()] + [1])
-    left, top, plot_h, group_w, bar_w = 60, 50, 240, 180, 44
-    width, height = max(left + group_w * len(modes) + 40, 660), top + plot_h + 120
+    left, top, plot_h, group_w, bar_w = 60, 80, 240, 180, 44
+    width, height = max(left + group_w * len(modes) + 40, 720), top + plot_h + 120
     what = "physmap requests" if physmap else "xenstore requests"
     body = [
         _text(
@@ -175,12 +175,12 @@ def ops_chart_svg(scenarios: Sequence[Scenario], *, physmap: bool = False) -> st
         )
     y = top + plot_h + 60
     for k, p in enumerate(PRINCIPALS):
-        x = left + k * 140
+        x = left + k * 130
         body.append(
             f'<rect x="{x}" y="{y - 11}" width="14" height="14" fill="{PRINCIPAL_COLOURS[p.value]}"/>'
         )
         body.append(_text(x + 20, y, p.value))
-    x = left + len(PRINCIPALS) * 140
+    x = left + len(PRINCIPALS) * 130
     body.append(
         f'<rect x="{x}" y="{y - 11}" width="14" height="14" fill="url(#failed)" stroke="#c62828"/>'
     )
