@@ -678,9 +678,12 @@ class XenstoreEngine:
             if txn is not None:
                 owned += txn.owned_delta.get(conn.domid, 0)
             if owned + len(missing) > q.nodes:
-                # checked per created node in C: the ones written go again (two generations)
-                self.store.generation += 2 * max(0, q.nodes - owned)
-                raise XsErrno("ENOSPC", fails_transaction=False)  # no write_node() failed
+                # C create_node() checks the quota per created node, bottom up: the ones
+                # written before it ran out go again through destroy_node() (two generations
+                # each), which fails an enclosing transaction (XSA-415); none written, none fails.
+                written = max(0, q.nodes - owned)
+                self.store.generation += 2 * written
+                raise XsErrno("ENOSPC", fails_transaction=written > 0)
             top = basename(missing[-1])
             leaf = NODE_HEADER_SIZE + PERM_ENTRY_SIZE * len(perms) + len(value)
             if leaf >= q.node_size:

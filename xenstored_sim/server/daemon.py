@@ -274,7 +274,8 @@ class XenstoredServer:
         if self._trace is not None:
             self._trace.io(conn_id, packet, False)
         try:
-            fast = None if self._durable is not None else self.engine.handle_fast(conn_id, packet)
+            slow = self._durable is not None or self._trace is not None  # both see every reply
+            fast = None if slow else self.engine.handle_fast(conn_id, packet)
             if fast is None:
                 out = self.engine.handle(conn_id, packet)
             elif isinstance(fast, bytes):
