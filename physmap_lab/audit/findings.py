@@ -7,13 +7,18 @@ Everything here is computed from the cells run, so the summary says what this ru
 from __future__ import annotations
 
 import itertools
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+from ..demo import DEFAULT_QEMU
 from .privilege import Permission
 from .scenario import PRINCIPALS, Scenario
 
+#: libxl's per-domain trees, which the derived templates keep with each cell's own domid or
+#: uuid: ``/libxl/<domid>`` and ``/vm/<uuid>``.
+_PER_DOMID: Final = re.compile(r"^/(libxl/\d+|vm/[0-9a-f-]{36})(/|$)")
 #: What each outcome means, for the legend.
 OUTCOMES: Final = {
     "intact": "the restored device model shows the framebuffer the guest drew, and the guest "
@@ -35,10 +40,16 @@ def _plural(n: int, word: str) -> str:
 
 def _where(cells: Sequence[Scenario], all_devices: set[str]) -> str:
     """Which cells these are: the toolstack/dm pairs, and the devices unless all of them."""
-    pairs = sorted({f"{s.toolstack}/{s.dm}" for s in cells})
+    pairs = sorted({f"{s.toolstack}/{s.dm}" + _qemu(s) for s in cells})
     devices = sorted({s.device for s in cells})
     on = "" if set(devices) == all_devices else f" {', '.join(devices)} with"
     return f"{on} {', '.join(pairs)}".strip()
+
+
+def _qemu(s: Scenario) -> str:
+    """`` as QEMU V`` when the cell ran as another QEMU than the first the audit runs."""
+    version = getattr(s, "qemu", None)
+    return f" as QEMU {version}" if version and version != DEFAULT_QEMU else ""
 
 
 def outcome_lines(scenarios: Sequence[Scenario]) -> list[str]:
@@ -230,7 +241,12 @@ def _why(
     out = []
     for devices, perms in sorted(by_devices.items()):
         missing = sorted(set(devices) - counted)
-        if missing and not set(devices) & counted:
+        if all(_PER_DOMID.match(p.template) for p in perms):
+            why = (
+                "paths under `/libxl/<domid>` and `/vm/<uuid>` that keep each cell's own domid "
+                "and uuid (not folded into `$DOMID`), so every cell counted adds its own"
+            )
+        elif missing and not set(devices) & counted:
             why = (
                 f"asked for only by the {', '.join(devices)} cell(s), which are not intact in "
                 f"{other} mode and so not counted there"
