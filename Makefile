@@ -19,7 +19,8 @@ compiled: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	@# setuptools announces every editable install with an informational warning; quiet it.
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[test,dev]'
 	@touch $@
 
 # Debian's xenstore-utils gives the real libxenstore clients (xenstore-read, -write, -ls, ...);

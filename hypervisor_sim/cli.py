@@ -1,7 +1,8 @@
-"""``hypervisor-sim --rundir DIR [--xen-libs 4.17] [--audit-log FILE] [--principal-socket N=P]``.
+"""hypervisor-sim: the simulated Xen hypervisor (domains, guest memory, p2m, ioreqs).
 
-Ready when ``RUNDIR/hypervisor.sock`` accepts.  SIGTERM or SIGINT stops it cleanly: the socket
-and every ``RUNDIR/mem/dom*.mem`` file are removed.
+Ready when RUNDIR/hypervisor.sock accepts: it then prints one "ready" line (and writes it to
+--ready-fd).  SIGTERM or SIGINT stops it cleanly: the socket and every RUNDIR/mem/dom*.mem
+file are removed.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import trio
 
 from xenhost import RunDir
 from xenstored_sim.client.paths import parse_principal_sockets
+from xenstored_sim.ready import add_ready_fd_argument, notify_ready
 from xenstored_sim.startup import OneLineParser, os_errors
 
 from .server import AuditLog, HypervisorServer
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="hypervisor-sim", description=__doc__.splitlines()[0])
+    p = OneLineParser(
+        prog="hypervisor-sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rundir", required=True, help="the run directory (hypervisor.sock, mem/)")
     p.add_argument(
         "--xen-libs",
@@ -30,6 +36,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="Xen library version to report; xenforeignmemory_map2 exists from 4.10 on",
     )
     p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per hypercall")
+    add_ready_fd_argument(p)
     p.add_argument(
         "--principal-socket",
         action="append",
@@ -53,10 +60,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def _run(server: HypervisorServer) -> None:
+async def _run(server: HypervisorServer, ready_fd: int | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            notify_ready("hypervisor-sim", server.sock_path, ready_fd)
 
             async def stop_on_signal() -> None:
                 async for _ in signals:
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(
             _run,
             HypervisorServer(args.rundir, args.xen_libs, audit, args.principal_sockets),
+            args.ready_fd,
         )
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ destination gfn is removed and freed first, as Xen does.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
@@ -104,6 +105,11 @@ class Domain:
     # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY and HVMOP_track_dirty_vram state (logdirty.py).
     logdirty: DigestLog | None = None
     vram: VramTracker | None = None
+    #: Time the vCPUs have run, in ns of the hypervisor's clock, up to ``running_since`` if
+    #: unpaused (XEN_DOMCTL_getdomaininfo ``cpu_time``, what ``xl list`` shows as Time(s)).
+    #: A simulated vCPU counts as running whenever its domain is unpaused.
+    ran_ns: int = 0
+    running_since: int | None = None
 
     def digests(self, gfns: Iterable[int] | None = None) -> dict[int, bytes]:
         """gfn -> SHA-1 of its frame, for the populated ones among ``gfns`` (default all)."""
@@ -114,7 +120,14 @@ class Domain:
     def tot_pages(self) -> int:
         return len(self.p2m)
 
-    def info(self) -> DomainInfo:
+    def set_paused(self, paused: bool, now: int) -> None:
+        if self.running_since is not None:
+            self.ran_ns += now - self.running_since
+        self.running_since = None if paused else now
+        self.paused = paused
+
+    def info(self, now: int) -> DomainInfo:
+        running = 0 if self.running_since is None else now - self.running_since
         return {
             "domid": self.domid,
             "name": self.name,
@@ -122,6 +135,7 @@ class Domain:
             "tot_pages": self.tot_pages,
             "max_pages": self.max_pages,
             "hvm": self.hvm,
+            "cpu_time": self.ran_ns + running,
         }
 
     def runs(self) -> list[list[int]]:
@@ -169,8 +183,10 @@ class Hypervisor:
         mem_dir: str,
         xen_libs: str = XEN_VERSION,
         frame_file: Callable[[str], FrameFile] = FrameFile,
+        clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.mem_dir = mem_dir
+        self.clock = clock
         self.xen_libs = xen_libs
         self._frame_file = frame_file
         self.domains: dict[int, Domain] = {}
@@ -271,16 +287,17 @@ class Hypervisor:
         self.effects.append(DomainDestroyed(domid))
 
     def _call_domain_pause(self, conn: int, domid: int) -> None:
-        self.domain(domid).paused = True
+        self.domain(domid).set_paused(True, self.clock())
 
     def _call_domain_unpause(self, conn: int, domid: int) -> None:
-        self.domain(domid).paused = False
+        self.domain(domid).set_paused(False, self.clock())
 
     def _call_domain_getinfo(self, conn: int, domid: int) -> DomainInfo:
-        return self.domain(domid).info()
+        return self.domain(domid).info(self.clock())
 
     def _call_domain_list(self, conn: int) -> list[DomainInfo]:
-        return [d.info() for _, d in sorted(self.domains.items())]
+        now = self.clock()
+        return [d.info(now) for _, d in sorted(self.domains.items())]
 
     def destroy_all(self) -> None:
         """Shut down: every domain goes and its frame file is removed."""

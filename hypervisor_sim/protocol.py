@@ -213,6 +213,7 @@ class DomainInfo(TypedDict):
     tot_pages: int
     max_pages: int
     hvm: bool
+    cpu_time: int
 
 
 class ForeignMap(TypedDict):

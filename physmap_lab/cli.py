@@ -2,7 +2,7 @@
 
 ::
 
-    physmap-lab demo [--json] [--mode M ...] [--device D ...] [--toolstack T ...]
+    physmap-lab demo [--json] [--wide] [--mode M ...] [--device D ...] [--toolstack T ...]
                      [--rundir DIR] [--attach] [--keep] [--screenshots DIR]
     physmap-lab demo --migrate [--json] [--mode M ...] [--device D ...] [--rundir DIR] [--keep]
     physmap-lab host up|down NAME [--rundir DIR]
@@ -25,7 +25,6 @@ from typing import Final
 import trio
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from toolstack.config import DM_MODES, DM_QEMU_VERSIONS, FLAVOURS, VGA_CHOICES
 from xenstored_sim.startup import OneLineParser
@@ -35,7 +34,6 @@ from .demo import (
     DEFAULT_MODES,
     DEFAULT_QEMU,
     DEFAULT_TOOLSTACKS,
-    CaseResult,
     DemoOutcome,
     StepError,
     expected_to_work,
@@ -44,16 +42,10 @@ from .demo import (
     run_demo,
     worked_unexpectedly,
 )
+from .progress import Ticker
+from .table import results_table
 
 PROG: Final = "physmap-lab"
-
-#: Short names of the libxl stream records for the table (image_records keeps the full ones).
-RECORD_ABBREV: Final = {
-    "LIBXC_CONTEXT": "LIBXC",
-    "EMULATOR_XENSTORE_DATA": "XS_DATA",
-    "EMULATOR_CONTEXT": "EMU",
-    "END": "END",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the xenstored-sim and hypervisor-sim already running on --rundir",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory and the images")
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="the table with full digests and pointers (about 160 columns)",
+    )
     p.add_argument(
         "--migrate",
         action="store_true",
@@ -217,73 +214,8 @@ def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     _add_qemu(p, f"default: {' and '.join(QEMUS)}; a privileged device model runs as the first")
 
 
-def _hex(value: int | None) -> str:
-    return "-" if value is None else f"{value:#x}"
-
-
-def _ops(ops: dict[str, int] | None, ok: dict[str, int] | None) -> str:
-    """``7 · 8 · 0`` for the toolstack, the device model and the guest; a count that includes
-    failed requests says how many succeeded."""
-    if ops is None:
-        return "-"
-    parts = []
-    for who, n in ops.items():
-        good = n if ok is None else ok.get(who, 0)
-        text = f"{n} ({good} ok)" if good != n else str(n)
-        parts.append(text if who in ("toolstack", "device-model", "guest") else f"{who} {text}")
-    return " · ".join(parts)
-
-
-def _ptrs(at_init: int | None, after_load: int | None) -> str:
-    if at_init is not None and at_init == after_load:
-        return f"{at_init:#x} (same)"
-    return f"{_hex(at_init)} → {_hex(after_load)}"
-
-
-def _mark(ok: bool | None) -> str:
-    return "-" if ok is None else "[green]yes[/green]" if ok else "[red]no[/red]"
-
-
-def results_table(results: Sequence[CaseResult]) -> Table:
-    table = Table(
-        title="physmap-lab demo: save → destroy → restore",
-        caption="fb saved: sha256 of the framebuffer the guest drew, before save. "
-        "fb restored: what the device model displays after restore (the guest's own read-back "
-        "must agree). vram_ptr: the device model's VRAM pointer at init and after the device "
-        "state loaded. Records: LIBXC = LIBXC_CONTEXT, XS_DATA = EMULATOR_XENSTORE_DATA, "
-        "EMU = EMULATOR_CONTEXT. Physmap ops: xenstore requests on "
-        "/local/domain/0/device-model/<domid>/physmap by principal.",
-        caption_justify="left",
-    )
-    for header in ("mode", "device", "toolstack", "dm", "ok"):
-        table.add_column(header, no_wrap=True)
-    table.add_column("fb saved", no_wrap=True)
-    table.add_column("fb restored", no_wrap=True)
-    table.add_column("vram_ptr\nat init → after load", no_wrap=True)
-    table.add_column("derived\nptrs ok", min_width=7)
-    table.add_column("image records", no_wrap=True)
-    table.add_column("physmap ops\ntool · dm · guest", no_wrap=True)
-    for r in results:
-        if r.ok:
-            ok = "[green]ok[/green]"
-        elif r.expected_ok:
-            ok = "[bold red]FAIL[/bold red]"
-        else:
-            ok = "[yellow]fails (expected)[/yellow]"
-        table.add_row(
-            r.mode,
-            r.device,
-            r.toolstack,
-            r.dm or "-",
-            ok,
-            (r.fb_sha256_saved or "-")[:12],
-            (r.fb_sha256_restored or "-")[:12],
-            _ptrs(r.vram_ptr_at_init, r.vram_ptr_after_load),
-            _mark(r.derived_ptrs_valid),
-            " ".join(RECORD_ABBREV.get(x, x) for x in r.image_records) or "-",
-            _ops(r.physmap_xenstore_ops, r.physmap_xenstore_ops_ok),
-        )
-    return table
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
 
 
 def _run_migrate(args: argparse.Namespace, err: Console) -> int:
@@ -296,7 +228,7 @@ def _run_migrate(args: argparse.Namespace, err: Console) -> int:
         args.devices or DEFAULT_DEVICES,
         args.toolstacks or DEFAULT_TOOLSTACKS,
     )
-    err.print(f"[bold]physmap-lab demo --migrate[/bold]: {len(cases)} cases", highlight=False)
+    err.print(f"[bold]physmap-lab demo --migrate[/bold]: {_cases(len(cases))}", highlight=False)
     base = Path(args.rundir or tempfile.mkdtemp(prefix="physmap-lab-migrate-"))
     try:
         results = trio.run(lambda: run_migrations(cases, base))
@@ -324,7 +256,7 @@ def _run_migrate(args: argparse.Namespace, err: Console) -> int:
             f"{r.downtime_s or 0:.3f} s, total {r.total_s or 0:.2f} s"
         )
         err.print(escape(line) + (f": {escape(r.error)}" if r.error else ""), highlight=False)
-    err.print(f"{len(results)} cases, {len(results) - bad} as expected", highlight=False)
+    err.print(f"{_cases(len(results))}, {len(results) - bad} as expected", highlight=False)
     return 1 if bad else 0
 
 
@@ -338,27 +270,36 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         args.qemus or [DEFAULT_QEMU],
     )
 
-    def report(message: str) -> None:
-        err.print(message, highlight=False)
+    err.print(f"[bold]physmap-lab demo[/bold]: {_cases(len(cases))}", highlight=False)
+    # The demo announces each case with "LABEL: start": the bar counts the cases begun.
+    starts = {f"{c.label}: [bold]start[/bold]": c.label for c in cases}
+    with Ticker(err, len(cases), "demo") as progress:
 
-    err.print(f"[bold]physmap-lab demo[/bold]: {len(cases)} cases", highlight=False)
-    try:
-        outcome: DemoOutcome = trio.run(
-            lambda: run_demo(
-                cases,
-                rundir=args.rundir,
-                attach=args.attach,
-                keep=args.keep,
-                screenshots=args.screenshots,
-                report=report,
+        def report(message: str) -> None:
+            progress.note(message)
+            if message in starts:
+                if message != next(iter(starts)):
+                    progress.advance()
+                progress.step(starts[message])
+
+        try:
+            outcome: DemoOutcome = trio.run(
+                lambda: run_demo(
+                    cases,
+                    rundir=args.rundir,
+                    attach=args.attach,
+                    keep=args.keep,
+                    screenshots=args.screenshots,
+                    report=report,
+                )
             )
-        )
-    except StepError as exc:
-        err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        err.print(f"[red]{PROG}: interrupted[/red]")
-        return 1
+        except StepError as exc:
+            err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
+            return 1
+        except KeyboardInterrupt:
+            err.print(f"[red]{PROG}: interrupted[/red]")
+            return 1
+        progress.advance()
 
     if args.json:
         print(json.dumps({"runs": [r.as_json() for r in outcome.results]}, indent=2))
@@ -366,8 +307,8 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         out = Console()
         if not out.is_terminal:
             # A file or a pipe: the table at its natural width, never cut.
-            out = Console(width=400)
-        out.print(results_table(outcome.results))
+            out = Console(width=400 if args.wide else 100)
+        out.print(results_table(outcome.results, wide=args.wide))
     for r in outcome.results:
         if r.error:
             label = f"{r.mode}/{r.device}/{r.toolstack}"
@@ -377,7 +318,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     bad = failed_unexpectedly(outcome.results)
     ok = sum(r.ok for r in outcome.results)
     err.print(
-        f"{len(outcome.results)} cases, {ok} ok, {len(bad)} failed unexpectedly, "
+        f"{_cases(len(outcome.results))}, {ok} ok, {len(bad)} failed unexpectedly, "
         f"in {outcome.seconds:.1f} s",
         highlight=False,
     )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -82,21 +83,47 @@ class Process:
         return self.popen.returncode
 
 
+def _ready_line(fd: int, deadline: float) -> str:
+    """What the daemon writes to its ``--ready-fd`` pipe: its ready line, or "" at end of file
+    (it died, or closed the pipe without a word) or when ``deadline`` passes."""
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return ""
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
 def _start(
     name: str, argv: Sequence[str], socket_path: Path, log_path: Path, env: dict[str, str]
 ) -> Process:
+    """Start a daemon and return once it says it is ready on its ``--ready-fd`` pipe; a daemon
+    that closes the pipe silently but lives is waited for by polling its socket."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        popen = subprocess.Popen(
-            [_program(argv[0]), *argv[1:]],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    read_end, write_end = os.pipe()
+    try:
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                [_program(argv[0]), *argv[1:], "--ready-fd", str(write_end)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(write_end,),
+            )
+    finally:
+        os.close(write_end)  # the daemon holds its own copy now
     proc = Process(name, popen, socket_path, log_path)
     deadline = time.monotonic() + START_LIMIT
-    while not _accepts(socket_path):
+    try:
+        ready = _ready_line(read_end, deadline)
+    finally:
+        os.close(read_end)
+    while not ready and not _accepts(socket_path):
         if popen.poll() is not None or time.monotonic() > deadline:
             proc.stop()
             pytest.fail(f"{name} did not start ({' '.join(argv)}):\n{proc.log()[-2000:]}")

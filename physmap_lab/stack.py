@@ -129,21 +129,38 @@ class Stack:
 
 
 async def start_daemon(daemon: Daemon, env: Mapping[str, str] | None = None) -> None:
-    """Spawn ``daemon`` and return once its socket accepts connections.
+    """Spawn ``daemon`` and return once it is ready.
 
-    Raises :class:`RuntimeError` with the tail of its log if it exits first.
+    The daemon says so on a ``--ready-fd`` pipe (xenstored_sim/ready.py); one that closes the
+    pipe without a word yet lives is waited for by polling its socket.  Raises
+    :class:`RuntimeError` with the tail of its log if it exits first.
     """
     argv = [executable(daemon.argv[0]), *daemon.argv[1:]]
     daemon.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(daemon.log_path, "ab") as log:
-        daemon.process = await trio.lowlevel.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=dict(env) if env is not None else None,
-        )
-    while not accepts(str(daemon.socket_path)):
+    read_end, write_end = os.pipe()
+    try:
+        with open(daemon.log_path, "ab") as log:
+            daemon.process = await trio.lowlevel.open_process(
+                [*argv, "--ready-fd", str(write_end)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=dict(env) if env is not None else None,
+                pass_fds=(write_end,),
+            )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # the daemon holds its own copy now
+    async with trio.lowlevel.FdStream(read_end) as pipe:
+        said = b""
+        while not said.endswith(b"\n"):
+            chunk = await pipe.receive_some()
+            if not chunk:
+                break
+            said += chunk
+    while not said and not accepts(str(daemon.socket_path)):
         if daemon.process.poll() is not None:
             tail = daemon.log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{daemon.name} exited with {daemon.process.returncode}:\n{tail}")

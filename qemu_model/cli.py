@@ -26,6 +26,7 @@ import trio
 
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenhost import RunDir
+from xenstored_sim.ready import add_ready_fd_argument, notify_ready, ready_fd_from
 from xenstored_sim.startup import OneLineParser, one_line
 
 from .errors import QemuAbort, QemuExit
@@ -54,7 +55,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="which QEMU to behave as: 2.10 (the release that merged the series, default), "
         "3.0 (xentoolcore_restrict_all) or current (docs/fidelity.md)",
     )
-    p.add_argument("--vga", choices=sorted(DEVICES), default="stdvga")
+    p.add_argument(
+        "--vga",
+        choices=sorted(DEVICES),
+        default="stdvga",
+        help="the display card, as QEMU's -vga std/cirrus/qxl (default stdvga)",
+    )
     p.add_argument(
         "--incoming",
         metavar="FILE",
@@ -62,7 +68,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     p.add_argument("--restrict", action="store_true", help="dm_restrict: -xen-domid-restrict")
     p.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest")
-    p.add_argument("--rundir", default=os.environ.get("PHYSMAP_LAB_RUNDIR"))
+    p.add_argument(
+        "--rundir",
+        default=os.environ.get("PHYSMAP_LAB_RUNDIR"),
+        help="the run directory: hypervisor.sock, qmp/DOMID.sock (default $PHYSMAP_LAB_RUNDIR)",
+    )
     p.add_argument(
         "--xenstore",
         metavar="PATH",
@@ -74,7 +84,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="hypercall socket (default RUNDIR/hypervisor.sock)",
     )
     p.add_argument("--memory-mib", type=int, default=128, help="guest RAM: places ram_addr offsets")
-    p.add_argument("--vram-mib", type=int, default=16)
+    p.add_argument(
+        "--vram-mib",
+        type=int,
+        default=16,
+        help="video memory of the card in MiB, a power of two (QEMU's vgamem_mb; default 16)",
+    )
+    add_ready_fd_argument(p)
     p.add_argument(
         "--vnc",
         metavar="DISPLAY",
@@ -125,6 +141,13 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+async def _serve(cfg: Config, ready_fd: int | None) -> None:
+    """Serve; announce readiness once QMP accepts (what libxl waits for)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, cfg)
+        notify_ready(PROG, str(cfg.qmp_path), ready_fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--hostile" or a.startswith("--hostile=") for a in args):
@@ -132,13 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run.main(args)
     cfg = parse_args(argv)
+    ready_fd = ready_fd_from(argv)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format=f"{PROG}[d{cfg.domid}]: %(message)s",
     )
     try:
-        trio.run(serve, cfg)
+        trio.run(_serve, cfg, ready_fd)
     except BaseException as group:
         exc = _leaf(group)
         if isinstance(exc, QemuAbort):

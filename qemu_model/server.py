@@ -684,8 +684,10 @@ def state_is(machine: Machine, state: RunState) -> bool:
     return machine.runstate == state
 
 
-async def serve(cfg: Config) -> None:
-    """Run the device model until ``quit``, SIGTERM or SIGINT."""
+async def serve(
+    cfg: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the device model until ``quit``, SIGTERM or SIGINT; started once QMP accepts."""
     dm = DeviceModel(cfg)
     async with trio.open_nursery() as nursery:
 
@@ -698,6 +700,6 @@ async def serve(cfg: Config) -> None:
 
         nursery.start_soon(watch_signals)
         try:
-            await dm.run()
+            await dm.run(task_status=task_status)
         finally:
             nursery.cancel_scope.cancel()

@@ -45,6 +45,7 @@ NO_TRIO_MODULES = [
     "toolstack.savefile",
     "toolstack.stream",
     "toolstack.streamio",
+    "toolstack.xlcfg",
 ]
 
 # package -> the only modules of other packages it may import
@@ -55,10 +56,12 @@ ALLOWED: dict[str, set[str]] = {
         "xenhost",
         "xenstored_sim.wire",
         "xenstored_sim.client",
+        "xenstored_sim.ready",
         "xenstored_sim.startup",
     },
     "qemu_model": {
         "xenhost",
+        "xenstored_sim.ready",
         "xenstored_sim.wire",
         "xenstored_sim.client",
         "xenstored_sim.startup",

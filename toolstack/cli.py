@@ -1,22 +1,29 @@
-"""``xl-sim``: the command line of the toolstack, shaped like ``xl``.
+"""``xl-sim``: the command line of the toolstack, shaped like ``xl`` (cf. Xen
+tools/xl/xl_cmdtable.c and xl(1)).
 
 ::
 
-    xl-sim --rundir DIR [--json] create [CONFIG] [--name N] [--memory MiB] [--vga V]
-                                      [--videoram MiB] [--dm-mode M] [--dm-qemu-version V] [--dm-restrict]
+    xl-sim [--rundir DIR] [--json] create [CONFIG] [--name N] [--memory MiB] [--vga V]
+                                      [--videoram MiB] [--dm-mode M]
+                                      [--dm-qemu-version V] [--dm-restrict]
                                       [--dm-stubdom [--dm-grant 'ACCESS PATH' ...]]
                                       [--toolstack libxl|unaware]
-    xl-sim --rundir DIR [--json] list
-    xl-sim --rundir DIR [--json] pause|unpause|destroy DOMID
-    xl-sim --rundir DIR [--json] save [--checkpoint] [--toolstack F] DOMID FILE
-    xl-sim --rundir DIR [--json] restore FILE [--name N] [--dm-mode M] [--dm-qemu-version V] [--dm-restrict |
+    xl-sim list [-l|--long] [DOMAIN]
+    xl-sim info
+    xl-sim pause|unpause|destroy DOMAIN
+    xl-sim domid NAME | domname DOMID
+    xl-sim save [-c|--checkpoint] [-p] [--toolstack F] DOMAIN FILE
+    xl-sim restore [-p] [CONFIG] FILE [--name N] [--dm-mode M]
+                                      [--dm-qemu-version V] [--dm-restrict |
                                       --no-dm-restrict] [--dm-stubdom | --no-dm-stubdom]
                                       [--dm-grant 'ACCESS PATH' ...] [--toolstack F]
-    xl-sim --rundir DIR [--json] migrate DOMID ADDRESS:PORT [--max-rounds N]
-                                      [--dirty-threshold PAGES]
-    xl-sim --rundir DIR [--json] migrate-receive [--listen ADDRESS:PORT]
-    xl-sim --rundir DIR [--json] guest DOMID map-bar|set-mode|draw|fb-hash|xs-read|xs-write ...
+    xl-sim migrate DOMAIN ADDRESS:PORT [--max-rounds N] [--dirty-threshold PAGES]
+    xl-sim migrate-receive [--listen ADDRESS:PORT]
+    xl-sim vncviewer DOMAIN
+    xl-sim guest DOMAIN map-bar|set-mode|draw|fb-hash|xs-read|xs-write ...
 
+A DOMAIN is a domain id or a name, as for xl.  CONFIG is a whole xl.cfg(5) file: the options
+the simulated host models are used and each other xl.cfg option draws one warning.
 ``--rundir`` defaults to ``$PHYSMAP_LAB_RUNDIR``.  With ``--json`` every command prints one
 JSON object on stdout, an error included (``{"error": ...}``); the exit status is 0 on
 success, 1 on failure and 2 for a usage error.
@@ -40,7 +47,7 @@ from xenstored_sim.client import XsDisconnected
 from xenstored_sim.startup import OneLineParser
 from xenstored_sim.wire import XsError
 
-from . import migrate
+from . import migrate, vncviewer, xl_info
 from .config import (
     DM_MODES,
     DM_QEMU_VERSIONS,
@@ -48,10 +55,12 @@ from .config import (
     VGA_CHOICES,
     ConfigError,
     DomainConfig,
-    parse_config,
+    ParsedConfig,
+    parse_xl_cfg,
 )
 from .libxl import Libxl, ToolstackError, open_libxl
 from .streamio import StreamError
+from .xl_utils import domain_name, find_domain
 
 PROG = "xl-sim"
 
@@ -77,10 +86,15 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _domid(text: str) -> int:
-    value = _int(text)
+def _domain(text: str) -> int | str:
+    """xl's ``<Domain>``: an id (1 or more: a guest) or a name, looked up once connected."""
+    if not text.isdigit():
+        if not text.strip():
+            raise argparse.ArgumentTypeError("a domain is an id or a name")
+        return text
+    value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError("a guest domid is 1 or more")
+        raise argparse.ArgumentTypeError("a guest domid is 1 or more (0 is the control domain)")
     return value
 
 
@@ -149,25 +163,47 @@ def build_parser() -> argparse.ArgumentParser:
     _grant_arg(p)
     p.add_argument("--toolstack", choices=FLAVOURS)
 
-    sub.add_parser("list", parents=[common], help="list domains")
+    p = sub.add_parser("list", parents=[common], help="list domains, as xl list")
+    p.add_argument("-l", "--long", action="store_true", help="each domain's configuration as JSON")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", type=_domain)
+    sub.add_parser("info", parents=[common], help="the host and the simulated Xen, as xl info")
+    p = sub.add_parser("domid", parents=[common], help="the id of a named domain")
+    p.add_argument("name")
+    p = sub.add_parser("domname", parents=[common], help="the name of a domain id")
+    p.add_argument("domid", type=_int)
+    p = sub.add_parser("vncviewer", parents=[common], help="attach to a domain's VNC server")
+    p.add_argument("domid", metavar="DOMAIN", type=_domain)
     for name, text in (
         ("pause", "pause a domain"),
         ("unpause", "unpause a domain"),
         ("destroy", "destroy a domain"),
     ):
         p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("domid", type=_domid)
+        p.add_argument("domid", metavar="DOMAIN", type=_domain)
 
     p = sub.add_parser("save", parents=[common], help="save a domain to a file")
-    p.add_argument("--checkpoint", action="store_true", help="leave the domain running")
+    p.add_argument(
+        "-c", "--checkpoint", action="store_true", help="leave the domain running after saving"
+    )
+    p.add_argument(
+        "-p", dest="leave_paused", action="store_true", help="leave the domain paused after saving"
+    )
     p.add_argument(
         "--toolstack", choices=FLAVOURS, help="flavour to save with (default: the domain's)"
     )
-    p.add_argument("domid", type=_domid)
+    p.add_argument("domid", metavar="DOMAIN", type=_domain)
     p.add_argument("file")
 
     p = sub.add_parser("restore", parents=[common], help="restore a domain from a file")
-    p.add_argument("file")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="[CONFIG] FILE",
+        help="the saved image, after an xl.cfg whose settings replace the image's",
+    )
+    p.add_argument(
+        "-p", dest="paused", action="store_true", help="do not unpause the domain after restoring"
+    )
     p.add_argument("--name")
     p.add_argument("--dm-mode", choices=DM_MODES)
     p.add_argument(
@@ -183,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toolstack", choices=FLAVOURS)
 
     p = sub.add_parser("migrate", parents=[common], help="migrate a domain live to a receiver")
-    p.add_argument("domid", type=_domid)
+    p.add_argument("domid", metavar="DOMAIN", type=_domain)
     p.add_argument("host", type=_address, help="ADDRESS:PORT of an `xl-sim migrate-receive`")
     p.add_argument("--max-rounds", type=_positive, default=migrate.MAX_ROUNDS)
     p.add_argument("--dirty-threshold", type=_int, default=migrate.DIRTY_THRESHOLD)
@@ -197,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("guest", parents=[common], help="drive the guest's vCPU")
-    p.add_argument("domid", type=_domid)
+    p.add_argument("domid", metavar="DOMAIN", type=_domain)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = actions.add_parser("map-bar", help="program and enable the VGA BAR")
     a.add_argument("--addr", type=_int, default=guest_drivers.DEFAULT_BAR_ADDR)
@@ -223,15 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
+#: What a restore takes from the image whatever an xl.cfg given to it says: the saved memory and
+#: device state only fit the guest they came from.
+_FROM_IMAGE = ("memory_mib", "vga", "videoram_mib", "uuid")
+
+
+def _read_xl_cfg(path: str) -> ParsedConfig:
+    """Parse an xl.cfg file, warning once on stderr about each option not modelled (as xl
+    warns about options its build lacks)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot read {path}: {why}") from None
+    parsed = parse_xl_cfg(text, path)
+    for key, line in parsed.ignored:
+        print(
+            f"{PROG}: warning: {path}:{line}: ignoring {key}: not modelled by the simulated host",
+            file=sys.stderr,
+        )
+    return parsed
+
+
 def _create_config(args: argparse.Namespace) -> DomainConfig:
-    if args.config:
-        try:
-            text = Path(args.config).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.config}: {exc.strerror or exc}") from None
-        base = parse_config(text, args.config)
-    else:
-        base = DomainConfig()
+    base = _read_xl_cfg(args.config).config if args.config else DomainConfig()
     return base.with_overrides(
         name=args.name,
         memory_mib=args.memory,
@@ -244,6 +295,34 @@ def _create_config(args: argparse.Namespace) -> DomainConfig:
         dm_stubdom_grants=None if args.dm_grants is None else tuple(args.dm_grants),
         toolstack=args.toolstack,
     )
+
+
+def _restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``restore [CONFIG] FILE``: the CONFIG's settings, then the options, over the image's."""
+    if len(args.files) > 2:
+        raise ConfigError("restore takes [CONFIG] FILE: too many files")
+    overrides: dict[str, Any] = {}
+    if len(args.files) == 2:
+        parsed = _read_xl_cfg(args.files[0])
+        for field in sorted(parsed.fields):
+            if field in _FROM_IMAGE:
+                print(
+                    f"{PROG}: warning: {args.files[0]}: {field} is taken from the saved image",
+                    file=sys.stderr,
+                )
+            else:
+                overrides[field] = getattr(parsed.config, field)
+    options = {
+        "name": args.name,
+        "dm_mode": args.dm_mode,
+        "dm_qemu_version": args.dm_qemu_version,
+        "dm_restrict": args.dm_restrict,
+        "dm_stubdom": args.dm_stubdom,
+        "dm_stubdom_grants": None if args.dm_grants is None else tuple(args.dm_grants),
+        "toolstack": args.toolstack,
+    }
+    overrides.update({k: v for k, v in options.items() if v is not None})
+    return overrides
 
 
 def _mode_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -276,15 +355,56 @@ async def _guest(lx: Libxl, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def _resolve(lx: Libxl, args: argparse.Namespace) -> None:
+    """Names given for ``<Domain>`` become domids, as xl's find_domain() does."""
+    if isinstance(getattr(args, "domid", None), str):
+        args.domid = await find_domain(lx, args.domid)
+    if getattr(args, "domains", None):
+        args.domains = [await find_domain(lx, str(d), guest=False) for d in args.domains]
+
+
+async def _list(lx: Libxl, args: argparse.Namespace) -> dict[str, Any]:
+    wanted: list[int] = args.domains or []
+    if len(wanted) > 1:
+        raise ToolstackError("list takes one DOMAIN at most, as xl list does")
+    only = wanted[0] if wanted else None
+    if args.long:
+        return {"long": await xl_info.long_form(lx, only)}
+    rows = await xl_info.list_rows(lx, only) if only != 0 else []
+    host = xl_info.domain0_row() if only in (None, 0) else None
+    return {"domain0": host, "domains": rows}
+
+
+async def _save(lx: Libxl, args: argparse.Namespace) -> dict[str, Any]:
+    """``xl save [-c] [-p]``: ``-p`` keeps the domain, paused."""
+    keep = args.checkpoint or args.leave_paused
+    result = await lx.save(args.domid, args.file, checkpoint=keep, toolstack=args.toolstack)
+    out = result.as_dict()
+    if args.leave_paused:
+        await lx.pause(args.domid)
+        out["paused"] = True
+    return out
+
+
 async def run_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run one parsed command; returns what ``--json`` prints."""
     config = _create_config(args) if args.command == "create" else None
+    overrides = _restore_overrides(args) if args.command == "restore" else None
     async with open_libxl(args.rundir, command=args.command) as lx:
+        await _resolve(lx, args)
         if args.command == "create":
             assert config is not None
             return (await lx.create(config)).as_dict()
         if args.command == "list":
-            return {"domains": [d.as_dict() for d in await lx.list_domains()]}
+            return await _list(lx, args)
+        if args.command == "info":
+            return await xl_info.host_info(lx)
+        if args.command == "domid":
+            return {"name": args.name, "domid": await find_domain(lx, args.name, guest=False)}
+        if args.command == "domname":
+            return {"domid": args.domid, "name": await domain_name(lx, args.domid)}
+        if args.command == "vncviewer":
+            return await vncviewer.address(lx, args.domid)
         if args.command == "pause":
             await lx.pause(args.domid)
             return {"domid": args.domid, "paused": True}
@@ -295,21 +415,10 @@ async def run_command(args: argparse.Namespace) -> dict[str, Any]:
             await lx.destroy(args.domid)
             return {"domid": args.domid, "destroyed": True}
         if args.command == "save":
-            result = await lx.save(
-                args.domid, args.file, checkpoint=args.checkpoint, toolstack=args.toolstack
-            )
-            return result.as_dict()
+            return await _save(lx, args)
         if args.command == "restore":
-            overrides = {
-                "name": args.name,
-                "dm_mode": args.dm_mode,
-                "dm_qemu_version": args.dm_qemu_version,
-                "dm_restrict": args.dm_restrict,
-                "dm_stubdom": args.dm_stubdom,
-                "dm_stubdom_grants": None if args.dm_grants is None else tuple(args.dm_grants),
-                "toolstack": args.toolstack,
-            }
-            return (await lx.restore(args.file, overrides=overrides)).as_dict()
+            image = args.files[-1]
+            return (await lx.restore(image, overrides=overrides, paused=args.paused)).as_dict()
         if args.command == "guest":
             return await _guest(lx, args)
         if args.command == "migrate":
@@ -361,16 +470,18 @@ def _human(command: str, out: dict[str, Any]) -> str:
     if command == "create":
         return f"Domain {out['domid']} ({out['name']}) created; device model pid {out['dm_pid']}"
     if command == "list":
-        lines = [
-            f"{'Name':<24} {'ID':>4} {'Mem':>6} {'State':<7} {'VGA':<7} {'DM mode':<14} DM pid"
-        ]
-        for d in out["domains"]:
-            mem = d["memory_mib"] if d["memory_mib"] is not None else d["tot_pages"] // 256
-            lines.append(
-                f"{d['name']:<24} {d['domid']:>4} {mem:>6} {'paused' if d['paused'] else 'running':<7}"
-                f" {d['vga'] or '-':<7} {d['dm_mode'] or '-':<14} {d['dm_pid'] or '-'}"
-            )
-        return "\n".join(lines)
+        if "long" in out:
+            return json.dumps(out["long"], indent=4)
+        rows = ([out["domain0"]] if out["domain0"] else []) + out["domains"]
+        return xl_info.render_list(rows)
+    if command == "info":
+        return xl_info.render_info(out)
+    if command == "domid":
+        return str(out["domid"])
+    if command == "domname":
+        return str(out["name"])
+    if command == "vncviewer":
+        return vncviewer.describe(out)
     if command == "save":
         return (
             f"Saved domain {out['domid']} to {out['file']}: {out['bytes']} bytes, "
@@ -432,7 +543,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         text = _human(args.command, out)
         if text:
-            print(text)
+            print(text, flush=True)
+        if args.command == "vncviewer":
+            _viewer(args, out)
+
+
+def _viewer(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    try:
+        vncviewer.exec_viewer(out)
+    except ToolstackError as exc:
+        _fail(args, str(exc))
+    print(f"{PROG}: no VNC viewer to start (install vncviewer or set $VNCVIEWER)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Domain configuration: an ``xl.cfg``-style parser and the JSON form kept in save images.
 
-The syntax is the subset of xl.cfg(5) a simulated HVM guest needs: ``KEY = VALUE`` settings, one
-per line or separated by ``;``, ``#`` comments, quoted strings and integers.  ``dm_mode`` and
+A whole xl.cfg(5) file is accepted (the syntax is :mod:`toolstack.xlcfg`).  The options the
+simulated host models are used; every other xl.cfg(5) option is reported back as ignored, for
+``xl-sim`` to warn about once, as xl warns about options its build lacks.  ``dm_mode`` and
 ``toolstack`` are this project's own keys; the others are named as in xl.cfg(5).
 """
 
@@ -16,12 +17,26 @@ from typing import Any, Final, Literal, get_args
 from xenhost.devices import DISPLAY_DEVICES
 
 from .dmperms import DEFAULT_GRANTS, GrantError, parse_grant
+from .xlcfg import XL_CFG_OPTIONS, Setting, XlCfgSyntaxError, parse_settings
 
 Vga = Literal["stdvga", "cirrus", "qxl"]
 DmMode = Literal["new", "compat", "pointer-fixup", "auto"]
 #: ``qemu-model --qemu-version``: the QEMU the device model behaves as (its docs/fidelity.md).
 DmQemuVersion = Literal["2.10", "3.0", "current"]
 Flavour = Literal["libxl", "unaware"]
+#: xl.cfg(5) ``on_poweroff``, ``on_reboot``, ``on_crash``: what to do when the guest stops.
+Action = Literal[
+    "destroy",
+    "restart",
+    "rename-restart",
+    "preserve",
+    "coredump-destroy",
+    "coredump-restart",
+    "soft-reset",
+]
+ACTIONS: Final[tuple[str, ...]] = get_args(Action)
+#: The vCPUs a domain may have (HVM_MAX_VCPUS in Xen's public/hvm/hvm_info_table.h).
+MAX_VCPUS: Final = 128
 
 VGA_CHOICES: Final[tuple[str, ...]] = get_args(Vga)
 DM_MODES: Final[tuple[str, ...]] = get_args(DmMode)
@@ -42,7 +57,6 @@ MAX_VNC_DISPLAY: Final = 65535 - 5900
 
 # xenstore node names are alphanumeric plus "-/_@" (xenstore.txt); a name is one component.
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-_SETTING_RE: Final = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
 
 class ConfigError(ValueError):
@@ -76,6 +90,13 @@ class DomainConfig:
     vnclisten: str | None = None
     vncdisplay: int | None = None
     vncunused: bool = True
+    #: xl.cfg(5) ``vcpus``: the vCPUs the domain starts with (``xl list``'s VCPUs).
+    vcpus: int = 1
+    #: xl.cfg(5) ``on_poweroff``/``on_reboot``/``on_crash``, kept in the domain's configuration
+    #: (``xl-sim list -l``); the simulated guest never shuts itself down or crashes.
+    on_poweroff: Action = "destroy"
+    on_reboot: Action = "restart"
+    on_crash: Action = "destroy"
 
     @property
     def stubdom_grants(self) -> tuple[str, ...]:
@@ -169,6 +190,13 @@ def check(config: DomainConfig) -> DomainConfig:
         if canonical != config.dm_stubdom_grants:
             config = replace(config, dm_stubdom_grants=canonical)
     _check_vnc(config)
+    if not _is_int(config.vcpus) or not 1 <= config.vcpus <= MAX_VCPUS:
+        raise ConfigError(f"vcpus must be an integer from 1 to {MAX_VCPUS}")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        if getattr(config, event) not in ACTIONS:
+            raise ConfigError(
+                f"{event} must be one of {', '.join(ACTIONS)}, not {getattr(config, event)!r}"
+            )
     if config.toolstack not in FLAVOURS:
         raise ConfigError(
             f"toolstack must be one of {', '.join(FLAVOURS)}, not {config.toolstack!r}"
@@ -218,79 +246,77 @@ _KEYS: Final[dict[str, tuple[str, str]]] = {
     "vnclisten": ("vnclisten", "str"),
     "vncdisplay": ("vncdisplay", "int"),
     "vncunused": ("vncunused", "bool"),
+    "vcpus": ("vcpus", "int"),
+    "on_poweroff": ("on_poweroff", "str"),
+    "on_reboot": ("on_reboot", "str"),
+    "on_crash": ("on_crash", "str"),
     "type": ("", "hvm"),
     "builder": ("", "hvm"),
+    "device_model_version": ("", "qemu-xen"),
 }
 
 
-def _split_statements(line: str) -> list[str]:
-    """Split at ``;`` and cut a ``#`` comment, both outside quotes."""
-    parts: list[str] = []
-    current: list[str] = []
-    quote: str | None = None
-    for ch in line:
-        if quote is not None:
-            current.append(ch)
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-            current.append(ch)
-        elif ch == "#":
-            break
-        elif ch == ";":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return [p for p in parts if p.strip()]
+@dataclass(frozen=True, slots=True)
+class ParsedConfig:
+    """A parsed xl.cfg: the configuration, and the xl.cfg(5) options it sets that the
+    simulated host does not model, as ``(key, line)`` in file order."""
+
+    config: DomainConfig
+    ignored: tuple[tuple[str, int], ...]
+    #: The :class:`DomainConfig` fields the file sets.
+    fields: frozenset[str] = frozenset()
 
 
-def _value(raw: str, where: str) -> str | int:
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
-        return raw[1:-1]
-    if raw[:1] in ("'", '"'):
-        raise ConfigError(f"{where}: unterminated string {raw}")
+def _typed(setting: Setting, kind: str, where: str) -> Any:
+    key, value = setting.key, setting.value
+    if kind == "hvm":
+        if value != "hvm":
+            raise ConfigError(f"{where}: only HVM guests are simulated ({key} = 'hvm')")
+        return None
+    if kind == "qemu-xen":
+        if value != "qemu-xen":
+            raise ConfigError(f"{where}: only the qemu-xen device model is simulated")
+        return None
+    if kind == "int" and not _is_int(value):
+        raise ConfigError(f"{where}: {key} must be an integer, not {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a quoted string, not {value!r}")
+    if kind == "bool":
+        if value not in (0, 1):
+            raise ConfigError(f"{where}: {key} must be 0 or 1, not {value!r}")
+        return bool(value)
+    return value
+
+
+def parse_xl_cfg(text: str, source: str = "<config>") -> ParsedConfig:
+    """Parse an xl.cfg file; :class:`ConfigError` names ``source`` and the line."""
     try:
-        return int(raw, 0)
-    except ValueError:
-        raise ConfigError(f"{where}: {raw!r} is neither a quoted string nor an integer") from None
+        settings = parse_settings(text, source)
+    except XlCfgSyntaxError as exc:
+        raise ConfigError(str(exc)) from None
+    fields: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    ignored: list[tuple[str, int]] = []
+    for setting in settings:
+        key, where = setting.key, f"{source}:{setting.lineno}"
+        if key in seen:
+            raise ConfigError(f"{where}: {key} is already set on line {seen[key]}")
+        seen[key] = setting.lineno
+        if key not in _KEYS:
+            if key not in XL_CFG_OPTIONS:
+                raise ConfigError(f"{where}: unknown option {key!r}: not an xl.cfg(5) option")
+            ignored.append((key, setting.lineno))
+            continue
+        field, kind = _KEYS[key]
+        value = _typed(setting, kind, where)
+        if field:
+            fields[field] = value
+    try:
+        return ParsedConfig(check(DomainConfig(**fields)), tuple(ignored), frozenset(fields))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_config(text: str, source: str = "<config>") -> DomainConfig:
-    """Parse xl.cfg-style ``text``; :class:`ConfigError` names ``source`` and the line."""
-    fields: dict[str, Any] = {}
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        for stmt in _split_statements(line):
-            where = f"{source}:{lineno}"
-            m = _SETTING_RE.match(stmt)
-            if m is None:
-                raise ConfigError(f"{where}: expected KEY = VALUE, got {stmt.strip()!r}")
-            key, raw = m.group(1), m.group(2)
-            if key not in _KEYS:
-                known = ", ".join(sorted(_KEYS))
-                raise ConfigError(f"{where}: unknown option {key!r} (known: {known})")
-            if key in seen:
-                raise ConfigError(f"{where}: {key} is already set on line {seen[key]}")
-            seen[key] = lineno
-            value = _value(raw, f"{where}: {key}")
-            field, kind = _KEYS[key]
-            if kind == "hvm":
-                if value != "hvm":
-                    raise ConfigError(f"{where}: only HVM guests are simulated ({key} = 'hvm')")
-                continue
-            if kind == "int" and not isinstance(value, int):
-                raise ConfigError(f"{where}: {key} must be an integer, not {value!r}")
-            if kind == "str" and not isinstance(value, str):
-                raise ConfigError(f"{where}: {key} must be a quoted string, not {value!r}")
-            if kind == "bool":
-                if value not in (0, 1):
-                    raise ConfigError(f"{where}: {key} must be 0 or 1, not {value!r}")
-                value = bool(value)
-            fields[field] = value
-    try:
-        return check(DomainConfig(**fields))
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    """Parse an xl.cfg file, dropping the options the simulated host does not model."""
+    return parse_xl_cfg(text, source).config

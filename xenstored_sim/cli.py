@@ -23,6 +23,7 @@ import trio
 from .client.paths import DEFAULT_RUNDIR, parse_principal_sockets
 from .core import Quotas
 from .core.errors import XsErrno
+from .ready import add_ready_fd_argument, notify_ready, ready_fd_from
 from .server import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
 from .startup import OneLineParser, answering_pid, os_errors
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compact the journal into a snapshot past this size (default: %(default)s)",
     )
     p.add_argument("--audit-log", help="write one JSON record per request to this file")
+    add_ready_fd_argument(p)
     p.add_argument(
         "--principal-socket",
         action="append",
@@ -206,11 +208,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     )
 
 
-async def _main(config: DaemonConfig) -> None:
+async def _main(config: DaemonConfig, ready_fd: int | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_xenstored, config)
             _announce(config)
+            notify_ready("xenstored-sim", config.socket_path, ready_fd)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -248,6 +251,7 @@ def _announce(config: DaemonConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
+    ready_fd = ready_fd_from(argv)
     logging.basicConfig(
         level=logging.DEBUG if config.verbose else logging.INFO,
         stream=sys.stderr,
@@ -255,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         _prepare(config)
-        trio.run(_main, config)
+        trio.run(_main, config, ready_fd)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:

@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 
 from ..demo import StepError
+from ..progress import Ticker
 from .enforce import ENFORCED_DEVICES, EnforcedCell, as_json, plan
 from .privilege import Permission
 from .report import SCREENS_DIR, enforced_table, matrix_table, write_out
@@ -44,11 +44,10 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
     )
     total = len(cases) * args.repeats
     t0 = time.monotonic()
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("audit", total=total)
+    with Ticker(err, total, "audit") as progress:
 
         def step(message: str) -> None:
-            progress.update(task, advance=1, description=escape(message))
+            progress.advance(message)
 
         chosen = args.devices or DEVICES
         enforced_devices = [d for d in ENFORCED_DEVICES if d in chosen] or list(chosen)
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
             # Least privilege, enforced: the derived sets, granted to a stub device model.
             derived = derived_sets(outcome.scenarios)
             variants = plan(derived, enforced_devices)
-            progress.update(task, total=total + len(variants))
+            progress.grow(len(variants))
             cells, problems = await run_enforced(variants, progress=step)
             return outcome, (derived, cells, problems)
 

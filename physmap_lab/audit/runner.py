@@ -32,8 +32,9 @@ from ..demo import (
 from ..ready import accepts
 from ..stack import open_stack
 from .enforce import EnforcedCell, Variant, judge
+from .findings import least_privilege
 from .privilege import Permission
-from .report import SCREEN_CELLS, least_privilege
+from .report import SCREEN_CELLS
 from .scenario import Scenario, build, median
 
 TOOLSTACKS: Final = ("libxl", "unaware")
@@ -192,7 +193,7 @@ class _EnforcedRun(DemoRun):
 
 def derived_sets(scenarios: Sequence[Scenario]) -> dict[str, list[Permission]]:
     """The device model's derived set per mode, for the modes with an intact libxl cell with a
-    privileged device model (:func:`.report.least_privilege`)."""
+    privileged device model (:func:`.findings.least_privilege`)."""
     have = {
         s.mode
         for s in scenarios

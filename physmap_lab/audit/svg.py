@@ -72,29 +72,42 @@ def matrix_svg(scenarios: Sequence[Scenario]) -> str:
     return _svg(width, height, body)
 
 
+def chart_cells(scenarios: Sequence[Scenario], mode: str) -> list[Scenario]:
+    """The cells a chart's bars for ``mode`` stand for: libxl with a privileged device model,
+    where every mode gets the whole way through."""
+    return [
+        s for s in scenarios if s.mode == mode and s.toolstack == "libxl" and s.dm == "privileged"
+    ]
+
+
+def _bar(cells: Sequence[Scenario], who: str, physmap: bool) -> tuple[int, int, list[str]]:
+    """The median cell's requests of ``who``: all, successful, and the errors of the others."""
+    if not cells:
+        return 0, 0, []
+    key = (
+        (lambda s: s.principals[who].physmap_ops)
+        if physmap
+        else (lambda s: s.principals[who].xenstore_ops)
+    )
+    cell = sorted(cells, key=key)[len(cells) // 2]
+    st = cell.principals[who]
+    if not physmap:
+        return st.xenstore_ops, st.xenstore_ops - st.denied_ops, []
+    errors = [r.rsplit(" -> ", 1)[-1] for r in st.physmap_requests]
+    return st.physmap_ops, st.physmap_ops_ok, sorted({e for e in errors if e != "OK"})
+
+
 def ops_chart_svg(scenarios: Sequence[Scenario], *, physmap: bool = False) -> str:
-    """Xenstore requests per principal per mode (the median over the libxl cells with a
-    privileged device model, where every mode gets the whole way through)."""
+    """Xenstore (or physmap) requests per principal per mode: the median cell among
+    :func:`chart_cells`.  The part of a bar that failed is hatched and its errors named."""
     modes = list(dict.fromkeys(s.mode for s in scenarios))
-    data: dict[str, dict[str, float]] = {}
-    for m in modes:
-        cells = [
-            s for s in scenarios if s.mode == m and s.toolstack == "libxl" and s.dm == "privileged"
-        ]
-        data[m] = {}
-        for p in PRINCIPALS:
-            vals = sorted(
-                (
-                    s.principals[p.value].physmap_ops
-                    if physmap
-                    else s.principals[p.value].xenstore_ops
-                )
-                for s in cells
-            )
-            data[m][p.value] = vals[len(vals) // 2] if vals else 0
-    peak = max([v for d in data.values() for v in d.values()] + [1])
-    left, top, plot_h, group_w, bar_w = 60, 50, 240, 180, 44
-    width, height = left + group_w * len(modes) + 40, top + plot_h + 80
+    data = {
+        m: {p.value: _bar(chart_cells(scenarios, m), p.value, physmap) for p in PRINCIPALS}
+        for m in modes
+    }
+    peak = max([v[0] for d in data.values() for v in d.values()] + [1])
+    left, top, plot_h, group_w, bar_w = 60, 80, 240, 180, 44
+    width, height = max(left + group_w * len(modes) + 40, 720), top + plot_h + 120
     what = "physmap requests" if physmap else "xenstore requests"
     body = [
         _text(
@@ -103,32 +116,82 @@ def ops_chart_svg(scenarios: Sequence[Scenario], *, physmap: bool = False) -> st
             f"{what} per principal, per save/restore cycle",
             font_size="16",
             font_weight="bold",
-        )
+        ),
+        '<defs><pattern id="failed" width="6" height="6" patternUnits="userSpaceOnUse" '
+        'patternTransform="rotate(45)"><rect width="6" height="6" fill="white"/>'
+        '<line x1="0" y1="0" x2="0" y2="6" stroke="#c62828" stroke-width="3"/></pattern></defs>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 20}" y2="{top + plot_h}" stroke="#333"/>',
     ]
-    body.append(
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 20}" y2="{top + plot_h}" stroke="#333"/>'
-    )
     for gi, m in enumerate(modes):
         gx = left + 20 + gi * group_w
         for bi, p in enumerate(PRINCIPALS):
-            v = data[m][p.value]
-            h = plot_h * v / peak
+            total, ok, errors = data[m][p.value]
             x = gx + bi * (bar_w + 4)
+            h_ok, h_all = plot_h * ok / peak, plot_h * total / peak
             body.append(
-                f'<rect x="{x}" y="{top + plot_h - h:.1f}" width="{bar_w}" height="{h:.1f}" '
+                f'<rect x="{x}" y="{top + plot_h - h_ok:.1f}" width="{bar_w}" height="{h_ok:.1f}" '
                 f'fill="{PRINCIPAL_COLOURS[p.value]}"/>'
             )
-            body.append(_text(x + bar_w / 2, top + plot_h - h - 4, f"{v:g}", text_anchor="middle"))
+            if total > ok:
+                body.append(
+                    f'<rect x="{x}" y="{top + plot_h - h_all:.1f}" width="{bar_w}" '
+                    f'height="{h_all - h_ok:.1f}" fill="url(#failed)" stroke="#c62828"/>'
+                )
+            label = f"{total}" if total == ok else f"{total} ({ok} ok)"
+            colour = "#333" if total == ok else "#c62828"
+            body.append(
+                _text(
+                    x + bar_w / 2,
+                    top + plot_h - h_all - 4,
+                    label,
+                    text_anchor="middle",
+                    fill=colour,
+                    font_size="11",
+                )
+            )
+            if errors:
+                body.append(
+                    _text(
+                        x + bar_w / 2,
+                        top + plot_h - h_all - 17,
+                        " ".join(errors),
+                        text_anchor="middle",
+                        fill=colour,
+                        font_size="10",
+                    )
+                )
+        n = len(chart_cells(scenarios, m))
         body.append(
             _text(gx + 1.5 * bar_w, top + plot_h + 20, m, text_anchor="middle", font_weight="bold")
         )
-    y = top + plot_h + 50
+        body.append(
+            _text(
+                gx + 1.5 * bar_w,
+                top + plot_h + 34,
+                f"median of {n} cells",
+                text_anchor="middle",
+                font_size="10",
+            )
+        )
+    y = top + plot_h + 60
     for k, p in enumerate(PRINCIPALS):
-        x = left + k * 140
+        x = left + k * 130
         body.append(
             f'<rect x="{x}" y="{y - 11}" width="14" height="14" fill="{PRINCIPAL_COLOURS[p.value]}"/>'
         )
         body.append(_text(x + 20, y, p.value))
+    x = left + len(PRINCIPALS) * 130
+    body.append(
+        f'<rect x="{x}" y="{y - 11}" width="14" height="14" fill="url(#failed)" stroke="#c62828"/>'
+    )
+    body.append(_text(x + 20, y, "failed (error named above the bar)"))
+    for k, line in enumerate(
+        (
+            "Each bar: the median, over one mode's libxl cells with a privileged device model",
+            "(one cell per device), of one principal's requests in a create → save → restore cycle.",
+        )
+    ):
+        body.append(_text(10, y + 28 + 15 * k, line, font_size="11"))
     return _svg(width, height, body)
 
 
@@ -151,7 +214,7 @@ def sequence_svg(scenario: Scenario, *, limit: int = 60) -> str:
     shown = msgs[:limit]
     lane_w, top, step = 170, 70, 20
     width = lane_w * len(LANES) + 20
-    height = top + step * (len(shown) + 2) + 30
+    height = top + step * (len(shown) + 2) + 50
     x_of = {lane: 10 + lane_w * (i + 0.5) for i, lane in enumerate(LANES)}
     title = f"Restore, {scenario.mode} mode ({scenario.device}, {scenario.toolstack}, {scenario.dm} DM): {scenario.outcome}"
     body = [_text(10, 22, title, font_size="15", font_weight="bold")]
@@ -178,5 +241,30 @@ def sequence_svg(scenario: Scenario, *, limit: int = 60) -> str:
             _text((x1 + x2) / 2, y - 4, label, text_anchor="middle", font_size="10", fill=colour)
         )
     if len(msgs) > limit:
-        body.append(_text(10, height - 8, f"… {len(msgs) - limit} more messages", font_size="10"))
+        body.append(_text(10, height - 28, f"… {len(msgs) - limit} more messages", font_size="10"))
+    body.append(
+        _text(
+            10,
+            height - 10,
+            _verdict(scenario),
+            font_size="12",
+            font_weight="bold",
+            fill=COLOURS.get(scenario.outcome, "#333"),
+        )
+    )
     return _svg(width, height, body)
+
+
+def _verdict(s: Scenario) -> str:
+    """What the guest's screen came to after this restore."""
+    fb = {True: "the framebuffer is the one drawn", False: "the framebuffer is NOT the one drawn"}
+    ptrs = {
+        True: "derived pointers valid",
+        False: "derived pointers stale: they still point into the old VRAM mapping",
+    }
+    parts = [f"after restore: {s.outcome}"]
+    if s.fb_hash_matches is not None:
+        parts.append(fb[s.fb_hash_matches])
+    if s.pointers_valid is not None:
+        parts.append(ptrs[s.pointers_valid])
+    return "; ".join(parts)

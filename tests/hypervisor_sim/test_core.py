@@ -246,6 +246,30 @@ def test_p2m_matches_a_model(script: list[tuple[str, int, int]]) -> None:
         hv.destroy_all()
 
 
+def test_cpu_time_counts_only_the_unpaused_time(tmp_path: pathlib.Path) -> None:
+    now = [1_000]
+    hv = Hypervisor(str(tmp_path), clock=lambda: now[0])
+    hv.connect(1)
+    domid = hv.call(1, "domain_create", {"name": "t", "max_pages": 16})["domid"]
+    assert isinstance(domid, int)
+
+    def cpu() -> int:
+        return int(hv.call(1, "domain_getinfo", {"domid": domid})["cpu_time"])
+
+    now[0] += 500  # created paused: nothing runs
+    assert cpu() == 0
+    hv.call(1, "domain_unpause", {"domid": domid})
+    now[0] += 700
+    assert cpu() == 700
+    hv.call(1, "domain_pause", {"domid": domid})
+    now[0] += 10_000
+    assert cpu() == 700
+    hv.call(1, "domain_unpause", {"domid": domid})
+    now[0] += 5
+    assert [d["cpu_time"] for d in hv.call(1, "domain_list", {})] == [705]
+    hv.destroy_all()
+
+
 def test_pin_memory_cacheattr_is_recorded_and_checks_its_range(hv: Hypervisor) -> None:
     """XEN_DOMCTL_pin_mem_cacheattr, as xen_add_to_physmap calls it after relocating."""
     domid = _domain(hv)

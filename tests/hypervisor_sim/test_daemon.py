@@ -49,6 +49,7 @@ async def test_version_and_domain_lifecycle(hypervisor: Any) -> None:
             "tot_pages": 0,
             "max_pages": 64,
             "hvm": True,
+            "cpu_time": 0,  # created paused: its vCPUs have not run
         }
         assert await hv.populate_physmap(domid, [0, 1, 2, 10]) == 4
         assert await hv.p2m(domid) == [(0, 3), (10, 1)]

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from physmap_lab.audit.findings import least_privilege
 from physmap_lab.audit.phases import PhaseClock
 from physmap_lab.audit.privilege import needed, template
-from physmap_lab.audit.report import cost_rows, least_privilege, markdown
+from physmap_lab.audit.report import cost_rows, markdown
 from physmap_lab.audit.runner import matrix
 from physmap_lab.audit.scenario import build, expected_outcome, median, outcome
 from physmap_lab.audit.svg import matrix_svg, ops_chart_svg, sequence_svg
@@ -229,3 +230,70 @@ def test_audit_options_narrow_the_matrix() -> None:
         ("new", "qxl", True, "3.0"),
         ("new", "cirrus", True, "3.0"),
     ] * 2
+
+
+def _cell(mode: str, device: str, ok: bool, extra: list[str]) -> Any:
+    """A libxl/privileged cell whose toolstack lists the physmap (ENOENT) on save and reads
+    the paths in ``extra`` on restore."""
+    case = Case(mode, device)
+    h = pattern_sha256(device, case.seed)
+    seen = Observed(
+        fb_sha256_guest_saved=h,
+        fb_sha256_dm_saved=h,
+        fb_sha256_dm_restored=h if ok else "0" * 64,
+        fb_sha256_guest_restored=h,
+        derived_ptrs_valid=ok,
+    )
+    seen.spans = {"create": (0.0, 1.0), "save": (4.0, 5.0), "restore": (6.0, 7.0)}
+    recs = [rec(4.5, "DIRECTORY", "/local/domain/0/device-model/3/physmap", XL, "ENOENT")]
+    recs += [rec(6.5, "READ", path, XL) for path in extra]
+    return build(case, seen, evaluate(case, seen, None, 1.0), recs)
+
+
+def test_the_report_opens_with_findings_and_explains_how_the_sets_differ() -> None:
+    qxl_only = "/local/domain/3/device/qxl"
+    cells = [
+        _cell("new", "stdvga", True, ["/local/domain/3/name"]),
+        _cell("new", "qxl", True, ["/local/domain/3/name", qxl_only]),
+        _cell("pointer-fixup", "stdvga", True, ["/local/domain/3/name"]),
+        _cell("pointer-fixup", "qxl", False, ["/local/domain/3/name", qxl_only]),
+    ]
+    text = markdown(cells, 1, "physmap-lab audit")
+    head = text[: text.index("## Every cell")]
+    assert "## Summary of findings" in head and "## Legend" in head
+    assert (
+        "- **pointer-fixup** (2 cells): intact 1 (stdvga with libxl/privileged); corrupt 1" in head
+    )
+    assert "save: DIRECTORY /local/domain/0/device-model/3/physmap -> ENOENT" in head
+    # The sets are named, and the one permission that separates them is explained.
+    assert "*new toolstack set* (2)" in text and "*pointer-fixup toolstack set* (1)" in text
+    assert (
+        "1 permission only in new: asked for only by the qxl cell(s), which are not intact in "
+        "pointer-fixup mode and so not counted there: `r /local/domain/$DOMID/device/qxl`"
+    ) in text
+    # A small set is listed in full, its count in the singular.
+    assert "*pointer-fixup toolstack set* (1): 1 permission: `r /local/domain/$DOMID/name`" in text
+    assert "1 permissions" not in text
+    # The charts say what they sum; the failed request is hatched and named.
+    assert "median over that mode's devices (new: stdvga, qxl" in text
+    chart = ops_chart_svg(cells, physmap=True)
+    ET.fromstring(chart)
+    assert 'fill="url(#failed)"' in chart and ">ENOENT<" in chart and ">1 (0 ok)<" in chart
+
+
+def test_the_pointer_fixup_sequence_is_drawn_for_the_cell_that_fails() -> None:
+    from physmap_lab.audit.report import sequence_cell
+
+    cells = [
+        _cell("pointer-fixup", "stdvga", True, []),
+        _cell("pointer-fixup", "qxl", False, []),
+        _cell("new", "stdvga", True, []),
+        _cell("new", "qxl", True, []),
+    ]
+    picked = sequence_cell(cells, "pointer-fixup")
+    assert picked is not None and picked.device == "qxl"
+    drawn = sequence_svg(picked)
+    ET.fromstring(drawn)
+    assert "derived pointers stale" in drawn
+    picked = sequence_cell(cells, "new")
+    assert picked is not None and picked.device == "stdvga"

@@ -213,7 +213,7 @@ def test_the_table_shows_each_case() -> None:
     seen_bad.vram_ptr_after_load = 0x7F0000001000
     results = [evaluate(good, _seen_all_agree(good), OPS, 1.0), evaluate(bad, seen_bad, OPS, 1.0)]
     console = Console(record=True, width=200)
-    console.print(results_table(results))
+    console.print(results_table(results, wide=True))
     text = console.export_text()
     assert pattern_sha256("qxl", good.seed)[:12] in text
     assert "0x7f0000000000 (same)" in text
@@ -221,6 +221,29 @@ def test_the_table_shows_each_case() -> None:
     assert "FAIL" in text
     assert "LIBXC EMU END" in text
     assert "1 (0 ok) · 0 · 0" in text
+
+
+def test_the_compact_table_keeps_every_column_readable_at_100_columns() -> None:
+    cases = [Case(m, d) for m in ("new", "compat", "pointer-fixup") for d in ("stdvga", "qxl")]
+    results = []
+    for case in cases:
+        seen = _seen_all_agree(case)
+        if case.mode == "pointer-fixup":
+            seen.vram_ptr_after_load = 0x7F0000001000
+            seen.derived_ptrs_valid = case.device != "qxl"
+        results.append(evaluate(case, seen, OPS, 1.0))
+    console = Console(record=True, width=100)
+    console.print(results_table(results))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text  # nothing cut short
+    header = "\n".join(text.splitlines()[:6])
+    for word in ("case", "result", "restored", "derived", "ptrs ok", "records", "physmap ops"):
+        assert word in header
+    rows = [line for line in text.splitlines() if line.startswith(" pointer-fixup")]
+    assert len(rows) == 2 and re.search(r"\bmoved +yes\b", rows[0])
+    assert re.search(r"\bmoved +no\b", rows[1]) and "fails" in rows[1]
+    assert pattern_sha256("qxl", cases[1].seed)[:8] + " → same" in text
 
 
 # --------------------------------------------------------------------- command line
@@ -238,7 +261,6 @@ def test_modes_and_devices_accumulate() -> None:
     [
         ["demo", "--mode", "fast"],
         ["demo", "--device", "vmware"],
-        ["demo", "--attach"],
         ["audit", "--repeats", "0"],
         ["audit", "--mode", "fast"],
         [],
@@ -249,6 +271,42 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         main(argv)
     assert exc.value.code == 2
     assert re.match(r"physmap-lab( \w+)?: error: ", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--attach"], "--attach needs --rundir"),
+        (["demo", "--migrate", "--attach", "--rundir", "/x"], "--migrate starts its own"),
+    ],
+)
+def test_a_wrong_combination_is_one_line_not_the_usage(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("physmap-lab: error: ")
+    assert message in err and "usage" not in err
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_cases_are_counted_right(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rich.console import Console
+
+    from physmap_lab.cli import _cases
+    from physmap_lab.progress import Ticker
+
+    assert (_cases(1), _cases(2)) == ("1 case", "2 cases")
+    err = Console(stderr=True, force_terminal=False)
+    with Ticker(err, 2, "audit") as t:
+        t.note("[bold]a note[/bold]")
+        t.step("not repeated")
+        t.advance("[1/2] first [cell]")
+        t.grow(1)
+    assert capsys.readouterr().err.splitlines() == ["a note", "[1/2] first [cell]"]
 
 
 @pytest.mark.integration

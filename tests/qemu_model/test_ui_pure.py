@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -330,16 +331,17 @@ def test_vnc_arg_is_built_as_libxl_builds_it(cfg: dict[str, object], want: str |
 
 
 def test_qemu_model_refuses_a_bad_vnc_argument_in_one_line(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     from qemu_model.cli import parse_args
 
+    run = str(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--domid", "1", "--rundir", "/tmp/x", "--vnc", "5901"])
+        parse_args(["--domid", "1", "--rundir", run, "--vnc", "5901"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("qemu-model: error: vnc: '5901' is not HOST:DISPLAY")
-    cfg = parse_args(["--domid", "1", "--rundir", "/tmp/x", "--vnc", "unix:/tmp/x/v.sock"])
+    cfg = parse_args(["--domid", "1", "--rundir", run, "--vnc", "unix:/tmp/x/v.sock"])
     assert cfg.vnc == VncAddress(unix="/tmp/x/v.sock")
 
 

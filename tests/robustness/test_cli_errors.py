@@ -79,7 +79,6 @@ CASES: list[tuple[str, int, str]] = [
     ("xl-sim --rundir {d} create --dm-mode old", 2, "--dm-mode"),
     ("xl-sim --rundir {d} create --toolstack xm", 2, "--toolstack"),
     ("xl-sim --rundir {d} destroy 0", 2, "domid"),
-    ("xl-sim --rundir {d} pause x", 2, "domid"),
     ("xl-sim --rundir {d} unpause 1", 1, "hypervisor.sock"),
     ("xl-sim --rundir {d} destroy 1", 1, "hypervisor.sock"),
     ("xl-sim --rundir {d} save 1", 2, "file"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from toolstack.config import (
     ConfigError,
     DomainConfig,
     parse_config,
+    parse_xl_cfg,
 )
 
 
@@ -63,7 +66,7 @@ def test_hash_inside_a_string_is_not_a_comment() -> None:
         ("dm_restrict = 2", "x.cfg:1: dm_restrict must be 0 or 1"),
         ('toolstack = "xend"', "toolstack must be one of libxl, unaware"),
         ("colour = 1", "x.cfg:1: unknown option 'colour'"),
-        ("memory 64", "x.cfg:1: expected KEY = VALUE"),
+        ("memory 64", "x.cfg:1: expected '=' after memory, got '64'"),
         ('name = "unterminated', "unterminated string"),
         ("memory = 64\nmemory = 32", "x.cfg:2: memory is already set on line 1"),
         ('type = "pv"', "only HVM guests"),
@@ -73,7 +76,12 @@ def test_hash_inside_a_string_is_not_a_comment() -> None:
         ),
         ('vga = "qxl"\nvideoram = 192', "power of two from 128 to 512"),
         ('uuid = "nope"', "not a UUID"),
-        ("name = vm", "neither a quoted string nor an integer"),
+        ("name = vm", "x.cfg:1: expected a quoted string or a number, got 'vm'"),
+        ("disk = [ 'a' 'b' ]", "x.cfg:1: expected ',' or ']', got \"'b'\""),
+        ("vcpus = 0", "vcpus must be an integer from 1 to 128"),
+        ('on_crash = "explode"', "on_crash must be one of destroy, restart"),
+        ('device_model_version = "qemu-xen-traditional"', "only the qemu-xen device model"),
+        ("memory = 64 64", "x.cfg:1: expected end of line or ';', got '64'"),
     ],
 )
 def test_bad_configs_give_clear_errors(text: str, message: str) -> None:
@@ -116,3 +124,53 @@ def test_overrides_apply_and_are_checked() -> None:
     assert (cfg.vga, cfg.memory_mib, cfg.dm_restrict) == ("cirrus", 128, True)
     with pytest.raises(ConfigError):
         DomainConfig().with_overrides(dm_mode="bogus")
+
+
+FULL_XL_CFG = """
+# An HVM guest as one writes it for xl (cf. Xen tools/examples/xlexample.hvm)
+type = "hvm"
+name = "guest"
+builder = 'hvm'
+memory = 256
+vcpus = 2
+maxvcpus = 4
+kernel = "/usr/lib/xen/boot/hvmloader"
+disk = [ 'phy:/dev/vg/guest,xvda,w',
+         'file:/srv/cd.iso,hdc:cdrom,r', ]
+vif = [ 'mac=00:16:3e:00:00:01,bridge=xenbr0' ]
+on_poweroff = "destroy"; on_reboot = "restart"
+on_crash = "preserve"
+serial = "pty"
+usb = 1
+usbdevice = [ "tablet" ]
+device_model_version = "qemu-xen"
+vga = "qxl"
+"""
+
+
+def test_a_full_xl_cfg_is_accepted_and_its_unmodelled_options_are_named() -> None:
+    parsed = parse_xl_cfg(FULL_XL_CFG, "guest.cfg")
+    cfg = parsed.config
+    assert (cfg.name, cfg.memory_mib, cfg.vcpus, cfg.vga) == ("guest", 256, 2, "qxl")
+    assert (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash) == ("destroy", "restart", "preserve")
+    assert [k for k, _ in parsed.ignored] == [
+        "maxvcpus",
+        "kernel",
+        "disk",
+        "vif",
+        "serial",
+        "usb",
+        "usbdevice",
+    ]
+    assert dict(parsed.ignored)["vif"] == 12
+
+
+def test_the_new_fields_survive_a_save_image() -> None:
+    cfg = parse_config("vcpus = 3\non_crash = 'coredump-restart'")
+    assert DomainConfig.from_json(cfg.to_json()) == cfg
+    # An image written before these fields existed still loads, with xl's defaults.
+    old = json.loads(cfg.to_json())
+    for key in ("vcpus", "on_poweroff", "on_reboot", "on_crash"):
+        del old[key]
+    back = DomainConfig.from_json(json.dumps(old))
+    assert (back.vcpus, back.on_reboot) == (1, "restart")

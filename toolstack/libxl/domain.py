@@ -104,7 +104,8 @@ class Domain(DeviceModel):
         if not known and not has_tree and not self.run.userdata_files(domid):
             raise ToolstackError(f"domain {domid} does not exist")
         loaded = self.load_config(domid)
-        errors = await self._teardown(domid, None, loaded[1] if loaded else None, keep_log=False)
+        # The device model's log stays, as xl keeps /var/log/xen/qemu-dm-NAME.log.
+        errors = await self._teardown(domid, None, loaded[1] if loaded else None, keep_log=True)
         if errors:
             raise ToolstackError(f"destroy of domain {domid} was incomplete: " + "; ".join(errors))
 

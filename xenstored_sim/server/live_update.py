@@ -84,16 +84,17 @@ _ERROR: Final = int(Op.ERROR)
 
 
 def _daemon_args() -> list[str]:
-    """This process's daemon arguments without a previous update's state flag."""
+    """This process's daemon arguments without a previous update's state flag, nor
+    ``--ready-fd``: that descriptor was closed once the first daemon was ready."""
     args = sys.argv[1:]
     kept: list[str] = []
     skip = False
     for arg in args:
         if skip:
             skip = False
-        elif arg == STATE_FLAG:
+        elif arg in (STATE_FLAG, "--ready-fd"):
             skip = True
-        elif not arg.startswith(STATE_FLAG + "="):
+        elif not arg.startswith((STATE_FLAG + "=", "--ready-fd=")):
             kept.append(arg)
     return kept
 
