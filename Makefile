@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored
+.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored audit-hostile
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked compiled
 
@@ -89,6 +89,10 @@ crash-states: setup
 		-k "every_crash_state and not none"
 	XS_CRASH_WORKLOAD=full XS_CRASH_STATES=400 $(PY) -m pytest -q -s $(CRASH_TEST) \
 		-k "every_crash_state and none"
+
+# The attack matrix of a compromised device model, every configuration (a few minutes).
+audit-hostile: setup
+	$(VENV)/bin/physmap-lab audit --hostile --out docs/audit
 
 lint: setup
 	$(VENV)/bin/ruff check .

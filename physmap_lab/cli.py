@@ -183,6 +183,22 @@ def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     p.add_argument("--json", action="store_true", help='print only {"scenarios": [...]}')
     p.add_argument("--out", metavar="DIR", help="write report.md and SVG pictures to DIR")
     p.add_argument("--repeats", type=int, default=1, metavar="N", help="runs per cell (medians)")
+    from .audit.hostile.configs import BY_NAME as HOSTILE_CONFIGS
+
+    p.add_argument(
+        "--hostile",
+        action="store_true",
+        help="instead: run qemu-model --hostile's attacks in each device-model configuration",
+    )
+    p.add_argument(
+        "--config",
+        dest="configs",
+        action="extend",
+        nargs="+",
+        choices=list(HOSTILE_CONFIGS),
+        metavar="C",
+        help=f"with --hostile: {', '.join(HOSTILE_CONFIGS)} (default: all)",
+    )
     for name, choices in (
         ("toolstack", TOOLSTACKS),
         ("mode", MODES),
@@ -407,6 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit":
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")
+        if args.hostile:
+            from .audit.hostile.main import run as run_hostile_command
+
+            return run_hostile_command(
+                args, Console(stderr=True, soft_wrap=True), sys.argv[1:] if argv is None else argv
+            )
+        if args.configs:
+            parser.error("--config needs --hostile")
         from .audit.main import run as run_audit_command
 
         return run_audit_command(

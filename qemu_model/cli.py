@@ -7,6 +7,7 @@
                [--incoming FILE|defer] [--restrict] [-S] [--rundir DIR] [--xenstore PATH]
                [--hypervisor PATH]
                [--memory-mib M] [--vram-mib V] [--vnc HOST:N|:N|unix:PATH|none]
+    qemu-model --hostile SCRIPT --domid N [--xenstore PATH] [--restrict] [--stubdom] ...
 
 Exit status: 0 after ``quit`` or SIGTERM; 1 with a ``qemu-model: ...`` message when QEMU would
 ``exit(1)`` (a bad image for ``--incoming``, "xen: failed to restrict"); death by SIGABRT where
@@ -125,6 +126,11 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--hostile" or a.startswith("--hostile=") for a in args):
+        from .hostile import run  # a compromised device model: the attacks, no devices
+
+        return run.main(args)
     cfg = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,

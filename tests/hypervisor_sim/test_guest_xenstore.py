@@ -66,3 +66,31 @@ async def test_guest_xenstore_ops(spawn: Callable[..., Any]) -> None:
             assert exc.value.errno_name == "EACCES"
     finally:
         terminate(xenstored)
+
+
+async def test_destroying_a_guest_that_used_xenstore(spawn: Callable[..., Any]) -> None:
+    """The guest actor's xenstore connection closes with the domain; the daemon lives on."""
+    hv_daemon = spawn()
+    rundir: Path = hv_daemon.rundir
+    xenstored = subprocess.Popen(
+        [os.fspath(Path(sys.executable).parent / "xenstored-sim"), "--rundir", os.fspath(rundir)]
+    )
+    try:
+        await _wait_for(rundir / "socket", xenstored)
+        async with open_hypervisor(hv_daemon.sock) as hv:
+            for round_ in range(2):
+                domid = await hv.domain_create(f"xs-guest-{round_}", max_pages=1)
+                home = f"/local/domain/{domid}"
+                async with open_xenstore(rundir / "socket") as xs:
+                    await xs.write(home, "")
+                    await xs.set_perms(home, [f"n{domid}"])
+                    await xs.write(f"{home}/name", "g")  # inherits the guest as owner
+                    await xs.introduce(domid, 0, 1)
+                await _wait_for(rundir / "domains" / f"{domid}.sock", xenstored)
+                await hv.domain_unpause(domid)
+                assert await hv.guest(domid, [{"op": "xs_read", "path": f"{home}/name"}]) == [b"g"]
+                await hv.domain_destroy(domid)
+            assert (await hv.version())["has_map2"] in (True, False)
+        assert hv_daemon.proc.poll() is None, "hypervisor-sim died destroying the guest"
+    finally:
+        terminate(xenstored)
