@@ -86,7 +86,13 @@ def commit(st: XenstoreState, out: Outbox, txn: Transaction) -> None:
         grow = txn.owned_delta.get(txn.domid, 0)
         if grow > 0 and store.owned.get(txn.domid, 0) + grow > st.quotas.nodes:
             raise XsErrno("ENOSPC")
-    for path in txn.modified:
+    # C finalize_transaction() writes the modified nodes in the order they were first
+    # accessed (its trans->accessed list), each taking the next generation.
+    modified = txn.modified
+    applied = [path for path in txn.recorded if path in modified]
+    if len(applied) != len(modified):
+        applied += [path for path in modified if path not in txn.recorded]
+    for path in applied:
         new = txn.nodes[path]
         old = nodes.get(path)
         if old is not None:

@@ -210,6 +210,22 @@ def test_commit_fires_in_first_access_order(h) -> None:
     assert events == [b"/q\0all\0", b"/z\0all\0", b"/z/y\0all\0"]
 
 
+def test_commit_writes_in_first_access_order(h) -> None:
+    """finalize_transaction(): the modified nodes take their generations in the order of
+    trans->accessed, so a parent read before its new child was created comes first."""
+    p = h.socket()
+    h.req(p, Op.WRITE, b"/q\0")
+    tx = int(h.req(p, Op.TRANSACTION_START, b"\0")[:-1])
+    h.req(p, Op.READ, b"/q\0", tx=tx)
+    h.req(p, Op.WRITE, b"/q/x\0v", tx=tx)  # writes /q/x, then /q
+    assert h.req(p, Op.TRANSACTION_END, b"T\0", tx=tx) == b"OK\0"
+
+    def gen(path: bytes) -> int:
+        return int(h.req(p, Op.DIRECTORY_PART, path + b"\x000\0").split(b"\0")[0])
+
+    assert gen(b"/q") + 1 == gen(b"/q/x")
+
+
 # -- write_node(): access_node() takes the generation before the quota refuses ---------------
 def test_refused_writes_use_generations_as_c(h) -> None:
     p = h.socket()
