@@ -136,6 +136,11 @@ class Domain(DeviceModel):
             await step("stop the device model", partial(self._stop_dm, domid, dm))
         if isinstance(stub, int):
             await step("destroy the stub domain", partial(stubdom.destroy, self, stub))
+        # Once more after the process is gone: between libxl__destroy_device_model's xs_rm and
+        # the kill, a live device model can write its state node again (libxl leaves that).
+        await step(
+            "remove the device model's xenstore directory", lambda: self.xs_rm(dm_root(domid))
+        )
         with suppress(FileNotFoundError):
             self.run.qmp(domid).unlink()
         await step(f"remove {dom}", lambda: self.xs_rm(dom))
