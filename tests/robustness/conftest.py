@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from physmap_lab.soak import kill_device_models
+from physmap_lab.soak_walk import kill_device_models
 from physmap_lab.stack import Stack, open_stack
 from xenhost import xl_json_argv
 
