@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import xenhost
 from toolstack import cli as toolstack_cli
 from xenhost import RunDir, accepts, device_models
 
@@ -299,12 +300,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             raise WalkFailure(f"pid {proc.pid} ignored SIGTERM") from None
 
 
-def kill_device_models(run: Path) -> None:
-    for pid in device_models(run):
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 @contextmanager
 def walk_stack(seed: int, root: Path | None = None) -> Iterator[Walk]:
     """A fresh stack in a temporary directory; every process it started is gone afterwards."""
@@ -318,4 +313,4 @@ def walk_stack(seed: int, root: Path | None = None) -> Iterator[Walk]:
             for proc in walk.procs.values():
                 with suppress(WalkFailure):
                     stop(proc)
-            kill_device_models(walk.run)
+            xenhost.stop_device_models(walk.run, grace=0)
