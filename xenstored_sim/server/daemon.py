@@ -27,10 +27,11 @@ import trio
 
 from ..core import ConnKind, Outbox, Quotas, XenstoreEngine
 from ..core.journal import touches_domains
+from ..core.outqueue import PRIVILEGED_OUTSTANDING
 from ..startup import OwnedSocket, listen_unix
 from ..wire import Op, Packet, encode
 from .audit import AuditLog
-from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
+from .connection import ClientConnection
 from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
 from .live_update import LiveUpdater
 from .peer import peer_of
