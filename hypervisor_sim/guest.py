@@ -304,7 +304,7 @@ class Guest:
                 return None
             except XsError as exc:
                 raise HypercallError(exc.errno_name, f"xenstore {path}: {exc}") from None
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except (OSError, trio.ClosedResourceError) as exc:  # XsDisconnected: an OSError
                 await self._close_xenstore()
                 if attempt == 2:
                     raise HypercallError("EIO", f"xenstore connection failed: {exc}") from None

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
+from xenhost.qmp import QmpError as QmpError  # raised to refuse a command
+
 QEMU_VERSION: Final = {"qemu": {"major": 2, "minor": 10, "micro": 0}, "package": "physmap-lab"}
 #: Longest request line; a longer one is answered with an error and dropped.
 MAX_LINE: Final = 1 << 20
@@ -53,15 +55,6 @@ class Command:
     arguments: dict[str, Any]
     id: Any  # echoed verbatim; absent when None and not given
     has_id: bool
-
-
-class QmpError(Exception):
-    """A command failed: ``{"error": {"class": error_class, "desc": desc}}``."""
-
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.error_class = error_class
 
 
 def greeting() -> dict[str, Any]:

@@ -31,16 +31,6 @@ MAX_FUNCTION_LINES: Final = 60
 #: A long function may stay whole when it follows an upstream one line by line, and says so:
 #: "transliterates QEMU hw/i386/xen/xen-mapcache.c xen_map_cache_unlocked()".
 TRANSLITERATES: Final = re.compile(r"\btransliterates\b[^()]*?\b\w+\(\)", re.S | re.I)
-#: The two functions of xenstored-sim still over the limit.  An entry is allowed only while its
-#: function is long: once the function is divided the entry fails the test until it is removed,
-#: so the list can only shrink.
-PENDING: Final = frozenset(
-    {
-        "xenstored_sim.cli.build_parser",
-        "xenstored_sim.server.connection._reader",
-    }
-)
-
 #: The word a tracker uses for its tickets, spelt so that this file does not contain it.
 TRACKER_WORD: Final = re.compile(r"\b" + "is" + "sue" + r"\b", re.I)
 TEXT_NAMES: Final = ("Makefile", "compose.yaml")
@@ -216,16 +206,12 @@ def test_no_module_over_600_lines() -> None:
 
 
 def test_no_function_over_60_lines() -> None:
-    found = long_functions()
-    long_now = {name for name, _ in found}
-    too_long = [(name, n) for name, n in found if name not in PENDING]
+    too_long = long_functions()
     assert not too_long, (
         f"functions over {MAX_FUNCTION_LINES} lines (divide them, or say in the docstring "
         "which upstream function they transliterate):\n  "
         + "\n  ".join(f"{name}: {n} lines" for name, n in too_long)
     )
-    stale = sorted(PENDING - long_now)
-    assert not stale, "short now, remove from PENDING: " + ", ".join(stale)
 
 
 def test_a_transliteration_names_its_upstream_function() -> None:

@@ -19,18 +19,11 @@ from typing import Any, Final
 
 import trio
 
+# The device model raises the same class to refuse a command (xenhost/qmp.py).
+from xenhost.qmp import QmpError as QmpError
+
 #: A line longer than this is not QMP (QEMU's own monitor limits input far lower).
 MAX_LINE: Final = 16 * 1024 * 1024
-
-
-class QmpError(Exception):
-    """A command failed: ``error_class`` (``"GenericError"``...) and ``desc`` from QEMU."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
-        super().__init__(f"QMP {command}: {error_class}: {desc}")
 
 
 class QmpProtocolError(Exception):
@@ -124,7 +117,9 @@ class QmpClient:
                 if "error" in msg:
                     err = msg["error"] if isinstance(msg["error"], dict) else {}
                     raise QmpError(
-                        name, str(err.get("class", "GenericError")), str(err.get("desc", ""))
+                        str(err.get("desc", "")),
+                        str(err.get("class", "GenericError")),
+                        command=name,
                     )
                 if "return" in msg:
                     return msg["return"]

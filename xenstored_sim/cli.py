@@ -57,6 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--rundir", help=f"run directory (default: $XENSTORED_RUNDIR, else {DEFAULT_RUNDIR})"
     )
     p.add_argument("--socket", help="privileged socket (default: $XENSTORED_PATH or RUNDIR/socket)")
+    _durable_options(p)
+    add_ready_fd_argument(p)
+    p.add_argument(
+        "--principal-socket",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a further privileged socket for one principal (toolstack, device-model, ...); "
+        "the audit log names NAME for its connections (repeatable)",
+    )
+    # Set by a live update on the re-executed daemon (server/live_update.py).
+    p.add_argument("--live-update-state", type=int, help=argparse.SUPPRESS)
+    _quota_options(p)
+    return p
+
+
+def _durable_options(p: argparse.ArgumentParser) -> None:
+    """The durable store and the audit log."""
     p.add_argument("--state-dir", help="directory of the durable store")
     p.add_argument(
         "--sync",
@@ -74,17 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="compact the journal into a snapshot past this size (default: %(default)s)",
     )
     p.add_argument("--audit-log", help="write one JSON record per request to this file")
-    add_ready_fd_argument(p)
-    p.add_argument(
-        "--principal-socket",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="a further privileged socket for one principal (toolstack, device-model, ...); "
-        "the audit log names NAME for its connections (repeatable)",
-    )
-    # Set by a live update on the re-executed daemon (server/live_update.py).
-    p.add_argument("--live-update-state", type=int, help=argparse.SUPPRESS)
+
+
+def _quota_options(p: argparse.ArgumentParser) -> None:
+    """C xenstored's quota flags (cf. tools/xenstored/core.c: options[], usage())."""
     p.add_argument("-E", "--entry-nb", type=int, dest="nodes", help="nodes per domain")
     p.add_argument("-S", "--entry-size", type=int, dest="node_size", help="max. node size")
     p.add_argument("-W", "--watch-nb", type=int, dest="watches", help="watches per domain")
@@ -121,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="watch-event=SECONDS",
         help="time a watch event is kept pending for a guest (default 20; 0: forever)",
     )
-    return p
 
 
 def _c_flags(p: argparse.ArgumentParser) -> None:

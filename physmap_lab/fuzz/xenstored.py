@@ -227,7 +227,7 @@ async def fuzz_daemon(
             done.set()
     except trio.TooSlowError:
         report.problems.append(f"a well-behaved request took over {PROGRESS_LIMIT} s")
-    except (XsError, AssertionError, trio.BrokenResourceError) as exc:
+    except (XsError, AssertionError, ConnectionError) as exc:  # XsDisconnected
         report.problems.append(f"a well-behaved client failed: {exc!r}")
     report.seconds = time.monotonic() - start
     if not report.problems:

@@ -7,11 +7,13 @@ import trio
 __all__ = ["WatchOverflow", "XsDisconnected"]
 
 
-class XsDisconnected(trio.BrokenResourceError):
+class XsDisconnected(ConnectionError, trio.BrokenResourceError):
     """The connection to the daemon is gone (closed, reset, or broken by a protocol error).
 
     Every request waiting for a reply and every watch iterator raises it; its ``__cause__`` says
-    why.
+    why.  A ``ConnectionError``, as every lost daemon connection in physmap-lab is
+    (``hypervisor_sim.protocol.HypervisorDisconnected`` too); it remains a
+    ``trio.BrokenResourceError`` for callers of this client that catch that.
     """
 
 

@@ -106,7 +106,7 @@ class XenstoreEngine(XenstoreState):
                 out.append((conn_id, Packet(op, packet.req_id, packet.tx_id, payload)))
                 result = "OK"
         except XsErrno as exc:
-            result = exc.errno
+            result = exc.errno_name
             if (
                 txn is not None
                 and result in _TX_FAILING
@@ -144,7 +144,7 @@ class XenstoreEngine(XenstoreState):
                 raise XsErrno("E2BIG")
         except XsErrno as exc:
             op = _ERROR
-            payload = errno_payload(exc.errno)
+            payload = errno_payload(exc.errno_name)
         except BaseException:
             self._fast_out = Outbox()  # drop what the failed request queued
             raise

@@ -27,10 +27,11 @@ import trio
 
 from ..core import ConnKind, Outbox, Quotas, XenstoreEngine
 from ..core.journal import touches_domains
+from ..core.outqueue import PRIVILEGED_OUTSTANDING
 from ..startup import OwnedSocket, listen_unix
 from ..wire import Op, Packet, encode
 from .audit import AuditLog
-from .connection import PRIVILEGED_OUTSTANDING, ClientConnection
+from .connection import ClientConnection
 from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
 from .live_update import LiveUpdater
 from .peer import peer_of
@@ -206,7 +207,9 @@ class XenstoredServer:
                         raise
                     await trio.sleep(_ACCEPT_BACKOFF)
                     continue
-                self._nursery.start_soon(self._serve_client, sock, kind, domid, None, principal)
+                client = self._new_client(sock, kind, domid, None, principal)
+                if client is not None:
+                    self._nursery.start_soon(self._serve_client, client)
 
     def remove_sockets(self) -> None:
         for owned in self._owned.values():
@@ -217,14 +220,17 @@ class XenstoredServer:
 
     # -------------------------------------------------------------- connections
 
-    async def _serve_client(
+    def _new_client(
         self,
         sock: socket.socket,
         kind: ConnKind,
         domid: int,
         adopted: tuple[int, bytes, bytes] | None = None,
         principal: str | None = None,
-    ) -> None:
+    ) -> ClientConnection | None:
+        """Connect ``sock`` to the engine and register it, at once: a connection accepted
+        is part of the state a live update hands over from then on (as C's
+        tools/xenstored/core.c: accept_connection() creates it within the poll loop)."""
         engine = self.engine
         if adopted is not None:
             conn_id = adopted[0]  # a live update restored the engine's connection
@@ -239,7 +245,7 @@ class XenstoredServer:
                 conn_id = engine.connect(kind, domid, peer)
             except LookupError:
                 sock.close()
-                return
+                return None
 
         def limit() -> int:
             return engine.outstanding_limit(conn_id) or PRIVILEGED_OUTSTANDING
@@ -258,11 +264,15 @@ class XenstoredServer:
         self._flush_audit()
         if self._trace is not None:
             self._trace.connection(conn_id, True)
+        return client
+
+    async def _serve_client(self, client: ClientConnection) -> None:
+        conn_id = client.conn_id
         try:
             await client.run()
         finally:
             del self._clients[conn_id]
-            engine.disconnect(conn_id)
+            self.engine.disconnect(conn_id)
             self._flush_audit()
             if self._trace is not None:
                 self._trace.connection(conn_id, False)
@@ -405,9 +415,9 @@ class XenstoredServer:
     ) -> None:
         """Serve a connection a live update handed over, its engine state already restored."""
         conn = self.engine.conns[conn_id]
-        self._nursery.start_soon(
-            self._serve_client, sock, conn.kind, conn.domid, (conn_id, unread, unsent)
-        )
+        client = self._new_client(sock, conn.kind, conn.domid, (conn_id, unread, unsent))
+        if client is not None:
+            self._nursery.start_soon(self._serve_client, client)
 
     def open_guest_listener(self, domid: int, listener: socket.socket) -> None:
         """Serve a domain's guest socket a live update handed over."""

@@ -130,7 +130,7 @@ class LiveUpdater:
                 result = self._start(conn_id, packet, result)
             reply = Packet(_CONTROL, packet.req_id, packet.tx_id, result.encode() + b"\0")
         except XsErrno as exc:
-            reply = Packet(_ERROR, packet.req_id, packet.tx_id, exc.errno.encode() + b"\0")
+            reply = Packet(_ERROR, packet.req_id, packet.tx_id, exc.errno_name.encode() + b"\0")
         out = Outbox()
         out.append((conn_id, reply))
         self.server.reply(out)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from xenstored_sim.client import XsClient, open_xenstore
+from xenstored_sim.client import XsClient, XsDisconnected, open_xenstore
 from xenstored_sim.wire import XsError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ async def _writer(
             while True:
                 i += 1
                 await _step(xs, base, i, expect)
-    except (trio.BrokenResourceError, OSError, XsError):
+    except (XsDisconnected, OSError, XsError):
         return
 
 

@@ -225,7 +225,7 @@ def test_control_session_bad_arguments_are_einval(args: list[bytes]) -> None:
     lu.command(1, [b"-f", b"/bin/true"]) if args[0] != b"-f" else None
     with pytest.raises(XsErrno) as exc:
         lu.command(1, args)
-    assert exc.value.errno == "EINVAL"
+    assert exc.value.errno_name == "EINVAL"
 
 
 # -------------------------------------------------------------------------------- property

@@ -88,7 +88,7 @@ def test_path_validation_cache_keeps_errors_and_limits() -> None:
     for _ in range(2):  # errors are not cached: each bad request is refused again
         with pytest.raises(XsErrno) as bad:
             canonicalize(b"/bad//path", "/local/domain/0", 1024)
-        assert bad.value.errno == "EINVAL"
+        assert bad.value.errno_name == "EINVAL"
     assert canonicalize(b"/abcdef", "/local/domain/0", 1024) == "/abcdef"
     with pytest.raises(XsErrno):
         canonicalize(b"/abcdef", "/local/domain/0", 3)  # the path-max quota is part of the key

@@ -34,7 +34,7 @@ def test_canonicalize_agrees_with_the_model(raw: bytes) -> None:
     try:
         got: str | None = canonicalize(raw, "/local/domain/7", 2048)
     except XsErrno as exc:
-        assert exc.errno == "EINVAL"
+        assert exc.errno_name == "EINVAL"
         got = None
     assert got == expected
 

@@ -38,7 +38,7 @@ def test_domid_bases(entry: bytes, domid: int) -> None:
 def test_bad_entries_are_einval(entry: bytes) -> None:
     with pytest.raises(XsErrno) as e:
         parse_perms([entry])
-    assert e.value.errno == "EINVAL"
+    assert e.value.errno_name == "EINVAL"
 
 
 @given(st.lists(st.tuples(st.sampled_from(b"nrwb"), st.integers(0, 65535)), min_size=1))
