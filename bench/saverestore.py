@@ -42,6 +42,8 @@ from .daemons import scratch_dir
 from .results import Results, Target, ratio
 
 MODES = ("new", "compat")
+#: Runs of ``qemu-model --help`` on each side of the save/restore runs.
+DM_START_REPEATS = 5
 MIB = 1 << 20
 
 
@@ -76,8 +78,8 @@ def cat_seconds(image: Path, repeats: int, *, cold: bool = False) -> float:
     return statistics.median(walls)
 
 
-def dm_start_seconds(repeats: int) -> float:
-    """Median wall time of ``qemu-model --help``: the interpreter's start and every import the
+def dm_start_walls(repeats: int) -> list[float]:
+    """Wall times of ``qemu-model --help``: the interpreter's start and every import the
     device model makes before it reads its arguments, the floor under the restore's
     ``device_model`` phase that nothing in the toolstack can shorten."""
     program = xenhost.executable(DM_PROGRAM)
@@ -86,7 +88,7 @@ def dm_start_seconds(repeats: int) -> float:
         t0 = time.perf_counter()
         subprocess.run([program, "--help"], stdout=subprocess.DEVNULL, check=True)
         walls.append(time.perf_counter() - t0)
-    return statistics.median(walls)
+    return walls
 
 
 def dm_bytecode_fresh() -> bool:
@@ -224,8 +226,10 @@ async def _measure(sz: Sizes) -> dict[str, Any]:
 
 def measure(results: Results, sz: Sizes) -> dict[str, Any]:
     bytecode = dm_bytecode_fresh()
-    dm_start_s = dm_start_seconds(sz.cat_repeats)
+    # Taken before and after the save/restore runs, so a burst of load at one end weighs less.
+    walls = dm_start_walls(DM_START_REPEATS)
     modes = trio.run(_measure, sz)
+    dm_start_s = statistics.median(walls + dm_start_walls(DM_START_REPEATS))
     guest = f"{sz.memory_mib} MiB + {sz.videoram_mib} MiB VRAM"
     results.add(
         Target(
