@@ -7,9 +7,17 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored audit-hostile
+.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored audit-hostile bytecode
 
-setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked compiled
+setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked compiled bytecode
+
+# The packages' bytecode, written ahead as a non-editable install writes it: every process of
+# the stack (a device model on each create and restore) then loads it instead of compiling
+# every module from source, which is what happens under PYTHONDONTWRITEBYTECODE.  A no-op
+# when up to date.
+PACKAGES := xenhost xenstored_sim hypervisor_sim qemu_model toolstack physmap_lab
+bytecode: $(VENV)/.installed
+	@$(PY) -m compileall -q -j0 $(PACKAGES)
 
 # The mypyc-compiled sans-IO core of xenstored-sim, in .cache/mypyc/<hash of its sources>
 # (xenstored_sim/compiled.py); a no-op when up to date.  Without a build the pure core runs.

@@ -78,6 +78,8 @@ class Results:
     oracle: bool
     command: list[str]
     started: float = field(default_factory=time.time)
+    #: The 1, 5 and 15 minute load averages when the run started (others' work skews figures).
+    loadavg_at_start: tuple[float, ...] = field(default_factory=os.getloadavg)
     targets: list[Target] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -100,6 +102,8 @@ class Results:
                 "cpu_model": cpu_model(),
                 "python": platform.python_version(),
                 "kernel": platform.release(),
+                "loadavg_at_start": [round(x, 2) for x in self.loadavg_at_start],
+                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
             },
             "build": self.build,
             "targets": [asdict(t) for t in self.targets],
@@ -128,7 +132,8 @@ def _verdict(passed: bool | None) -> str:
 def print_targets(console: Console, results: Results) -> None:
     table = Table(
         title=f"physmap-lab targets (xenstored-sim build: {results.build or 'n/a'};"
-        f" CPU: {cpu_model()})",
+        f" CPU: {cpu_model()}; load average at start"
+        f" {' '.join(f'{x:.2f}' for x in results.loadavg_at_start)})",
         show_lines=False,
     )
     for col in ("section", "target", "figure", "goal", "result", "note"):

@@ -9,7 +9,6 @@ call libc's ``mmap``/``munmap`` directly and hand out plain integer addresses.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 from typing import Final
@@ -26,7 +25,9 @@ MAP_FIXED: Final = 0x10
 MAP_NORESERVE: Final = 0x4000
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The running program's own symbols, libc's among them (dlopen(NULL)): no ldconfig run,
+# which ctypes.util.find_library forks for, in every process that imports this.
+_libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
 _mmap.restype = ctypes.c_void_p
 _mmap.argtypes = [

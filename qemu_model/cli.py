@@ -33,7 +33,7 @@ from xenstored_sim.startup import OneLineParser, one_line
 from .errors import QemuAbort, QemuExit
 from .machine import DEVICES
 from .server import Config, serve
-from .ui.vnc import VncAddress, VncConfigError, parse_vnc
+from .ui.vnc_display import VncAddress, VncConfigError, parse_vnc
 from .version import DEFAULT_QEMU_VERSION, QEMU_VERSIONS, QemuVersion
 
 PROG = "qemu-model"

@@ -18,13 +18,11 @@ from typing import Any, Final, Literal
 
 from hypervisor_sim import vma
 
-from .cirrus import Cirrus
 from .dirty_vram import DirtyHypercalls, DirtyVram
 from .errors import LoadError, QemuAbort, QemuExit
 from .mapcache import MapCache, RecordingNotifier
 from .memory import RamBlock, RamList
 from .pci import VGA_SBDF
-from .qxl import QXL
 from .version import QemuVersion
 from .vga import MachineOps, StdVGA, VGAPCIDevice
 from .vmstate import DeviceState, decode, encode
@@ -34,10 +32,23 @@ from .xenforeignmemory import ForeignMemoryLike
 
 log = logging.getLogger(__name__)
 
+
+def _cirrus(ops: MachineOps, vram_size: int) -> VGAPCIDevice:
+    from .cirrus import Cirrus  # each optional device's code loads only when it is built
+
+    return Cirrus(ops, vram_size)
+
+
+def _qxl(ops: MachineOps, vram_size: int) -> VGAPCIDevice:
+    from .qxl import QXL
+
+    return QXL(ops, vram_size)
+
+
 DEVICES: Final[dict[str, Callable[[MachineOps, int], VGAPCIDevice]]] = {
     "stdvga": StdVGA,
-    "cirrus": Cirrus,
-    "qxl": QXL,
+    "cirrus": _cirrus,
+    "qxl": _qxl,
 }
 
 RunState = Literal[

@@ -30,7 +30,7 @@ import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -44,7 +44,7 @@ from . import qmp
 from .errors import LoadError, QemuExit
 from .machine import Machine, RunState
 from .monitor import QmpMonitor
-from .ui import console, vnc
+from .ui import vnc_display
 from .version import QemuVersion
 from .xen_hvm import MODES, Mode
 from .xen_native import xen_restrict
@@ -55,6 +55,9 @@ from .xen_operations import (
     open_hypervisor_or_exit,
 )
 from .xenforeignmemory import ForeignMemory
+
+if TYPE_CHECKING:
+    from .ui import console, vnc
 
 log = logging.getLogger("qemu_model")
 DEFAULT_VERSION = QemuVersion()
@@ -73,7 +76,7 @@ class Config:
     memory_mib: int
     vram_mib: int
     qemu_version: QemuVersion = DEFAULT_VERSION
-    vnc: vnc.VncAddress | None = None
+    vnc: vnc_display.VncAddress | None = None
     #: The hypercall socket: ``RUNDIR/hypervisor.sock`` unless the toolstack gave the device
     #: models one of their own (``--hypervisor``).
     hypervisor: Path | None = None
@@ -230,7 +233,7 @@ class DeviceModel:
 
     def _shutdown(self) -> None:
         self.monitor.remove()
-        vnc.unlink_unix(self.cfg.vnc)
+        vnc_display.unlink_unix(self.cfg.vnc)
         if self.machine is not None:
             self.machine.close()
         if self._privcmd is not None:
@@ -413,6 +416,8 @@ class DeviceModel:
 
     async def surface(self) -> console.Surface:
         """What the VGA device shows now, read through its own pointers under the lock."""
+        from .ui import console  # the display code loads when first used
+
         assert self.machine is not None
         device = self.machine.device
         async with self.bql:
@@ -420,6 +425,8 @@ class DeviceModel:
 
     async def _screendump(self, args: dict[str, Any]) -> dict[str, Any]:
         """``qmp_screendump`` (ui/ui-qmp-cmds.c): the file is written by this process."""
+        from .ui import console
+
         assert self.machine is not None
         fmt = console.screendump_format(args, self.machine.device_kind)
         surface = await self.surface()
@@ -440,10 +447,12 @@ class DeviceModel:
 
     async def _serve_vnc(
         self,
-        addr: vnc.VncAddress,
+        addr: vnc_display.VncAddress,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        from .ui import vnc  # the VNC server and its codec load only with --vnc
+
         try:
             listener, bound = await vnc.open_vnc_listener(addr)
         except OSError as exc:

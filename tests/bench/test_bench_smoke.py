@@ -86,11 +86,20 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
     assert all(t["figure"] is not None for t in by_section["scale"])
     scale = doc["sections"]["scale"]
     assert scale["nodes"] == 100 * 101 + 2 and scale["watches"]["count"] == 1000
-    modes = doc["sections"]["saverestore"]["modes"]
+    assert all(len(doc["host"][k]) == 3 for k in ("loadavg_at_start", "loadavg_at_end"))
+    sr = doc["sections"]["saverestore"]
+    modes = sr["modes"]
     assert set(modes) == {"new", "compat"}
     for m in modes.values():
         assert m["image_bytes"] > 16 << 20 and m["downtime_s"] > 0
         assert m["cp_save_mib_s"] > 0 and m["cp_restore_mib_s"] > 0
+        # The downtime's phases, each one step of the restore, add up to no more than it.
+        phases = m["downtime_phases_s"]
+        assert {"memory", "device_model", "unpause"} <= set(phases)
+        assert 0 < sum(phases.values()) <= m["downtime_s"]
+    assert sr["dm_interpreter_and_imports_s"] > 0 and isinstance(sr["dm_bytecode_fresh"], bool)
+    names = {t["name"] for t in by_section["saverestore"]}
+    assert {"restore downtime (new)", "device model interpreter and imports"} <= names
     cases = doc["sections"]["migration"]["cases"]
     assert {k for k in cases if k != "network"} == {"new@2000", "compat@2000"}
     for c in (cases["new@2000"], cases["compat@2000"]):

@@ -14,7 +14,7 @@ from PIL import Image
 from qemu_model.ui import console, rfb
 from qemu_model.ui.console import Surface
 from qemu_model.ui.dirty import TILE, FrameDiff
-from qemu_model.ui.vnc import VncAddress, VncConfigError, parse_vnc
+from qemu_model.ui.vnc_display import VncAddress, VncConfigError, parse_vnc
 from toolstack.config import DomainConfig
 from toolstack.devicemodel import vnc_arg
 

@@ -4,6 +4,7 @@ to it and stop it (``libxl__destroy_device_model``)."""
 
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import suppress
 from pathlib import Path
@@ -82,8 +83,7 @@ class DeviceModel(DomainBuilder):
 
             async def watch_process() -> None:
                 nonlocal died
-                while devicemodel.pid_alive(pid):
-                    await trio.sleep(0.02)
+                await wait_exit(pid)
                 died = True
                 nursery.cancel_scope.cancel()
 
@@ -161,7 +161,7 @@ class DeviceModel(DomainBuilder):
                     with suppress(QmpError, QmpProtocolError, OSError):
                         async with open_qmp(self.run.qmp(domid)) as q:
                             await self.qmp_call(q, domid, "quit")
-                    await self._wait_exit(pid)
+                    await wait_exit(pid)
                 for sig, grace in (
                     (signal.SIGTERM, DM_TERM_GRACE),
                     (signal.SIGKILL, DM_TERM_GRACE),
@@ -171,7 +171,7 @@ class DeviceModel(DomainBuilder):
                     devicemodel.send_signal(pid, sig)
                     self.audit.record("kill", call=sig.name, domid=domid, dm_pid=pid)
                     with trio.move_on_after(grace):
-                        await self._wait_exit(pid)
+                        await wait_exit(pid)
                 self.audit.record(
                     "dm_stop",
                     "ok" if not devicemodel.pid_alive(pid) else "still-running",
@@ -181,7 +181,22 @@ class DeviceModel(DomainBuilder):
         with suppress(FileNotFoundError):
             self.run.qmp(domid).unlink()
 
-    @staticmethod
-    async def _wait_exit(pid: int) -> None:
+
+async def wait_exit(pid: int) -> None:
+    """Until ``pid`` has exited, woken by the kernel rather than by a polling loop: a pidfd
+    becomes readable when its process ends (pidfd_open(2)), whether or not it is a child of
+    this process.  Polls only where pidfds are missing."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        devicemodel.pid_alive(pid)  # reaps it if it is an exited child of ours
+        return
+    except OSError:
         while devicemodel.pid_alive(pid):
             await trio.sleep(0.02)
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+    devicemodel.pid_alive(pid)  # reaps it if it is an exited child of ours
