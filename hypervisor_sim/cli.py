@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 audit = AuditLog(args.audit_log)
             except OSError as exc:
                 raise OSError(
-                    exc.errno, f"cannot open the audit log {args.audit_log}: {exc.strerror}"
+                    exc.errno, f"cannot open the audit log {args.audit_log}: {exc.strerror or exc}"
                 ) from None
         trio.run(
             _run,

@@ -57,13 +57,13 @@ class QmpMonitor:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise QemuExit(f"cannot create {path.parent}: {exc.strerror}") from None
+            raise QemuExit(f"cannot create {path.parent}: {exc.strerror or exc}") from None
         # Bound under a temporary name and renamed: whoever sees the path can connect at once.
         # A live device model's socket is never replaced, and only our own is removed at exit.
         try:
             self._sock = listen_unix(str(path), backlog=16)
         except OSError as exc:
-            raise QemuExit(f"QMP: {exc.strerror}") from None
+            raise QemuExit(f"QMP: {exc.strerror or exc}") from None
         sock = trio.socket.from_stdlib_socket(self._sock.sock)
         listener = trio.SocketListener(sock)
         task_status.started()

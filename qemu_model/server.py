@@ -221,7 +221,7 @@ class DeviceModel:
                 data = await trio.Path(incoming).read_bytes()
             except OSError as exc:
                 raise QemuExit(
-                    f"load of migration failed: cannot read {incoming}: {exc.strerror}"
+                    f"load of migration failed: cannot read {incoming}: {exc.strerror or exc}"
                 ) from None
             try:
                 await self._load(data)
@@ -369,7 +369,7 @@ class DeviceModel:
         try:
             data = await trio.Path(filename).read_bytes()
         except OSError as exc:
-            raise qmp.QmpError(f"Could not open '{filename}': {exc.strerror}") from None
+            raise qmp.QmpError(f"Could not open '{filename}': {exc.strerror or exc}") from None
         try:
             await self._load(data)
         except LoadError as exc:
@@ -405,7 +405,7 @@ class DeviceModel:
             try:
                 await trio.Path(filename).write_bytes(data)
             except OSError as exc:
-                raise qmp.QmpError(f"Could not open '{filename}': {exc.strerror}") from None
+                raise qmp.QmpError(f"Could not open '{filename}': {exc.strerror or exc}") from None
         finally:
             if was_running:
                 await self._set_running()
@@ -435,14 +435,14 @@ class DeviceModel:
         try:
             fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except OSError as exc:
-            raise qmp.QmpError(f"failed to open file '{filename}': {exc.strerror}") from None
+            raise qmp.QmpError(f"failed to open file '{filename}': {exc.strerror or exc}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 await trio.to_thread.run_sync(f.write, data)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(filename)
-            raise qmp.QmpError(f"failed to save {fmt.upper()}: {exc.strerror}") from None
+            raise qmp.QmpError(f"failed to save {fmt.upper()}: {exc.strerror or exc}") from None
         return {}
 
     async def _serve_vnc(

@@ -187,7 +187,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         try:
             os.fstat(args.live_update_state)
         except OSError as exc:
-            parser.error(f"--live-update-state {args.live_update_state}: {exc.strerror}")
+            parser.error(f"--live-update-state {args.live_update_state}: {exc.strerror or exc}")
     watch_event_timeout = 20.0
     for name, value in args.timeout:
         if name != "watch-event":
@@ -243,7 +243,7 @@ def _prepare(config: DaemonConfig) -> None:
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot create directory {d}: {exc.strerror}") from None
+            raise OSError(exc.errno, f"cannot create directory {d}: {exc.strerror or exc}") from None
     if config.live_update_state is None:
         # Before the state directory is opened: a second daemon must not touch the journal
         # of a live first one.

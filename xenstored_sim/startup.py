@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 _UCRED: Final = struct.Struct("3i")
+#: Bytes of a Unix socket path, without the NUL (struct sockaddr_un sun_path[108]).
+_SUN_PATH_MAX: Final = 107
 
 
 class SocketInUse(OSError):
@@ -47,11 +49,23 @@ def peer_pid(sock: socket.socket) -> int | None:
     return pid or None
 
 
+def check_length(path: str) -> None:
+    """Refuse a path too long for ``sun_path`` with an error that says so."""
+    size = len(os.fsencode(path))
+    if size > _SUN_PATH_MAX:
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"cannot use {path}: a Unix socket path holds at most {_SUN_PATH_MAX} bytes"
+            f" (sun_path), this one has {size}; choose a shorter run directory",
+        )
+
+
 def answering_pid(path: str) -> int | None:
     """Raise :class:`SocketInUse` if a live process answers on ``path``.
 
     Returns ``None`` when nobody does (no such path, or a stale socket file).
     """
+    check_length(path)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.setblocking(False)
@@ -65,7 +79,7 @@ def answering_pid(path: str) -> int | None:
         except OSError as exc:
             if exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED):
                 return None
-            raise OSError(exc.errno, f"cannot probe {path}: {exc.strerror}") from None
+            raise OSError(exc.errno, f"cannot probe {path}: {exc.strerror or exc}") from None
         raise SocketInUse(path, peer_pid(probe))
     finally:
         probe.close()
@@ -115,7 +129,6 @@ class OwnedSocket:
 
 
 #: The longest path a ``sockaddr_un`` holds (``sun_path`` is 108 bytes with its NUL).
-_SUN_PATH_MAX = 107
 
 
 def listen_unix(path: str, *, backlog: int = 128, mode: int = 0o600) -> OwnedSocket:
@@ -126,12 +139,13 @@ def listen_unix(path: str, *, backlog: int = 128, mode: int = 0o600) -> OwnedSoc
     at once.  A stale socket file at ``path`` is replaced; anything that is not a socket is an
     error.  Errors are :class:`OSError` whose message names the path.
     """
+    check_length(path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot use {path}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot use {path}: {exc.strerror or exc}") from None
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
@@ -180,7 +194,7 @@ def one_line(exc: BaseException) -> str:
     if not isinstance(exc, OSError) or not exc.strerror:
         return str(exc)
     if exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror}"
+        return f"{exc.filename}: {exc.strerror or exc}"
     return exc.strerror
 
 

@@ -101,7 +101,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         steps = check_script(json.loads(Path(a.hostile).read_text()))
     except OSError as exc:
-        print(f"{PROG}: cannot read {a.hostile}: {exc.strerror}", file=sys.stderr)
+        print(f"{PROG}: cannot read {a.hostile}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"{PROG}: {a.hostile}: {exc}", file=sys.stderr)

@@ -69,7 +69,7 @@ async def open_vnc_listener(addr: VncAddress) -> tuple[trio.SocketListener, VncA
             await extra.aclose()
         return listeners[0], VncAddress(addr.host, display, addr.to)
     assert err is not None
-    raise OSError(err.errno, f"Failed to bind socket for {addr}: {err.strerror}")
+    raise OSError(err.errno, f"Failed to bind socket for {addr}: {err.strerror or err}")
 
 
 @dataclass

@@ -46,7 +46,7 @@ def dm_arguments(pid: int) -> list[str]:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError as exc:
-        raise StepError(f"device model pid {pid}: {exc.strerror}") from None
+        raise StepError(f"device model pid {pid}: {exc.strerror or exc}") from None
     args = [a.decode(errors="replace") for a in argv if a]
     first = next((i for i, a in enumerate(args) if a.startswith("-") and i > 0), len(args))
     return args[first:]
