@@ -140,16 +140,19 @@ class _Sender:
     async def _send_batch(self, gfns: list[int], digest: dict[int, bytes]) -> int:
         fm = await self.lx.hv_call("map_foreign", domid=self.domid, gfns=gfns)
         live = [(g, off) for g, off in zip(gfns, fm["offsets"], strict=True) if off >= 0]
-        if not live:
-            return 0
+        # A page with no frame any more goes as XTAB (xg_sr_save.c: write_batch()).
+        gone = [g for g, off in zip(gfns, fm["offsets"], strict=True) if off < 0]
         pfns = [g for g, _ in live]
-        data = await trio.to_thread.run_sync(_read_frames, fm["mem_path"], [o for _, o in live])
+        data = b""
+        if live:
+            offsets = [o for _, o in live]
+            data = await trio.to_thread.run_sync(_read_frames, fm["mem_path"], offsets)
         for i, gfn in enumerate(pfns):
             page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             if digest.get(gfn) != hashlib.sha1(page, usedforsecurity=False).digest():
                 self.resend.add(gfn)  # written since its look: it goes again next round
         buf = io.BytesIO()
-        memory_stream.write_page_data(buf, pfns, [data])
+        memory_stream.write_page_data(buf, pfns, [data], xtab=gone)
         await self.ch.send(buf.getbuffer())
         return len(pfns)
 
