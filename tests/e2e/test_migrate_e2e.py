@@ -34,7 +34,6 @@ def namespaces() -> list[str]:
 
 def test_every_case_migrates_between_namespaces_while_the_guest_draws(tmp_path: Path) -> None:
     assert netns.available() is None, netns.available()
-    before = set(namespaces())
     proc = subprocess.run(
         [executable("physmap-lab"), "demo", "--migrate", "--json", "--rundir", str(tmp_path)],
         capture_output=True,
@@ -67,7 +66,12 @@ def test_every_case_migrates_between_namespaces_while_the_guest_draws(tmp_path: 
             assert keys == {"src": {}, "dst": {}}, label
             assert "EMULATOR_XENSTORE_DATA" not in r["image_records"]
             assert r["physmap_xenstore_ops"]["dst"]["device-model"] == 0
-    assert set(namespaces()) == before
+    # The namespaces this run made, and only those (other runs may make theirs meanwhile),
+    # are gone again.
+    made = {name for r in runs for name in r["namespaces"]}
+    assert len(made) == 2 and all(name.startswith("pml-") for name in made), made
+    assert all(r["namespaces"] == runs[0]["namespaces"] for r in runs)
+    assert made.isdisjoint(namespaces()), made & set(namespaces())
 
 
 async def _xl(h: Host, *args: str) -> dict[str, Any]:
@@ -150,3 +154,5 @@ async def test_killing_the_receiver_mid_stream_leaves_the_source_running(tmp_pat
         assert "the domain runs on here" in r.error
         assert "xenforeignmemory_map2: Assertion" in r.error
         assert (await _xl(dst, "list"))["domains"] == []
+    # The namespaces the test made are gone; whatever other runs made is not its business.
+    assert {src.ns.name, dst.ns.name}.isdisjoint(namespaces())
