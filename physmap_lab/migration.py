@@ -128,6 +128,9 @@ class MigrationCase:
     fb_sha256_expected: str | None = None
     fb_sha256_guest: str | None = None
     fb_sha256_dm: str | None = None
+    #: Whether the pointers the destination's card derived from its VRAM pointer (QXL's RAM
+    #: header and rings) still point into the VRAM (QMP ``x-physmap-info``).
+    derived_ptrs_valid: bool | None = None
     image_records: list[str] = field(default_factory=list)
     physmap_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     physmap_xenstore_ops: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -219,7 +222,7 @@ async def run_case(case: Case, src: Host, dst: Host) -> MigrationCase:
     except (RuntimeError, OSError, trio.TooSlowError, ValueError, KeyError) as exc:
         r.error = str(exc) or type(exc).__name__
     r.ok = r.error is None and r.migrated and r.fb_sha256_guest == r.fb_sha256_expected
-    r.ok = r.ok and r.fb_sha256_dm == r.fb_sha256_expected
+    r.ok = r.ok and r.fb_sha256_dm == r.fb_sha256_expected and r.derived_ptrs_valid is not False
     return r
 
 
@@ -252,7 +255,7 @@ async def _migrate_case(case: Case, src: Host, dst: Host, r: MigrationCase) -> N
     new = r.destination_domid = int(received["domid"])
     with _span(r, "verify"):
         r.fb_sha256_guest = (await _run(dst.xl("guest", str(new), "fb-hash", *mode)))["sha256"]
-        r.fb_sha256_dm = await _display_sha256(dst, new)
+        r.fb_sha256_dm, r.derived_ptrs_valid = await _display(dst, new)
         r.physmap_keys = {src.name: dict(sent["xenstore_keys"]), dst.name: await _keys(dst, new)}
         r.physmap_xenstore_ops = {src.name: _ops(src, domid), dst.name: _ops(dst, new)}
     with _span(r, "destroy"):
@@ -290,12 +293,16 @@ async def _migrate_drawing(
     return failure, sent, received
 
 
-async def _display_sha256(h: Host, domid: int) -> str | None:
+async def _display(h: Host, domid: int) -> tuple[str | None, bool | None]:
+    """What the device model shows (its display's hash) and whether its derived pointers are
+    valid, from QMP ``x-physmap-info``."""
     with suppress(QmpError, QmpProtocolError, OSError), trio.fail_after(STEP_LIMIT_S):
         async with open_qmp(RunDir(h.rundir).qmp_socket(domid)) as q:
             info = await q.execute("x-physmap-info")
-            return str(info["display_sha256"]) if info.get("display_sha256") else None
-    return None
+            shown = str(info["display_sha256"]) if info.get("display_sha256") else None
+            valid = info.get("derived_ptrs_valid")
+            return shown, valid if isinstance(valid, bool) else None
+    return None, None
 
 
 async def _keys(h: Host, domid: int) -> dict[str, str]:

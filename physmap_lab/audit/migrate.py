@@ -141,6 +141,8 @@ class MigrationCell:
     expected: str
     migrated: bool
     fb_hash_matches: bool
+    #: QXL's derived pointers on the destination still point into the VRAM.
+    pointers_valid: bool | None
     error: str | None
     #: The device model's last log line when the migration failed on the destination.
     failure: str | None
@@ -327,6 +329,7 @@ def build_cell(case: Case, m: MigrationCase, logs: Mapping[str, HostLogs]) -> Mi
         migrated=m.migrated,
         fb_hash_matches=m.fb_sha256_expected is not None
         and m.fb_sha256_guest == m.fb_sha256_dm == m.fb_sha256_expected,
+        pointers_valid=m.derived_ptrs_valid,
         error=m.error,
         failure=failure_line(m.error),
         hosts={SOURCE: m.source_host, DESTINATION: m.destination_host},

@@ -86,7 +86,8 @@ def migration(case: Case, *, ok: bool = True, error: str | None = None) -> Migra
         m.destination_domid = DST_DOMID
         h = pattern_sha256(case.device, case.seed)
         m.fb_sha256_expected = m.fb_sha256_guest = h
-        m.fb_sha256_dm = h if ok else "0" * 64
+        m.fb_sha256_dm = h
+        m.derived_ptrs_valid = ok if case.device == "qxl" else None
         m.precopy_rounds, m.pages_sent, m.downtime_s, m.total_s = 2, 9000, 0.4, 8.0
     if case.mode == "compat" and case.toolstack == "libxl":
         keys = {"physmap/2000000/start_addr": "f0000000"}
@@ -175,6 +176,16 @@ def test_keys_planted_after_the_device_model_started_are_flagged() -> None:
     case = Case("compat", "stdvga")
     cell = build_cell(case, migration(case), compat_logs(planted_late=True))
     assert cell.planted_before_dm is False
+
+
+def test_stale_derived_pointers_make_a_corrupt_cell() -> None:
+    """pointer-fixup leaves QXL's derived pointers stale on the destination as on restore: the
+    screen hashes match, the pointers do not (QMP x-physmap-info)."""
+    case = Case("pointer-fixup", "qxl")
+    cell = build_cell(case, migration(case, ok=False), {})
+    assert (cell.outcome, cell.expected) == ("corrupt", "corrupt")
+    assert cell.fb_hash_matches and cell.pointers_valid is False
+    assert markdown([cell], "x").count("| corrupt | yes | no |") == 1
 
 
 def test_new_mode_cell_has_no_physmap_request_on_either_host() -> None:
