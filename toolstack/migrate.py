@@ -42,6 +42,7 @@ from .config import DomainConfig
 from .emulator_xenstore import XenstoreDataError, encode
 from .flavours import flavour
 from .libxl import Libxl, ToolstackError
+from .libxl.results import Clock
 from .memory_stream import BATCH_PAGES, PAGE_SIZE, coalesce
 from .migration_stream import (
     FINAL_REPORT,
@@ -79,6 +80,11 @@ class MigrateResult:
     bytes: int = 0
     downtime_s: float = 0.0
     total_s: float = 0.0
+    #: The downtime by step: ``suspend`` (pause, QMP stop, device state saved), ``last_round``
+    #: (the last dirty pages, log-dirty off), ``tail`` (the keys in compat mode, the device
+    #: state and END sent), ``destination`` (until the receiver reports the domain restored)
+    #: and ``handover`` (permission to go until the receiver's final report).
+    stop_copy_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,13 +204,18 @@ async def migrate(
         await _send_head(ch, config.with_overrides(uuid=uuid), result)
         await _precopy(lx, domid, sender, max_rounds, dirty_threshold)
         suspended_at = time.monotonic()
+        clock = Clock()
         state = await _suspend(lx, domid)
+        clock.mark("suspend")
         await sender.send_pages(await sender.shadow("clean"))
         await sender.shadow("off")
         await _global_dirty_log(lx, domid, False)
+        clock.mark("last_round")
         await _send_tail(lx, domid, ch, config.toolstack, state, result)
+        clock.mark("tail")
         if await ch.expect(RECEIVER_REPORT, "the receiver's report"):
             raise ToolstackError("the receiver could not restore the domain")
+        clock.mark("destination")
         await ch.send(PERMISSION_TO_GO)
     except BaseException as exc:
         with trio.CancelScope(shield=True):
@@ -223,6 +234,8 @@ async def migrate(
     # The receiver owns the domain now: a lost final report does not bring ours back.
     with suppress(ToolstackError, trio.BrokenResourceError, trio.ClosedResourceError):
         await ch.expect(FINAL_REPORT, "the receiver's final report")
+    clock.mark("handover")
+    result.stop_copy_s = {k: round(v, 4) for k, v in clock.phases.items()}
     result.downtime_s = time.monotonic() - (suspended_at or t0)
     await lx.destroy(domid)
     result.bytes = ch.sent
@@ -245,17 +258,20 @@ async def _precopy(
     lx: Libxl, domid: int, sender: _Sender, max_rounds: int, dirty_threshold: int
 ) -> None:
     """Log-dirty rounds until few pages are left dirty or the rounds run out (cf. libxc's
-    xc_sr_save.c: send_memory_live())."""
+    xg_sr_save.c: send_memory_live()).  The look that finds few pages left is still sent live,
+    as libxc sends the pages of its last CLEAN before it stops: the clean took them out of the
+    log, so the look after the suspend would not name them again."""
     result = sender.result
     look = await sender.shadow("enable_logdirty")
     await _global_dirty_log(lx, domid, True)
+    last = False
     while True:
         await sender.send_pages(look)
         result.precopy_rounds += 1
+        if last or result.precopy_rounds >= max_rounds:
+            return
         look = await sender.shadow("clean")
-        left = len(set(look["pages"]) | sender.resend)
-        if left <= dirty_threshold or result.precopy_rounds >= max_rounds:
-            break
+        last = len(set(look["pages"]) | sender.resend) <= dirty_threshold
 
 
 async def _global_dirty_log(lx: Libxl, domid: int, enable: bool) -> None:

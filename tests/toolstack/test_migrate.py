@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from hypervisor_sim.client import open_hypervisor
+from hypervisor_sim.protocol import HypercallError
+from physmap_lab.migration import Host, _finish, start_receiver, two_hosts
 from physmap_lab.stack import Stack, executable
 from toolstack.config import DomainConfig
 from toolstack.image import write_image
 from toolstack.migrate import parse_host
 from toolstack.migration_stream import RECEIVER_BANNER, StreamFollower
 from toolstack.streamio import StreamError
+from xenhost import RunDir
 
 XL_SIM = executable("xl-sim")
 CONFIG = DomainConfig(name="vm", memory_mib=1, vga="stdvga", dm_mode="compat")
@@ -120,3 +126,65 @@ async def test_a_broken_sender_leaves_the_receiver_clean(
     assert "Traceback" not in (await proc.stderr.receive_some(65536)).decode()
     assert (await xl("list"))["domains"] == []
     assert list((stack.rundir / "migrate").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [["--max-rounds", "2"], ["--dirty-threshold", "100000"]],
+    ids=["rounds-used-up", "few-pages-left"],
+)
+async def test_every_page_written_before_the_suspend_arrives(
+    tmp_path: Path, limit: list[str]
+) -> None:
+    """The guest writes random pages throughout the pre-copy; after the migration the
+    destination holds the last bytes written to each.  The pages of the look that ends the
+    pre-copy (few enough dirty, or the rounds used up) go out before the suspend, as libxc's
+    send_memory_live() sends them; dropped, they would arrive with older contents."""
+    pages = 16 * 256
+    async with two_hosts(tmp_path, tag=f"w{os.getpid() % 10000}", use_netns=False) as hosts:
+        src, dst = hosts
+        made = await _host_xl(src, "create", "--memory", "16", "--vga", "stdvga")
+        domid = int(made["domid"])
+        receiver, where = await start_receiver(dst)
+        written: dict[int, bytes] = {}
+        stop = trio.Event()
+
+        async def write() -> None:
+            rng = random.Random(11)
+            async with open_hypervisor(RunDir(src.rundir).hypervisor_socket) as hv:
+                while not stop.is_set():
+                    ops = [
+                        {"op": "mem_write", "gpa": rng.randrange(pages) << 12,
+                         "data": rng.randbytes(8)}
+                        for _ in range(16)
+                    ]  # fmt: skip
+                    try:
+                        await hv.guest(domid, ops)
+                    except HypercallError as exc:
+                        if exc.errno_name != "EBUSY":  # paused for the suspend, or gone
+                            return
+                    else:
+                        written.update((op["gpa"], op["data"]) for op in ops)
+                    await trio.sleep(0.002)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            # Either way the pre-copy ends after its second round, whose look holds many pages.
+            sent = await _host_xl(src, "migrate", str(domid), where, *limit)
+            stop.set()
+        received = await _finish(receiver)
+        assert sent["precopy_rounds"] == 2 and len(written) > 100
+        new = int(received["domid"])
+        gpas = sorted(written)
+        async with open_hypervisor(RunDir(dst.rundir).hypervisor_socket) as hv:
+            got = await hv.guest(new, [{"op": "mem_read", "gpa": g, "len": 8} for g in gpas])
+        stale = [hex(g) for g, data in zip(gpas, got, strict=True) if data != written[g]]
+        assert stale == [], f"{len(stale)} of {len(gpas)} pages arrived stale"
+        await _host_xl(dst, "destroy", str(new))
+
+
+async def _host_xl(h: Host, *args: str) -> dict[str, Any]:
+    proc = await trio.run_process(h.xl(*args), capture_stdout=True, check=False)
+    out: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert proc.returncode == 0, out
+    return out
