@@ -344,6 +344,15 @@ def _parse_page_data(r: ImageReader, length: int, start: int) -> PageDataRecord:
     return PageDataRecord(tuple(data), tuple(alloc), data_offset, tuple(absent))
 
 
+def read_page_data(r: ImageReader) -> PageDataRecord:
+    """One whole ``PAGE_DATA`` record at the reader's offset, checked as
+    :func:`read_memory_stream` checks it; its contents are skipped, not read."""
+    rtype, length, start = _read_record_header(r)
+    if rtype != MemRecordType.PAGE_DATA:
+        raise StreamError(f"libxc {MemRecordType(rtype).name} record where PAGE_DATA was", start)
+    return _parse_page_data(r, length, start)
+
+
 def read_memory_stream(r: ImageReader) -> MemoryImage:
     """Check a whole libxc stream and index its pages; page contents are skipped, not read."""
     start = r.offset

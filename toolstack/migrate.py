@@ -10,11 +10,13 @@ libxc END, ``EMULATOR_XENSTORE_DATA`` (the physmap keys, libxl flavour with keys
 ``EMULATOR_CONTEXT`` and END.  Around the rounds the device model's global dirty log is on
 (``xen-set-global-dirty-log``, as libxl_dom_save.c switches it).
 
-The receiver spools the stream to a file in its run directory, restores it paused as
-``xl restore`` does (the compat keys are planted in *its* xenstore before its device model
-starts), reports, and unpauses once the sender gives permission; the sender then destroys its
-copy.  On any failure before that permission the source domain resumes and the receiver
-removes what it built.
+The receiver spools the stream to a file in its run directory.  As ``xl migrate-receive``
+does, it builds the domain once the configuration is in and loads each PAGE_DATA record as it
+arrives (libxc's restore), so that the pre-copy rounds are in place when the sender suspends;
+at END it checks the whole stream and restores the rest paused as ``xl restore`` does (the
+compat keys are planted in *its* xenstore before its device model starts), reports, and
+unpauses once the sender gives permission; the sender then destroys its copy.  On any failure
+before that permission the source domain resumes and the receiver removes what it built.
 
 Log-dirty reports pages by content digest (hypervisor_sim/logdirty.py); each page sent is
 hashed and compared with the digest of its look, and one that differs goes again next round.
@@ -43,6 +45,7 @@ from .emulator_xenstore import XenstoreDataError, encode
 from .flavours import flavour
 from .libxl import Libxl, ToolstackError
 from .libxl.results import Clock
+from .libxl.stream_read import Incoming
 from .memory_stream import BATCH_PAGES, PAGE_SIZE, coalesce
 from .migration_stream import (
     FINAL_REPORT,
@@ -53,6 +56,7 @@ from .migration_stream import (
 )
 from .qmp import QmpError, QmpProtocolError
 from .stream import RecordType
+from .streamio import ImageReader, StreamError
 
 #: libxc's defaults (xg_sr_save.c): at most 5 rounds, stop once 50 or fewer pages are dirty.
 MAX_ROUNDS: Final = 5
@@ -80,8 +84,8 @@ class MigrateResult:
     bytes: int = 0
     downtime_s: float = 0.0
     total_s: float = 0.0
-    #: The downtime by step: ``suspend`` (pause, QMP stop, device state saved), ``last_round``
-    #: (the last dirty pages, log-dirty off), ``tail`` (the keys in compat mode, the device
+    #: The downtime by step: ``suspend`` (pause, QMP stop, device state saved), ``final_look``
+    #: (log-dirty's last CLEAN), ``last_round`` (its pages sent, log-dirty off), ``tail`` (the keys in compat mode, the device
     #: state and END sent), ``destination`` (until the receiver reports the domain restored)
     #: and ``handover`` (permission to go until the receiver's final report).
     stop_copy_s: dict[str, float] = field(default_factory=dict)
@@ -207,7 +211,9 @@ async def migrate(
         clock = Clock()
         state = await _suspend(lx, domid)
         clock.mark("suspend")
-        await sender.send_pages(await sender.shadow("clean"))
+        final = await sender.shadow("clean")
+        clock.mark("final_look")
+        await sender.send_pages(final)
         await sender.shadow("off")
         await _global_dirty_log(lx, domid, False)
         clock.mark("last_round")
@@ -347,19 +353,31 @@ async def _resume(lx: Libxl, domid: int, suspended: bool) -> None:
 
 
 async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
-    """Receive one domain over ``s``: spool, restore paused, report, unpause on permission.
+    """Receive one domain over ``s``: build it and load its pages while the stream arrives,
+    check the whole stream once it is in, restore the rest paused, report, unpause on
+    permission.
 
-    The spool is an unnamed file in ``RUNDIR/migrate`` (``O_TMPFILE``), so a receiver that is
-    killed leaves nothing behind; the restore reads it through ``/proc/self/fd``."""
+    The stream is spooled to an unnamed file in ``RUNDIR/migrate`` (``O_TMPFILE``), so a
+    receiver that is killed leaves nothing behind; the restore reads it through
+    ``/proc/self/fd``."""
     ch = _Channel(s)
     t0 = time.monotonic()
     spool_dir = lx.run.root / "migrate"
     spool_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=spool_dir) as spool:
         await ch.send(RECEIVER_BANNER)
-        follower = await _spool(ch, spool)
+        rx = _Receiving(StreamFollower(), spool)
         try:
-            restored = await lx.restore(f"/proc/self/fd/{spool.fileno()}", paused=True)
+            await _receive(lx, ch, rx)
+        except BaseException:
+            if rx.incoming is not None:
+                with trio.CancelScope(shield=True):
+                    await lx.incoming_abort(rx.incoming)
+            raise
+        assert rx.incoming is not None
+        image = Path(f"/proc/self/fd/{spool.fileno()}")
+        try:
+            restored = await lx.incoming_finish(rx.incoming, image, paused=True)
         except ToolstackError:
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await ch.send(RECEIVER_REPORT + b"\x01")
@@ -375,21 +393,45 @@ async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await ch.send(FINAL_REPORT + b"\x00")
     out = restored.as_dict()
-    out.update(stream_records=follower.records, stream_bytes=follower.offset)
+    out.update(stream_records=rx.follower.records, stream_bytes=rx.follower.offset)
     out["total_s"] = time.monotonic() - t0
     return out
 
 
-async def _spool(ch: _Channel, f: IO[bytes]) -> StreamFollower:
-    follower = StreamFollower()
-    while not follower.done:
-        data = await ch.receive_some(min(follower.wants(), _RECV_CHUNK))
-        if not data:
-            raise ToolstackError(
-                f"the sender closed the connection after {follower.offset} bytes, "
-                "before the END record"
-            )
-        follower.feed(data)
-        await trio.to_thread.run_sync(f.write, data)
-    await trio.to_thread.run_sync(f.flush)
-    return follower
+@dataclass
+class _Receiving:
+    follower: StreamFollower
+    spool: IO[bytes]
+    #: The domain under construction, once the stream's configuration is in.
+    incoming: Incoming | None = None
+
+
+async def _receive(lx: Libxl, ch: _Channel, rx: _Receiving) -> None:
+    """Spool the stream until its END; build the domain when the configuration is in and load
+    each PAGE_DATA record as it completes."""
+    follower, spool = rx.follower, rx.spool
+    # A second open file description of the spool: reads there leave the writes' offset be.
+    with open(f"/proc/self/fd/{spool.fileno()}", "rb") as back:
+        while not follower.done:
+            data = await ch.receive_some(min(follower.wants(), _RECV_CHUNK))
+            if not data:
+                raise ToolstackError(
+                    f"the sender closed the connection after {follower.offset} bytes, "
+                    "before the END record"
+                )
+            follower.feed(data)
+            await trio.to_thread.run_sync(spool.write, data)
+            events = follower.take_events()
+            if events:
+                await trio.to_thread.run_sync(spool.flush)
+            for kind, start, _end in events:
+                back.seek(start)
+                if kind == "config":
+                    config = savefile.read_header(ImageReader(back)).config
+                    if config is None:
+                        raise StreamError("the stream carries no domain configuration", 0)
+                    rx.incoming = await lx.incoming_begin(config)
+                elif rx.incoming is not None:
+                    rec = memory_stream.read_page_data(ImageReader(back))
+                    await lx.incoming_pages(rx.incoming, spool.fileno(), rec)
+    await trio.to_thread.run_sync(spool.flush)

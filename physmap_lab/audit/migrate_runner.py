@@ -6,6 +6,7 @@ save/restore cells too (:func:`.runner.run_audit`), so that each can be set besi
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -14,6 +15,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from xenhost import RunDir, device_models
 
@@ -65,6 +69,7 @@ async def _migrate_all(
             for i, case in enumerate(cases, 1):
                 progress(f"[{i}/{len(cases)}] migrate {case.mode}/{case.device}/{case.toolstack}")
                 results.append(await run_case(case, src, dst))
+                problems += await _left_behind(case, hosts)
             for h in hosts:
                 problems += [f"{h.name}: device model left running: pid {p}" for p in _dms(h)]
     except (RuntimeError, OSError) as exc:
@@ -74,6 +79,27 @@ async def _migrate_all(
     except (OSError, AuditFormatError) as exc:
         raise StepError(f"cannot read the hosts' audit logs: {exc}") from None
     return results, logs, problems
+
+
+async def _left_behind(case: Case, hosts: Sequence[Host]) -> list[str]:
+    """A domain a cell left on a host, destroyed so that the next cell starts clean."""
+    problems = []
+    for h in hosts:
+        listed = await _xl(h, "list")
+        for d in listed.get("domains", []):
+            problems.append(f"{case.label}: left domain {d['domid']} on {h.name}")
+            await _xl(h, "destroy", str(d["domid"]))
+    return problems
+
+
+async def _xl(h: Host, *args: str) -> dict[str, Any]:
+    proc = await trio.run_process(h.xl(*args), capture_stdout=True, check=False)
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    try:
+        out = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        out = {}
+    return out if isinstance(out, dict) else {}
 
 
 def _dms(h: Host) -> list[int]:

@@ -19,10 +19,12 @@ from hypervisor_sim.protocol import HypercallError
 from physmap_lab.migration import Host, _finish, start_receiver, two_hosts
 from physmap_lab.stack import Stack, executable
 from toolstack.config import DomainConfig
-from toolstack.image import write_image
+from toolstack.image import read_image, write_image
+from toolstack.memory_stream import read_page_data
 from toolstack.migrate import parse_host
 from toolstack.migration_stream import RECEIVER_BANNER, StreamFollower
-from toolstack.streamio import StreamError
+from toolstack.savefile import read_header
+from toolstack.streamio import ImageReader, StreamError
 from xenhost import RunDir
 
 XL_SIM = executable("xl-sim")
@@ -56,6 +58,34 @@ def test_the_follower_finds_the_end_in_any_chunking(seed: int) -> None:
     assert f.records[0] == "LIBXC_CONTEXT" and f.records[-1] == "END"
     with pytest.raises(StreamError):
         f.feed(b"x")
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_follower_names_the_configuration_and_each_page_record(seed: int) -> None:
+    """The receiver builds the domain on ``config`` and loads each ``page_data`` record as it
+    completes: every event spans whole bytes that have arrived, in stream order."""
+    rng = random.Random(seed)
+    data = image_bytes(rng)
+    f = StreamFollower()
+    events: list[tuple[str, int, int]] = []
+    at = 0
+    while not f.done:
+        n = rng.randrange(1, f.wants() + 1)
+        f.feed(data[at : at + n])
+        at += n
+        for event in f.take_events():
+            assert event[2] <= at
+            events.append(event)
+    assert events[0][0] == "config"
+    assert read_header(ImageReader(io.BytesIO(data[: events[0][2]]))).config == CONFIG
+    index = read_image(io.BytesIO(data))
+    assert index.memory is not None
+    pages = [e for e in events if e[0] == "page_data"]
+    assert len(pages) == len(index.memory.records) == len(events) - 1
+    for (_kind, start, end), want in zip(pages, index.memory.records, strict=True):
+        f2 = io.BytesIO(data[:end])
+        f2.seek(start)
+        assert read_page_data(ImageReader(f2)).data_pfns == want.data_pfns
 
 
 def test_the_follower_refuses_what_is_not_a_stream() -> None:
@@ -174,6 +204,16 @@ async def test_every_page_written_before_the_suspend_arrives(
             stop.set()
         received = await _finish(receiver)
         assert sent["precopy_rounds"] == 2 and len(written) > 100
+        steps = sent["stop_copy_s"]
+        assert list(steps) == [
+            "suspend",
+            "final_look",
+            "last_round",
+            "tail",
+            "destination",
+            "handover",
+        ]
+        assert 0 < sum(steps.values()) <= sent["downtime_s"] + 0.01
         new = int(received["domid"])
         gpas = sorted(written)
         async with open_hypervisor(RunDir(dst.rundir).hypervisor_socket) as hv:
