@@ -27,10 +27,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -62,6 +64,8 @@ from .streamio import ImageReader, StreamError
 MAX_ROUNDS: Final = 5
 DIRTY_THRESHOLD: Final = 50
 _RECV_CHUNK: Final = 1 << 20
+#: How long the receiver waits for its guard to go once told ``done``.
+_GUARD_EXIT_S: Final = 10.0
 
 
 def parse_host(text: str) -> tuple[str, int]:
@@ -358,15 +362,15 @@ async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
     permission.
 
     The stream is spooled to an unnamed file in ``RUNDIR/migrate`` (``O_TMPFILE``), so a
-    receiver that is killed leaves nothing behind; the restore reads it through
-    ``/proc/self/fd``."""
+    receiver that is killed leaves no file behind, and its guard (:mod:`.migrate_guard`)
+    destroys the domain it had begun; the restore reads the spool through ``/proc/self/fd``."""
     ch = _Channel(s)
     t0 = time.monotonic()
     spool_dir = lx.run.root / "migrate"
     spool_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+    async with _guarded(lx) as guard, _spooled(spool_dir) as spool:
         await ch.send(RECEIVER_BANNER)
-        rx = _Receiving(StreamFollower(), spool)
+        rx = _Receiving(StreamFollower(), spool, guard)
         try:
             await _receive(lx, ch, rx)
         except BaseException:
@@ -382,14 +386,14 @@ async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await ch.send(RECEIVER_REPORT + b"\x01")
             raise
-    try:
-        await ch.send(RECEIVER_REPORT + b"\x00")
-        await ch.expect(PERMISSION_TO_GO, "permission to go")
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await lx.destroy(restored.domid)
-        raise
-    await lx.unpause(restored.domid)
+        try:
+            await ch.send(RECEIVER_REPORT + b"\x00")
+            await ch.expect(PERMISSION_TO_GO, "permission to go")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await lx.destroy(restored.domid)
+            raise
+        await lx.unpause(restored.domid)
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await ch.send(FINAL_REPORT + b"\x00")
     out = restored.as_dict()
@@ -402,8 +406,36 @@ async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
 class _Receiving:
     follower: StreamFollower
     spool: IO[bytes]
+    #: The guard's stdin (:mod:`toolstack.migrate_guard`): told the domid once there is one.
+    guard: trio.abc.SendStream
     #: The domain under construction, once the stream's configuration is in.
     incoming: Incoming | None = None
+
+
+@asynccontextmanager
+async def _spooled(spool_dir: Path) -> AsyncIterator[IO[bytes]]:
+    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+        yield spool
+
+
+@asynccontextmanager
+async def _guarded(lx: Libxl) -> AsyncIterator[trio.abc.SendStream]:
+    """The guard process that destroys the half-received domain should this receiver die; on
+    the way out (the domain settled, or removed by the receiver itself) it is told ``done``."""
+    argv = [sys.executable, "-m", "toolstack.migrate_guard", str(lx.run.root)]
+    proc = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    assert proc.stdin is not None
+    try:
+        yield proc.stdin
+    finally:
+        with trio.CancelScope(shield=True):
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await proc.stdin.send_all(b"done\n")
+            await proc.stdin.aclose()
+            with trio.move_on_after(_GUARD_EXIT_S):
+                await proc.wait()
 
 
 async def _receive(lx: Libxl, ch: _Channel, rx: _Receiving) -> None:
@@ -431,6 +463,7 @@ async def _receive(lx: Libxl, ch: _Channel, rx: _Receiving) -> None:
                     if config is None:
                         raise StreamError("the stream carries no domain configuration", 0)
                     rx.incoming = await lx.incoming_begin(config)
+                    await rx.guard.send_all(f"domid {rx.incoming.built.domid}\n".encode())
                 elif rx.incoming is not None:
                     rec = memory_stream.read_page_data(ImageReader(back))
                     await lx.incoming_pages(rx.incoming, spool.fileno(), rec)

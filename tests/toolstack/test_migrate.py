@@ -22,6 +22,7 @@ from toolstack.config import DomainConfig
 from toolstack.image import read_image, write_image
 from toolstack.memory_stream import read_page_data
 from toolstack.migrate import parse_host
+from toolstack.migrate_guard import undo
 from toolstack.migration_stream import RECEIVER_BANNER, StreamFollower
 from toolstack.savefile import read_header
 from toolstack.streamio import ImageReader, StreamError
@@ -92,6 +93,21 @@ def test_the_follower_refuses_what_is_not_a_stream() -> None:
     f = StreamFollower()
     with pytest.raises(StreamError, match="bad magic"):
         f.feed(b"\0" * f.wants())
+
+
+@pytest.mark.parametrize(
+    ("lines", "want"),
+    [
+        ([], None),
+        (["domid 4"], 4),
+        (["domid 4", "done"], None),
+        (["domid 4", "domid 7"], 7),
+        (["domid x", "garbage"], None),
+        (["done", "domid 9"], 9),
+    ],
+)
+def test_the_guard_undoes_the_last_domain_not_done(lines: list[str], want: int | None) -> None:
+    assert undo(lines) == want
 
 
 def test_parse_host() -> None:
