@@ -24,7 +24,7 @@ from typing import Final
 import trio
 
 from toolstack.libxl import ToolstackError, open_libxl
-from xenhost import RunDir
+from xenhost import RunDir, spawn_detached
 
 from .ready import accepts
 from .stack import open_stack
@@ -86,22 +86,8 @@ def up(name: str, rundir: Path) -> Path:
     (rundir / "host.json").unlink(missing_ok=True)
     log = rundir / "logs" / "host.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "physmap_lab.host", name, str(rundir)]
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        pid = os.posix_spawn(
-            sys.executable,
-            argv,
-            dict(os.environ),
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, fd, 1),
-                (os.POSIX_SPAWN_DUP2, fd, 2),
-            ],
-            setsid=True,
-        )
-    finally:
-        os.close(fd)
+    argv = ["-m", "physmap_lab.host", name, str(rundir)]
+    pid = spawn_detached(sys.executable, argv, log)
     deadline = time.monotonic() + START_LIMIT_S
     while _record(rundir) is None or not accepts(str(RunDir(rundir).hypervisor_socket)):
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -6,6 +6,7 @@ launcher runs them, and ``compose.yaml`` runs the same ones (a test keeps the tw
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,13 +14,22 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 import xenhost
 from xenhost import PRINCIPALS, RunDir, accepts
 
-__all__ = ["PRINCIPALS", "Daemon", "Stack", "executable", "principal_socket"]
+__all__ = [
+    "PRINCIPALS",
+    "Daemon",
+    "Stack",
+    "XlFailed",
+    "XlSim",
+    "executable",
+    "principal_socket",
+]
 
 
 def executable(name: str) -> str:
@@ -242,3 +252,63 @@ async def open_stack(
     finally:
         for name in ("hypervisor", "xenstored"):
             await stop_daemon(stack.daemons[name])
+
+
+class XlFailed(Exception):
+    """``xl-sim`` exited non-zero where success was expected."""
+
+
+class XlSim:
+    """``xl-sim --json`` run against one stack, as the separate process it is."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.rundir = stack.rundir
+
+    def argv(self, *args: str) -> list[str]:
+        return xenhost.xl_json_argv(self.rundir, *args, program=executable("xl-sim"))
+
+    async def run(self, *args: str) -> tuple[int, dict[str, Any], str]:
+        """Exit status, the parsed JSON on stdout (``{}`` when empty) and stderr."""
+        proc = await trio.run_process(
+            self.argv(*args),
+            env=self.stack.env(),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        out = proc.stdout.decode().strip()
+        return proc.returncode, json.loads(out) if out else {}, proc.stderr.decode()
+
+    async def __call__(self, *args: str) -> dict[str, Any]:
+        rc, out, err = await self.run(*args)
+        if rc != 0:
+            raise XlFailed(f"xl-sim {' '.join(args)} failed ({rc}): {err}")
+        return out
+
+    async def start(self, *args: str) -> trio.Process:
+        """``xl-sim ARGS`` started with its output on pipes, for :func:`communicate`."""
+        return await trio.lowlevel.open_process(
+            self.argv(*args),
+            env=self.stack.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+
+async def communicate(proc: trio.Process) -> tuple[int, dict[str, Any], str]:
+    """Read a process started by :meth:`XlSim.start` to its end: exit status, parsed JSON
+    stdout and stderr."""
+    assert proc.stdout is not None and proc.stderr is not None
+    chunks: dict[str, bytearray] = {"out": bytearray(), "err": bytearray()}
+
+    async def drain(name: str, stream: trio.abc.ReceiveStream) -> None:
+        while chunk := await stream.receive_some(1 << 16):
+            chunks[name] += chunk
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain, "out", proc.stdout)
+        nursery.start_soon(drain, "err", proc.stderr)
+    rc = await proc.wait()
+    out = bytes(chunks["out"]).strip()
+    return rc, json.loads(out) if out else {}, bytes(chunks["err"]).decode()

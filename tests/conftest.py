@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+import xenhost
+from physmap_lab.stack import Stack, XlSim, open_stack
 
 _TESTS: Final = Path(__file__).resolve().parent
 
@@ -80,3 +84,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if not any(item.get_closest_marker(ring) for ring in _RINGS):
             item.add_marker(_ring(item))
+
+
+# A real stack on a temporary run directory, for the rings that drive the whole host
+# (a directory's own conftest may override ``stack`` with other daemon flags).
+@pytest.fixture
+def rundir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "run"
+    yield path
+    xenhost.stop_device_models(path)
+
+
+@pytest.fixture
+async def stack(rundir: Path) -> AsyncIterator[Stack]:
+    async with open_stack(rundir, audit=True) as st:
+        yield st
+
+
+@pytest.fixture
+def xl(stack: Stack) -> XlSim:
+    return XlSim(stack)

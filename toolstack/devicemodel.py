@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from collections.abc import Sequence
 from pathlib import Path
 
 import xenhost
@@ -88,27 +87,6 @@ def vnc_arg(config: DomainConfig) -> str | None:
         listen = config.vnclisten
     arg = listen if ":" in listen else f"{listen}:{display}"
     return arg + (",to=99" if config.vncunused and not arg.startswith("unix:") else "")
-
-
-def spawn_detached(program: str, argv: Sequence[str], log_path: Path) -> int:
-    """Start ``program`` in a new session, stdin from /dev/null and output to ``log_path``;
-    returns its pid.  No process object is kept: the pid is all the toolstack records."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        return os.posix_spawn(
-            program,
-            [program, *argv],
-            dict(os.environ),
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-            ],
-            setsid=True,
-        )
-    finally:
-        os.close(log_fd)
 
 
 def _reap(pid: int) -> bool:

@@ -9,7 +9,15 @@ directory, :mod:`xenhost.process` finds the programs and processes serving one, 
 from __future__ import annotations
 
 from .devices import DEVICE_NAMES, DISPLAY_DEVICES, DisplayDevice
-from .process import accepts, device_model_domains, device_models, executable, xl_json_argv
+from .process import (
+    accepts,
+    device_model_domains,
+    device_models,
+    executable,
+    spawn_detached,
+    stop_device_models,
+    xl_json_argv,
+)
 from .rundir import PRINCIPALS, RunDir
 
 __all__ = [
@@ -22,5 +30,7 @@ __all__ = [
     "device_model_domains",
     "device_models",
     "executable",
+    "spawn_detached",
+    "stop_device_models",
     "xl_json_argv",
 ]

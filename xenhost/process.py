@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import sys
+import time
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Final
 
@@ -84,3 +87,41 @@ def device_model_domains(
 def device_models(rundir: str | os.PathLike[str], domids: Iterable[int] | None = None) -> list[int]:
     """Pids of the ``qemu-model`` processes serving ``rundir``, ascending."""
     return sorted(device_model_domains(rundir, domids))
+
+
+def stop_device_models(rundir: str | os.PathLike[str], *, grace: float = 3.0) -> list[int]:
+    """Stop the device models still serving ``rundir`` (left by a failed run): SIGTERM, up to
+    ``grace`` seconds, then SIGKILL.  Returns the pids found."""
+    pids = device_models(rundir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and device_models(rundir):
+            time.sleep(0.05)
+        if not device_models(rundir):
+            break
+    return pids
+
+
+def spawn_detached(program: str, argv: Sequence[str], log_path: str | os.PathLike[str]) -> int:
+    """Start ``program`` in a new session, stdin from /dev/null and its output appended to
+    ``log_path``; returns its pid.  No process object is kept: the pid is all a caller records
+    (as libxl records the device model's pid in xenstore)."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        return os.posix_spawn(
+            program,
+            [program, *argv],
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(log_fd)

@@ -9,7 +9,7 @@ from .devicemodel import fuzz_qmp
 from .generators import FrameMaker, HypercallFrameMaker, ImageMutator, QmpLineMaker
 from .hypervisor import fuzz_hypervisor
 from .report import FuzzReport
-from .runner import TARGETS, main, run_targets, stop_leftover_device_models
+from .runner import TARGETS, main, run_targets
 from .toolstack import fuzz_image_parser, fuzz_restores, leftovers, parse_image_bytes, restore_image
 from .xenstored import fuzz_daemon
 
@@ -30,5 +30,4 @@ __all__ = [
     "parse_image_bytes",
     "restore_image",
     "run_targets",
-    "stop_leftover_device_models",
 ]

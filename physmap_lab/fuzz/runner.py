@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
-import signal
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import trio
 from toolstack import devicemodel
 from toolstack.config import DomainConfig
 from toolstack.libxl import open_libxl
-from xenhost import RunDir, device_models
+from xenhost import RunDir, stop_device_models
 
 from ..stack import Stack, open_stack
 from .devicemodel import QmpLines, fuzz_qmp
@@ -148,7 +146,7 @@ def run_targets(
                         reports[name] = FuzzReport(problems=[why])
                         break
             finally:
-                stop_leftover_device_models(Path(tmp) / "run")
+                stop_device_models(Path(tmp) / "run", grace=0)
     if "xenstored" in targets:
         try:
             reports["xenstored"] = run(frames, seed)
@@ -157,13 +155,6 @@ def run_targets(
                 problems=[f"the run stopped: {type(exc).__name__}: {exc}"]
             )
     return reports
-
-
-def stop_leftover_device_models(rundir: Path) -> None:
-    """SIGKILL any qemu-model still serving ``rundir`` (after a failed run)."""
-    for pid in device_models(rundir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 TARGETS: Final = ("toolstack", "devicemodel", "hypervisor", "xenstored")

@@ -3,10 +3,8 @@ and the domain is still there, paused, and can be resumed."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +23,19 @@ async def test_device_model_killed_during_save(stack: Stack, xl: Any, tmp_path: 
     # certainly under way (domain paused, QMP pending) when the device model dies.
     os.kill(pid, signal.SIGSTOP)
     try:
-        proc = await trio.lowlevel.open_process(
-            xl.argv("save", str(d), str(image)),
-            env=stack.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        proc = await xl.start("save", str(d), str(image))
         try:
             assert await xl.wait_for_audit(stack.rundir, "save", "hypercall:domain_pause", proc)
             await trio.sleep(0.1)
         finally:
             os.kill(pid, signal.SIGKILL)
         with trio.fail_after(30):
-            assert proc.stdout is not None and proc.stderr is not None
-            out = await proc.stdout.receive_some(1 << 16)
-            err = await proc.stderr.receive_some(1 << 16)
-            rc = await proc.wait()
+            rc, out, err = await xl.communicate(proc)
     finally:
         with trio.CancelScope(shield=True):
             if "proc" in locals():
                 await stop_process(proc)
-    message = xl.clear_failure(rc, json.loads(out or b"{}"), err.decode())
+    message = xl.clear_failure(rc, out, err)
     assert "device model" in message and "left paused" in message, message
     assert not image.exists() and not Path(f"{image}.tmp").exists()
     while devicemodel.pid_alive(pid):

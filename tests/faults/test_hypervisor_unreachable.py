@@ -4,9 +4,7 @@ left under its final name."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -52,34 +50,15 @@ async def run_until(
     xl: Any, stack: Stack, point: str, *args: str
 ) -> tuple[int, dict[str, Any], str]:
     """Run ``xl-sim ARGS``, kill the hypervisor when the audit log reaches ``point``."""
-    proc = await trio.lowlevel.open_process(
-        xl.argv(*args), env=stack.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = b"", b""
+    proc = await xl.start(*args)
     try:
         reached = await xl.wait_for_audit(stack.rundir, args[0], point, proc)
         assert reached, f"xl-sim {args[0]} ended before {point}"
         await kill_hypervisor(stack)
         with trio.fail_after(60):
-            assert proc.stdout is not None and proc.stderr is not None
-            async with trio.open_nursery() as nursery:
-
-                async def read_out() -> None:
-                    nonlocal out
-                    while chunk := await proc.stdout.receive_some(1 << 16):  # type: ignore[union-attr]
-                        out += chunk
-
-                async def read_err() -> None:
-                    nonlocal err
-                    while chunk := await proc.stderr.receive_some(1 << 16):  # type: ignore[union-attr]
-                        err += chunk
-
-                nursery.start_soon(read_out)
-                nursery.start_soon(read_err)
-            rc = await proc.wait()
+            return await xl.communicate(proc)  # type: ignore[no-any-return]
     finally:
         await stop_process(proc)
-    return rc, json.loads(out or b"{}"), err.decode()
 
 
 @pytest.mark.parametrize("point", ["qmp:stop", "hypercall:p2m"])

@@ -4,9 +4,7 @@ and leaves nothing half-created."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,36 +44,14 @@ async def test_restore_survives_a_xenstored_restart(
     image = tmp_path / "guest.img"
     await xl("save", str(d), str(image))
 
-    proc = await trio.lowlevel.open_process(
-        xl.argv("restore", str(image)),
-        env=stack.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = await xl.start("restore", str(image))
     try:
         reached = await xl.wait_for_audit(stack.rundir, "restore", point, proc)
         await restart_xenstored(stack)
-        assert proc.stdout is not None and proc.stderr is not None
         with trio.fail_after(60):
-            out, err = b"", b""
-            async with trio.open_nursery() as nursery:
-
-                async def read_out() -> None:
-                    nonlocal out
-                    while chunk := await proc.stdout.receive_some(1 << 16):  # type: ignore[union-attr]
-                        out += chunk
-
-                async def read_err() -> None:
-                    nonlocal err
-                    while chunk := await proc.stderr.receive_some(1 << 16):  # type: ignore[union-attr]
-                        err += chunk
-
-                nursery.start_soon(read_out)
-                nursery.start_soon(read_err)
-            rc = await proc.wait()
+            rc, result, err = await xl.communicate(proc)
     finally:
         await stop_process(proc)
-    result = json.loads(out or b"{}")
     assert reached or rc == 0, f"the restore ended before {point}: {result}"
     if rc == 0:
         r = result["domid"]
@@ -85,6 +61,6 @@ async def test_restore_survives_a_xenstored_restart(
         assert await xl.exists(f"/local/domain/{r}/name")
         await xl("destroy", str(r))
     else:
-        xl.clear_failure(rc, result, err.decode())
+        xl.clear_failure(rc, result, err)
         assert (await xl("list"))["domains"] == []
         await xl.nothing_of(d + 1)

@@ -12,11 +12,11 @@ import pytest
 import trio
 
 import xenhost
-from physmap_lab.stack import Stack, open_stack, start_daemon
+from physmap_lab.stack import Stack, XlSim, open_stack, start_daemon
 from toolstack import devicemodel
 from xenhost import RunDir
 
-from .conftest import BIN, Xl
+from .conftest import BIN
 
 MODE = ("--width", "320", "--height", "200", "--bpp", "32")
 
@@ -31,7 +31,7 @@ def alive(stack: Stack, name: str) -> bool:
     [(("xs-read", "name"), "destroy"), (("xs-write", "data/k", "v"), "save")],
 )
 async def test_guest_xenstore_access_then_destroy_or_save_keeps_the_hypervisor(
-    stack: Stack, xl: Xl, tmp_path: Path, access: tuple[str, ...], then: str
+    stack: Stack, xl: XlSim, tmp_path: Path, access: tuple[str, ...], then: str
 ) -> None:
     keep = (await xl("create", "--name", "keep", "--memory", "16"))["domid"]
     domid = (await xl("create", "--name", "g", "--memory", "16"))["domid"]
@@ -46,7 +46,7 @@ async def test_guest_xenstore_access_then_destroy_or_save_keeps_the_hypervisor(
 
 @pytest.mark.parametrize("command", ["destroy", "save"])
 async def test_destroy_or_save_without_a_hypervisor_fails(
-    stack: Stack, xl: Xl, tmp_path: Path, command: str
+    stack: Stack, xl: XlSim, tmp_path: Path, command: str
 ) -> None:
     domid = (await xl("create", "--memory", "16"))["domid"]
     proc = stack.daemons["hypervisor"].process
@@ -66,7 +66,7 @@ def second(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[
 
 @pytest.mark.parametrize("daemon", ["xenstored", "hypervisor"])
 async def test_a_second_daemon_refuses_a_live_socket_and_leaves_it(
-    stack: Stack, xl: Xl, daemon: str
+    stack: Stack, xl: XlSim, daemon: str
 ) -> None:
     first = stack.daemons[daemon]
     # Started as the launcher starts it: xenstored-sim with no client's XENSTORED_PATH.
@@ -126,7 +126,7 @@ def test_a_socket_replaced_after_bind_is_not_removed(tmp_path: Path) -> None:
 
 
 async def test_a_failed_second_device_model_keeps_the_first_ones_qmp_socket(
-    stack: Stack, xl: Xl, tmp_path: Path
+    stack: Stack, xl: XlSim, tmp_path: Path
 ) -> None:
     domid = (await xl("create", "--memory", "16"))["domid"]
     qmp = RunDir(stack.rundir).qmp_socket(domid)
@@ -154,7 +154,7 @@ async def test_xenstored_creates_the_audit_log_directory(tmp_path: Path) -> None
     assert log.exists()
 
 
-async def test_killed_device_model_domain_can_still_be_destroyed(stack: Stack, xl: Xl) -> None:
+async def test_killed_device_model_domain_can_still_be_destroyed(stack: Stack, xl: XlSim) -> None:
     created: dict[str, Any] = await xl("create", "--memory", "16")
     os.kill(created["dm_pid"], signal.SIGKILL)
     await xl("destroy", str(created["domid"]))
@@ -162,7 +162,7 @@ async def test_killed_device_model_domain_can_still_be_destroyed(stack: Stack, x
 
 
 async def test_create_after_a_hypervisor_restart_waits_for_the_new_device_model(
-    stack: Stack, xl: Xl
+    stack: Stack, xl: XlSim
 ) -> None:
     """The domid is reused; the dead domain's device-model directory (still saying
     "running") must not pass for the new device model being ready."""
@@ -183,7 +183,7 @@ async def test_create_after_a_hypervisor_restart_waits_for_the_new_device_model(
 
 
 async def test_a_reused_domid_saves_the_new_domains_configuration(
-    stack: Stack, xl: Xl, tmp_path: Path
+    stack: Stack, xl: XlSim, tmp_path: Path
 ) -> None:
     """A domain that died with the hypervisor leaves its userdata; the next domain given its
     domid must not be saved (or listed) with the dead one's configuration."""
@@ -211,7 +211,7 @@ async def test_the_guest_reaches_xenstore_after_a_xenstored_restart(
 ) -> None:
     state = ["--state-dir", str(tmp_path / "state")]
     async with open_stack(rundir, xenstored_args=state) as stack:
-        xl = Xl(stack)
+        xl = XlSim(stack)
         domid = str((await xl("create", "--name", "g", "--memory", "16"))["domid"])
         assert (await xl("guest", domid, "xs-read", "name"))["value"] == "g"
         xs = stack.daemons["xenstored"]

@@ -13,8 +13,7 @@ from typing import Any
 
 import trio
 
-from physmap_lab.stack import Stack
-from tests.toolstack.conftest import XL_SIM
+from physmap_lab.stack import Stack, executable
 from tests.toolstack.test_screen import free_display
 
 HEADER = "Name                                        ID   Mem VCPUs\tState\tTime(s)"
@@ -38,7 +37,7 @@ async def human(
 ) -> tuple[int, str, str]:
     """``xl-sim ARGS`` without ``--json``: status, stdout, stderr."""
     proc = await trio.run_process(
-        [XL_SIM, "--rundir", str(stack.rundir), *args],
+        [executable("xl-sim"), "--rundir", str(stack.rundir), *args],
         env=env or stack.env(),
         capture_stdout=True,
         capture_stderr=True,

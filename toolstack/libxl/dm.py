@@ -59,7 +59,7 @@ class DeviceModel(DomainBuilder):
         )
         log = self.run.dm_log(domid)
         xenhost.RunDir(self.run.root).qmp_dir.mkdir(parents=True, exist_ok=True)
-        pid = devicemodel.spawn_detached(program, argv, log)
+        pid = xenhost.spawn_detached(program, argv, log)
         made.dm_pid = pid
         self.audit.record(
             "spawn", call=" ".join([devicemodel.DM_PROGRAM, *argv]), domid=domid, dm_pid=pid
