@@ -34,6 +34,11 @@ def _yn(v: bool | None) -> str:
     return "-" if v is None else "yes" if v else "no"
 
 
+def _code(text: str | None) -> str:
+    """``text`` as Markdown code (it may hold backticks itself); ``-`` for none."""
+    return "-" if text is None else f"`` {text} ``"
+
+
 def _seconds(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -181,7 +186,7 @@ def twin_lines(cells: Sequence[MigrationCell]) -> list[str]:
         assert m is not None
         lines.append(
             f"| {c.mode}/{c.device}/{c.toolstack} | {c.outcome} | {m.restore_cell} | "
-            f"{_yn(m.same_outcome)} | `{m.failure}` / `{m.restore_failure}` | "
+            f"{_yn(m.same_outcome)} | {_code(m.failure)} / {_code(m.restore_failure)} | "
             f"{'; '.join(m.dm_requests) or 'none'} / "
             f"{'; '.join(m.restore_dm_requests) or 'none'} | {_yn(m.matches)} |"
         )
