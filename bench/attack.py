@@ -211,36 +211,54 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
             "toolstack": (priv, b"/tool/good"),
         }
         without = {name: _timings(c, base, sz.ops) for name, (c, base) in clients.items()}
-
-        ctx = multiprocessing.get_context("fork")
-        ready, stop = ctx.Event(), ctx.Event()
-        report: Queue[dict[str, int]] = ctx.Queue()
-        proc = ctx.Process(
-            target=_attack, args=(rundir, attackers, ready, stop, report), daemon=True
-        )
-        proc.start()
-        try:
-            if not ready.wait(60):
-                raise BenchError("the attackers did not get their quotas within 60 s")
-            section["held"] = [report.get(timeout=10) for _ in attackers]
-            time.sleep(sz.settle)
-            with_attack = {name: _timings(c, base, sz.ops) for name, (c, base) in clients.items()}
-            alive = os.path.exists(d.socket) and proc.is_alive()
-        finally:
-            stop.set()
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        if not alive:
-            raise BenchError("the attacker process died during the measurement")
+        with_attack = _under_attack(d.socket, attackers, clients, sz, section)
         held = _held_quotas(priv, attackers)
         guest.close()
         priv.close()
     section["without"] = without
     section["with"] = with_attack
     section["attacker_nodes"] = held
-    for name in clients:
+    _add_targets(results, section, sz)
+    return section
+
+
+def _under_attack(
+    socket: str,
+    attackers: list[int],
+    clients: dict[str, tuple[WireConn, bytes]],
+    sz: Sizes,
+    section: dict[str, Any],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The clients' timings while the attackers, in a process of their own, hold their
+    quotas; what each attacker holds goes in ``section["held"]``."""
+    ctx = multiprocessing.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    report: Queue[dict[str, int]] = ctx.Queue()
+    rundir = str(Path(socket).parent)
+    proc = ctx.Process(target=_attack, args=(rundir, attackers, ready, stop, report), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(60):
+            raise BenchError("the attackers did not get their quotas within 60 s")
+        section["held"] = [report.get(timeout=10) for _ in attackers]
+        time.sleep(sz.settle)
+        with_attack = {name: _timings(c, base, sz.ops) for name, (c, base) in clients.items()}
+        alive = os.path.exists(socket) and proc.is_alive()
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if not alive:
+        raise BenchError("the attacker process died during the measurement")
+    return with_attack
+
+
+def _add_targets(results: Results, section: dict[str, Any], sz: Sizes) -> None:
+    """Each client's p99 under attack over its p99 without, reported."""
+    without, with_attack = section["without"], section["with"]
+    for name in without:
         for op in ("read", "write"):
             a, b = without[name][op], with_attack[name][op]
             section.setdefault("p99_ratio", {})[f"{name}_{op}"] = ratio(b["p99_us"], a["p99_us"])
@@ -256,7 +274,6 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
                     f"{sz.attackers} attacking guests",
                 )
             )
-    return section
 
 
 def _held_quotas(priv: WireConn, attackers: list[int]) -> dict[str, int]:

@@ -89,61 +89,74 @@ async def _ram_sha256(xl: Libxl, domid: int, sz: Sizes) -> str:
 
 
 async def _one_mode(rundir: Path, work: Path, mode: str, sz: Sizes) -> dict[str, Any]:
-    runs: list[dict[str, Any]] = []
     async with open_libxl(rundir, command="bench") as xl:
-        for i in range(sz.repeats):
-            config = DomainConfig(
-                name=f"bench-{mode}-{i}",
-                memory_mib=sz.memory_mib,
-                videoram_mib=sz.videoram_mib,
-                dm_mode=mode,  # type: ignore[arg-type]
-            )
-            created = await xl.create(config)
-            fill = {"op": "mem_fill", "gpa": 0, "len": sz.memory_mib * MIB, "seed": i}
-            await xl.guest_ops(created.domid, [fill])
-            ram = await _ram_sha256(xl, created.domid, sz)
-            image = work / f"{mode}-{i}.img"
-            memfile = RunDir(rundir).guest_memory(created.domid)
-            cp_save_s = await trio.to_thread.run_sync(
-                cp_seconds, memfile, work / "cp-save.img", sz.cat_repeats
-            )
-            mem_bytes = memfile.stat().st_size
-            t0 = time.perf_counter()
-            saved = await xl.save(created.domid, image)
-            save_s = time.perf_counter() - t0
-            st = image.stat()
-            cat_s = await trio.to_thread.run_sync(cat_seconds, image, sz.cat_repeats)
-            cp_restore_s = await trio.to_thread.run_sync(
-                cp_seconds, image, RunDir(rundir).memory_dir / "cp-restore.mem", sz.cat_repeats
-            )
-            # Restore downtime: from the restore call to the guest unpaused, which is when
-            # restore returns (libxl/dm.py: _resume_dm_and_guest is its last step).
-            t0 = time.perf_counter()
-            restored = await xl.restore(image)
-            restore_s = time.perf_counter() - t0
-            if await _ram_sha256(xl, restored.domid, sz) != ram:
-                raise ValueError(f"{mode} restore {i}: the guest's RAM differs from the saved RAM")
-            await xl.destroy(restored.domid)
-            cat_cold_s = await trio.to_thread.run_sync(partial(cat_seconds, image, 1, cold=True))
-            image.unlink()
-            runs.append(
-                {
-                    "image_bytes": st.st_size,
-                    "image_allocated_bytes": st.st_blocks * 512,
-                    "pages": saved.pages,
-                    "save_s": save_s,
-                    "restore_s": restore_s,
-                    "save_memory_s": saved.phases["memory"],
-                    "restore_memory_s": restored.phases["memory"],
-                    "cat_s": cat_s,
-                    "memory_file_bytes": mem_bytes,
-                    "cp_save_s": cp_save_s,
-                    "cp_restore_s": cp_restore_s,
-                    "cat_cold_s": cat_cold_s,
-                    "save_phases": saved.phases,
-                    "restore_phases": restored.phases,
-                }
-            )
+        runs = [await _one_run(xl, rundir, work, mode, i, sz) for i in range(sz.repeats)]
+    return _summary(runs)
+
+
+async def _filled_guest(xl: Libxl, mode: str, i: int, sz: Sizes) -> tuple[int, str]:
+    """A new guest that has filled its RAM with seeded bytes: its domid and RAM hash."""
+    config = DomainConfig(
+        name=f"bench-{mode}-{i}",
+        memory_mib=sz.memory_mib,
+        videoram_mib=sz.videoram_mib,
+        dm_mode=mode,  # type: ignore[arg-type]
+    )
+    created = await xl.create(config)
+    fill = {"op": "mem_fill", "gpa": 0, "len": sz.memory_mib * MIB, "seed": i}
+    await xl.guest_ops(created.domid, [fill])
+    return created.domid, await _ram_sha256(xl, created.domid, sz)
+
+
+async def _one_run(
+    xl: Libxl, rundir: Path, work: Path, mode: str, i: int, sz: Sizes
+) -> dict[str, Any]:
+    """One save and restore, timed beside ``cp`` and ``cat`` of the same bytes."""
+    domid, ram = await _filled_guest(xl, mode, i, sz)
+    image = work / f"{mode}-{i}.img"
+    memfile = RunDir(rundir).guest_memory(domid)
+    cp_save_s = await trio.to_thread.run_sync(
+        cp_seconds, memfile, work / "cp-save.img", sz.cat_repeats
+    )
+    mem_bytes = memfile.stat().st_size
+    t0 = time.perf_counter()
+    saved = await xl.save(domid, image)
+    save_s = time.perf_counter() - t0
+    st = image.stat()
+    cat_s = await trio.to_thread.run_sync(cat_seconds, image, sz.cat_repeats)
+    cp_restore_s = await trio.to_thread.run_sync(
+        cp_seconds, image, RunDir(rundir).memory_dir / "cp-restore.mem", sz.cat_repeats
+    )
+    # Restore downtime: from the restore call to the guest unpaused, which is when
+    # restore returns (libxl/dm.py: _resume_dm_and_guest is its last step).
+    t0 = time.perf_counter()
+    restored = await xl.restore(image)
+    restore_s = time.perf_counter() - t0
+    if await _ram_sha256(xl, restored.domid, sz) != ram:
+        raise ValueError(f"{mode} restore {i}: the guest's RAM differs from the saved RAM")
+    await xl.destroy(restored.domid)
+    cat_cold_s = await trio.to_thread.run_sync(partial(cat_seconds, image, 1, cold=True))
+    image.unlink()
+    return {
+        "image_bytes": st.st_size,
+        "image_allocated_bytes": st.st_blocks * 512,
+        "pages": saved.pages,
+        "save_s": save_s,
+        "restore_s": restore_s,
+        "save_memory_s": saved.phases["memory"],
+        "restore_memory_s": restored.phases["memory"],
+        "cat_s": cat_s,
+        "memory_file_bytes": mem_bytes,
+        "cp_save_s": cp_save_s,
+        "cp_restore_s": cp_restore_s,
+        "cat_cold_s": cat_cold_s,
+        "save_phases": saved.phases,
+        "restore_phases": restored.phases,
+    }
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs and their medians: bandwidths in MiB/s, the downtime and its phases."""
 
     def med(key: str) -> float:
         return float(statistics.median(r[key] for r in runs))

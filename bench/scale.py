@@ -100,57 +100,30 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
         with pinned([d.pid, 0], CPU0):
             small = _latencies(main, sz.small_domains, sz, rng)
 
-        # Grow in steps, watching memory: stop short rather than exhaust the machine.
-        limit = mem_total_bytes() // 2
-        done = sz.small_domains
-        step = max(1, 50_000 // sz.per_domain)
-        stopped_early = False
-        t0 = time.perf_counter()
-        while done < sz.domains:
-            upto = min(sz.domains, done + step)
-            pipeline(conns, _writes(done, upto, sz.per_domain), sz.window)
-            done = upto
-            if rss_bytes(d.pid) > limit:
-                stopped_early = done < sz.domains
-                break
-        populate_s = time.perf_counter() - t0
-        nodes = done * (sz.per_domain + 1) + 2
+        grown = _grow(d.pid, conns, sz)
         rss1 = rss_bytes(d.pid)
-        per_node = (rss1 - rss0) / nodes
         section.update(
             small_nodes=small_nodes,
-            nodes=nodes,
-            stopped_early_for_memory=stopped_early,
-            populate_seconds=populate_s,
-            populate_writes_per_s=(done - sz.small_domains) * sz.per_domain / populate_s,
+            nodes=grown.nodes,
+            stopped_early_for_memory=grown.stopped_early,
+            populate_seconds=grown.seconds,
+            populate_writes_per_s=(grown.done - sz.small_domains) * sz.per_domain / grown.seconds,
             rss_before=rss0,
             rss_after=rss1,
-            rss_bytes_per_node=per_node,
+            rss_bytes_per_node=(rss1 - rss0) / grown.nodes,
             small=small,
         )
-        if stopped_early:
-            raise BenchError(f"stopped at {nodes} nodes: daemon RSS over half of memory")
+        if grown.stopped_early:
+            raise BenchError(f"stopped at {grown.nodes} nodes: daemon RSS over half of memory")
 
         with pinned([d.pid, 0], CPU0):
-            big = _latencies(main, done, sz, rng)
-            section["big"] = big
+            section["big"] = _latencies(main, grown.done, sz, rng)
 
             # Watches: fan-out on one node, then writes elsewhere must not slow down.
-            before = _unrelated_writes(main, done, sz, rng)
-        # Every WATCH fires once when registered (docs/xenstore.md, 'Watches').
-        watchers = [WireConn(d.socket) for _ in range(sz.connections)]
-        counts = [_share(sz.watches, len(watchers), i) for i in range(len(watchers))]
-        for i, (w, n) in enumerate(zip(watchers, counts, strict=True)):
-            regs = [(Op.WATCH, b"/bench/fan\0w%dt%d\0" % (i, j)) for j in range(n)]
-            pipeline([w], regs, sz.window)
-            w.wait_events(n)
-        t0 = time.perf_counter()
-        main.call(Op.WRITE, b"/bench/fan\0go")
-        for w, n in zip(watchers, counts, strict=True):
-            w.wait_events(2 * n)
-        fan_s = time.perf_counter() - t0
+            before = _unrelated_writes(main, grown.done, sz, rng)
+        watchers, fan_s = _fan_out(d.socket, main, sz)
         with pinned([d.pid, 0], CPU0):
-            after = _unrelated_writes(main, done, sz, rng)
+            after = _unrelated_writes(main, grown.done, sz, rng)
         section["watches"] = {
             "count": sz.watches,
             "fanout_seconds": fan_s,
@@ -160,13 +133,64 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
         }
         for c in [main, *conns, *watchers]:
             c.close()
+    _add_targets(results, section)
+    return section
 
-    n_label = f"{nodes:,} nodes"
+
+@dataclass(frozen=True)
+class _Grown:
+    done: int  # domains written
+    nodes: int
+    stopped_early: bool
+    seconds: float
+
+
+def _grow(pid: int, conns: list[WireConn], sz: Sizes) -> _Grown:
+    """Write the rest of the tree in steps, watching memory: stop short rather than exhaust
+    the machine."""
+    limit = mem_total_bytes() // 2
+    done = sz.small_domains
+    step = max(1, 50_000 // sz.per_domain)
+    stopped_early = False
+    t0 = time.perf_counter()
+    while done < sz.domains:
+        upto = min(sz.domains, done + step)
+        pipeline(conns, _writes(done, upto, sz.per_domain), sz.window)
+        done = upto
+        if rss_bytes(pid) > limit:
+            stopped_early = done < sz.domains
+            break
+    seconds = time.perf_counter() - t0
+    return _Grown(done, done * (sz.per_domain + 1) + 2, stopped_early, seconds)
+
+
+def _fan_out(socket: str, main: WireConn, sz: Sizes) -> tuple[list[WireConn], float]:
+    """``sz.watches`` watches on one node over new connections, then one write to it: the
+    connections and the seconds until every event arrived."""
+    # Every WATCH fires once when registered (docs/xenstore.md, 'Watches').
+    watchers = [WireConn(socket) for _ in range(sz.connections)]
+    counts = [_share(sz.watches, len(watchers), i) for i in range(len(watchers))]
+    for i, (w, n) in enumerate(zip(watchers, counts, strict=True)):
+        regs = [(Op.WATCH, b"/bench/fan\0w%dt%d\0" % (i, j)) for j in range(n)]
+        pipeline([w], regs, sz.window)
+        w.wait_events(n)
+    t0 = time.perf_counter()
+    main.call(Op.WRITE, b"/bench/fan\0go")
+    for w, n in zip(watchers, counts, strict=True):
+        w.wait_events(2 * n)
+    return watchers, time.perf_counter() - t0
+
+
+def _add_targets(results: Results, section: dict[str, Any]) -> None:
+    """The section's figures against their goals."""
+    small, big = section["small"], section["big"]
+    n_label = f"{section['nodes']:,} nodes"
+    rss0, rss1 = section["rss_before"], section["rss_after"]
     results.add(
         Target(
             "scale",
             f"RSS per node at {n_label}",
-            per_node,
+            section["rss_bytes_per_node"],
             "B",
             "≤ 400 B",
             400,
@@ -200,20 +224,25 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
             note=f"{small['tx3_ns'] / 1000:.1f} → {big['tx3_ns'] / 1000:.1f} µs",
         )
     )
+    _add_watch_target(results, section["watches"])
+
+
+def _add_watch_target(results: Results, watches: dict[str, Any]) -> None:
+    """A write elsewhere with every watch registered, against one without."""
+    before, after = watches["unrelated_write_ns_without"], watches["unrelated_write_ns_with"]
     results.add(
         Target(
             "scale",
-            f"unrelated WRITE with {sz.watches:,} watches / without",
+            f"unrelated WRITE with {watches['count']:,} watches / without",
             ratio(after, before),
             "x",
             "≤ 1.2x (not slower)",
             1.2,
             False,
             note=f"{before / 1000:.1f} → {after / 1000:.1f} µs; fan-out "
-            f"{sz.watches / fan_s:,.0f} events/s",
+            f"{watches['count'] / watches['fanout_seconds']:,.0f} events/s",
         )
     )
-    return section
 
 
 def _share(total: int, parts: int, index: int) -> int:

@@ -118,35 +118,50 @@ def measure(results: Results, sizes: Sizes, use_oracle: bool) -> dict[str, Any]:
             for d in daemons:
                 bench[d.label][str(clients)] = run_xsbench(d, clients, sizes)
         section["xsbench_results"] = bench
+        tests, section["test_xenstore"] = _test_xenstore(daemons, oracle_env, sizes)
 
-        found = find_test_xenstore(oracle_env)
-        if found is None:
-            raise BenchError("test-xenstore is missing: run `make setup`")
-        binary, libs = found
-        tests = list(sizes.tests) if sizes.tests else list_tests(binary, libs)
-        avgs: dict[str, dict[str, list[int]]] = {d.label: {t: [] for t in tests} for d in daemons}
-        failures: dict[str, dict[str, str]] = {d.label: {} for d in daemons}
-        for _ in range(sizes.repeats):
-            for t in tests:
-                for d in daemons:
-                    ns, why = run_test_xenstore(binary, libs, d, t, sizes.iters)
-                    if ns is None:
-                        failures[d.label][t] = why
-                    else:
-                        avgs[d.label][t].append(ns)
-        medians = {
-            label: {t: (statistics.median(v) if v else None) for t, v in per.items()}
-            for label, per in avgs.items()
-        }
-        section["test_xenstore"] = {
-            "binary": binary,
-            "iters": sizes.iters,
-            "repeats": sizes.repeats,
-            "avg_ns_median": medians,
-            "avg_ns_runs": avgs,
-            "failures": failures,
-        }
+    _xsbench_targets(results, bench)
+    medians = section["test_xenstore"]["avg_ns_median"]
+    _test_xenstore_targets(results, tests, medians, with_c)
+    return section
 
+
+def _test_xenstore(
+    daemons: list[Xenstored], oracle_env: dict[str, str] | None, sizes: Sizes
+) -> tuple[list[str], dict[str, Any]]:
+    """Every test (or the chosen ones) on every daemon, ``sizes.repeats`` times, interleaved:
+    the tests run and their figures."""
+    found = find_test_xenstore(oracle_env)
+    if found is None:
+        raise BenchError("test-xenstore is missing: run `make setup`")
+    binary, libs = found
+    tests = list(sizes.tests) if sizes.tests else list_tests(binary, libs)
+    avgs: dict[str, dict[str, list[int]]] = {d.label: {t: [] for t in tests} for d in daemons}
+    failures: dict[str, dict[str, str]] = {d.label: {} for d in daemons}
+    for _ in range(sizes.repeats):
+        for t in tests:
+            for d in daemons:
+                ns, why = run_test_xenstore(binary, libs, d, t, sizes.iters)
+                if ns is None:
+                    failures[d.label][t] = why
+                else:
+                    avgs[d.label][t].append(ns)
+    medians = {
+        label: {t: (statistics.median(v) if v else None) for t, v in per.items()}
+        for label, per in avgs.items()
+    }
+    return tests, {
+        "binary": binary,
+        "iters": sizes.iters,
+        "repeats": sizes.repeats,
+        "avg_ns_median": medians,
+        "avg_ns_runs": avgs,
+        "failures": failures,
+    }
+
+
+def _xsbench_targets(results: Results, bench: dict[str, dict[str, Any]]) -> None:
+    """Closed-loop throughput and daemon CPU per op, ours against C's."""
     ours = bench["xenstored-sim"]
     theirs = bench.get("C xenstored")
     for n in ("1", "8"):
@@ -182,6 +197,12 @@ def measure(results: Results, sizes: Sizes, use_oracle: bool) -> dict[str, Any]:
                 note=note,
             )
         )
+
+
+def _test_xenstore_targets(
+    results: Results, tests: list[str], medians: dict[str, dict[str, Any]], with_c: bool
+) -> None:
+    """Each test-xenstore test's speed, C's time over ours."""
     for t in tests:
         mine_ns = medians["xenstored-sim"][t]
         c_ns = medians["C xenstored"][t] if with_c else None
@@ -201,7 +222,6 @@ def measure(results: Results, sizes: Sizes, use_oracle: bool) -> dict[str, Any]:
                 note=note,
             )
         )
-    return section
 
 
 def comparison_rows(section: dict[str, Any]) -> list[tuple[str, float | None, float | None, str]]:

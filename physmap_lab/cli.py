@@ -34,6 +34,7 @@ from .demo import (
     DEFAULT_MODES,
     DEFAULT_QEMU,
     DEFAULT_TOOLSTACKS,
+    Case,
     DemoOutcome,
     StepError,
     expected_to_work,
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="A simulated Xen host that saves and restores QEMU's VRAM."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_audit(sub)
+    _add_host(sub)
+    return parser
+
+
+def _add_demo(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="save and restore a guest's framebuffer in each device-model mode",
@@ -60,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "save, destroy, restore, and the framebuffer is read back.",
     )
     p.add_argument("--json", action="store_true", help='print only {"runs": [...]} on stdout')
+    _add_demo_cases(p)
+    _add_demo_run(p)
+
+
+def _add_demo_cases(p: argparse.ArgumentParser) -> None:
+    """Which cases: modes, devices, toolstack flavours and QEMUs (every combination)."""
     p.add_argument(
         "--mode",
         dest="modes",
@@ -88,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"toolstack flavours: {', '.join(FLAVOURS)} (default: libxl)",
     )
     _add_qemu(p, f"default: {DEFAULT_QEMU}, the release that merged the series")
+
+
+def _add_demo_run(p: argparse.ArgumentParser) -> None:
+    """Where and how the cases run, and what the demo leaves behind."""
     p.add_argument(
         "--rundir",
         metavar="DIR",
@@ -116,9 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG of each guest's screen before save and after restore (QMP "
         "screendump) to DIR",
     )
-    _add_audit(sub)
-    _add_host(sub)
-    return parser
 
 
 def _add_qemu(p: argparse.ArgumentParser, default: str) -> None:
@@ -277,6 +292,15 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     )
 
     err.print(f"[bold]physmap-lab demo[/bold]: {_cases(len(cases))}", highlight=False)
+    outcome = _run_cases(cases, args, err)
+    if outcome is None:
+        return 1
+    _print_outcome(outcome, args, err)
+    return outcome.exit_status
+
+
+def _run_cases(cases: list[Case], args: argparse.Namespace, err: Console) -> DemoOutcome | None:
+    """Run the demo under a progress bar; None (said on ``err``) if it could not run."""
     # The demo announces each case with "LABEL: start": the bar counts the cases begun.
     starts = {f"{c.label}: [bold]start[/bold]": c.label for c in cases}
     with Ticker(err, len(cases), "demo") as progress:
@@ -301,12 +325,16 @@ def _run(args: argparse.Namespace, err: Console) -> int:
             )
         except StepError as exc:
             err.print(f"[red]{PROG}: error:[/red] {escape(str(exc))}", highlight=False)
-            return 1
+            return None
         except KeyboardInterrupt:
             err.print(f"[red]{PROG}: interrupted[/red]")
-            return 1
+            return None
         progress.advance()
+    return outcome
 
+
+def _print_outcome(outcome: DemoOutcome, args: argparse.Namespace, err: Console) -> None:
+    """The table (or JSON) on stdout; errors, problems and the summary on ``err``."""
     if args.json:
         print(json.dumps({"runs": [r.as_json() for r in outcome.results]}, indent=2))
     else:
@@ -338,7 +366,6 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         err.print(f"run directory: {outcome.rundir}", highlight=False)
     if args.screenshots:
         err.print(f"screenshots: {Path(args.screenshots).resolve()}", highlight=False)
-    return outcome.exit_status
 
 
 def _unusable_dir(path: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any, Final
 from toolstack.config import DM_MODES, VGA_CHOICES
 from xenhost import RunDir, device_model_domains, device_models
 
-from .soak import (
+from .soak_walk import (
     CORRUPTS,
     MAX_DOMAINS,
     MODE,

@@ -16,6 +16,7 @@ QEMU's assertions fail (the compat map2 shim, a failed in-place replacement).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -32,14 +33,30 @@ from xenstored_sim.startup import OneLineParser, one_line
 from .errors import QemuAbort, QemuExit
 from .machine import DEVICES
 from .server import Config, serve
-from .ui.vnc import VncConfigError, parse_vnc
+from .ui.vnc import VncAddress, VncConfigError, parse_vnc
 from .version import DEFAULT_QEMU_VERSION, QEMU_VERSIONS, QemuVersion
 
 PROG = "qemu-model"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Config:
+def build_parser() -> OneLineParser:
+    """The options, grouped as QEMU's: the Xen machine, the host's sockets, memory, display."""
     p = OneLineParser(prog=PROG, description="A Xen HVM device model (QEMU, modelled).")
+    _add_machine_arguments(p)
+    _add_host_arguments(p)
+    _add_memory_arguments(p)
+    add_ready_fd_argument(p)
+    p.add_argument(
+        "--vnc",
+        metavar="DISPLAY",
+        help="VNC server as QEMU's -vnc: HOST:N or :N (TCP port 5900+N, ',to=L' tries up "
+        "to display L), unix:PATH, or none",
+    )
+    return p
+
+
+def _add_machine_arguments(p: OneLineParser) -> None:
+    """The guest and how to model it: -xen-domid, the physmap mode, the QEMU, the card."""
     p.add_argument("--domid", type=int, required=True, help="the guest domain (-xen-domid)")
     p.add_argument(
         "--xen-mode",
@@ -68,6 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     p.add_argument("--restrict", action="store_true", help="dm_restrict: -xen-domid-restrict")
     p.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest")
+
+
+def _add_host_arguments(p: OneLineParser) -> None:
+    """Where the host's sockets are: the run directory, xenstore, the hypervisor."""
     p.add_argument(
         "--rundir",
         default=os.environ.get("PHYSMAP_LAB_RUNDIR"),
@@ -83,6 +104,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         metavar="PATH",
         help="hypercall socket (default RUNDIR/hypervisor.sock)",
     )
+
+
+def _add_memory_arguments(p: OneLineParser) -> None:
+    """Guest RAM and video memory (-m, vgamem_mb)."""
     p.add_argument("--memory-mib", type=int, default=128, help="guest RAM: places ram_addr offsets")
     p.add_argument(
         "--vram-mib",
@@ -90,14 +115,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=16,
         help="video memory of the card in MiB, a power of two (QEMU's vgamem_mb; default 16)",
     )
-    add_ready_fd_argument(p)
-    p.add_argument(
-        "--vnc",
-        metavar="DISPLAY",
-        help="VNC server as QEMU's -vnc: HOST:N or :N (TCP port 5900+N, ',to=L' tries up "
-        "to display L), unix:PATH, or none",
-    )
-    a = p.parse_args(argv)
+
+
+def _check(p: OneLineParser, a: argparse.Namespace) -> VncAddress | None:
+    """Refuse values argparse lets through, in one line each; the parsed ``--vnc``."""
     if not a.rundir:
         p.error("--rundir is required (or set PHYSMAP_LAB_RUNDIR)")
     if a.domid < 1:
@@ -107,9 +128,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     if not 1 <= a.vram_mib <= 256 or a.vram_mib & (a.vram_mib - 1):
         p.error("--vram-mib must be a power of two from 1 to 256")
     try:
-        vnc = None if a.vnc is None else parse_vnc(a.vnc)
+        return None if a.vnc is None else parse_vnc(a.vnc)
     except VncConfigError as exc:
         p.error(str(exc))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = build_parser()
+    a = p.parse_args(argv)
+    vnc = _check(p, a)
     rundir = Path(a.rundir)
     if not rundir.is_dir():
         p.error(f"--rundir {a.rundir}: no such directory")

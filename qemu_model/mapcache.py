@@ -152,7 +152,11 @@ class MapCache:
     # Public operations
 
     def map(self, phys_addr: int, size: int, *, lock: bool, dma: bool = False) -> int | None:
-        """``xen_map_cache``: a host pointer to guest address ``phys_addr``, or None."""
+        """``xen_map_cache``: a host pointer to guest address ``phys_addr``, or None.
+
+        cf. QEMU hw/xen/xen-mapcache.c: xen_map_cache_unlocked(): on a miss, compat mode tries
+        again at the translated address, and during INMIGRATE with a dummy mapping.
+        """
         translated = False
         dummy = False
         while True:
@@ -173,38 +177,7 @@ class MapCache:
                 return last.vaddr_base + offset
 
             cache_size = _cache_size(offset, size)
-            chain = self._chain(index)
-            entry: MapCacheEntry | None = None
-            free_entry: MapCacheEntry | None = None
-            for candidate in chain:
-                if (
-                    (lock or candidate.lock)
-                    and candidate.vaddr_base is not None
-                    and not (
-                        candidate.paddr_index == index
-                        and candidate.size == cache_size
-                        and candidate.test_bits(first_page, npages)
-                    )
-                ):
-                    if free_entry is None and not candidate.lock:
-                        free_entry = candidate
-                    continue
-                entry = candidate
-                break
-            if entry is None and free_entry is not None:
-                entry = free_entry
-            if entry is None:
-                entry = MapCacheEntry()
-                chain.append(entry)
-                self._remap_bucket(entry, None, cache_size, index, dummy)
-            elif not entry.lock and (
-                entry.vaddr_base is None
-                or entry.paddr_index != index
-                or entry.size != cache_size
-                or not entry.test_bits(first_page, npages)
-            ):
-                self._remap_bucket(entry, None, cache_size, index, dummy)
-
+            entry = self._entry_for(index, cache_size, first_page, npages, lock, dummy)
             if not entry.test_bits(first_page, npages):
                 self.last_entry = None
                 if not translated and self.phys_offset_to_gaddr is not None:
@@ -222,14 +195,56 @@ class MapCache:
             assert entry.vaddr_base is not None
             ptr = entry.vaddr_base + offset
             if lock:
-                if not self.version.lock_aborts_on_overflow:
-                    entry.lock = (entry.lock + 1) & _LOCK_MASK_U8  # uint8_t: 256 locks are 0
-                elif entry.lock >= _LOCK_MAX:
-                    raise QemuAbort("mapcache entry lock overflow")
-                else:
-                    entry.lock += 1
-                self.locked_entries.insert(0, MapCacheRev(ptr, entry.paddr_index, entry.size, dma))
+                self._lock(entry, ptr, dma)
             return ptr
+
+    def _entry_for(
+        self, index: int, cache_size: int, first_page: int, npages: int, lock: bool, dummy: bool
+    ) -> MapCacheEntry:
+        """The chain's entry for these pages, (re)mapped if it needs to be: the first that
+        maps them or may be remapped, else the first unlocked one, else a new one."""
+        chain = self._chain(index)
+        entry: MapCacheEntry | None = None
+        free_entry: MapCacheEntry | None = None
+        for candidate in chain:
+            if (
+                (lock or candidate.lock)
+                and candidate.vaddr_base is not None
+                and not (
+                    candidate.paddr_index == index
+                    and candidate.size == cache_size
+                    and candidate.test_bits(first_page, npages)
+                )
+            ):
+                if free_entry is None and not candidate.lock:
+                    free_entry = candidate
+                continue
+            entry = candidate
+            break
+        if entry is None and free_entry is not None:
+            entry = free_entry
+        if entry is None:
+            entry = MapCacheEntry()
+            chain.append(entry)
+            self._remap_bucket(entry, None, cache_size, index, dummy)
+        elif not entry.lock and (
+            entry.vaddr_base is None
+            or entry.paddr_index != index
+            or entry.size != cache_size
+            or not entry.test_bits(first_page, npages)
+        ):
+            self._remap_bucket(entry, None, cache_size, index, dummy)
+        return entry
+
+    def _lock(self, entry: MapCacheEntry, ptr: int, dma: bool) -> None:
+        """Count one more lock on ``entry`` and record ``ptr`` in the reverse map."""
+        if not self.version.lock_aborts_on_overflow:
+            entry.lock = (entry.lock + 1) & _LOCK_MASK_U8  # uint8_t: 256 locks are 0
+        elif entry.lock >= _LOCK_MAX:
+            raise QemuAbort("mapcache entry lock overflow")
+        else:
+            entry.lock += 1
+        self.locked_entries.insert(0, MapCacheRev(ptr, entry.paddr_index, entry.size, dma))
 
     def replace_cache_entry(self, old_phys_addr: int, new_phys_addr: int, size: int) -> int | None:
         """``xen_replace_cache_entry`` (docs/qemu-physmap.md, 'The mapcache'): map ``new_phys_addr``

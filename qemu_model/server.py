@@ -3,7 +3,8 @@
 It owns every connection: the hypervisor (trio client for ioreqs, blocking privcmd for
 foreign mappings and hypercalls made from device code), xenstore, and the QMP socket.  Device
 code runs in a worker thread under one lock, the way QEMU's runs under the big QEMU lock; when
-it needs xenstore it calls back into trio with ``trio.from_thread.run``.
+it needs xenstore it calls back into trio with ``trio.from_thread.run``.  The QMP socket and
+its sessions are :mod:`.monitor`; the handles device code calls are :mod:`.xen_operations`.
 
 Start-up follows QEMU with Xen: open the connections, create the ioreq server, build the
 machine (mapcache, ``xen_read_physmap``, devices), open QMP, then run the incoming load if
@@ -23,39 +24,40 @@ populate) and the trio client the devicemodel handle (ioreqs).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import trio
 
-from hypervisor_sim.client import HypervisorClient, open_hypervisor
+from hypervisor_sim.client import HypervisorClient
 from hypervisor_sim.privcmd import Privcmd
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
 from xenhost import RunDir
-from xenstored_sim.client import XsClient, XsDisconnected, open_xenstore
-from xenstored_sim.startup import OwnedSocket, listen_unix
-from xenstored_sim.wire import XsError
+from xenstored_sim.client import open_xenstore
 
 from . import qmp
-from .errors import LoadError, QemuAbort, QemuExit
+from .errors import LoadError, QemuExit
 from .machine import Machine, RunState
+from .monitor import QmpMonitor
 from .ui import console, vnc
 from .version import QemuVersion
 from .xen_hvm import MODES, Mode
 from .xen_native import xen_restrict
+from .xen_operations import (
+    DeviceModelHandles,
+    PrivcmdHypercalls,
+    XenStoreBridge,
+    open_hypervisor_or_exit,
+)
 from .xenforeignmemory import ForeignMemory
 
 log = logging.getLogger("qemu_model")
 DEFAULT_VERSION = QemuVersion()
-
-#: Events a slow QMP client may have queued before it starts losing them.
-QMP_EVENT_BUFFER = 256
 
 
 @dataclass(frozen=True)
@@ -95,131 +97,6 @@ def resolve_mode(requested: str, has_map2: bool) -> Mode:
     raise ValueError(f"unknown xen mode {requested!r}")
 
 
-class XenStoreBridge:
-    """The machine's blocking xenstore, run on the trio client from a worker thread."""
-
-    def __init__(self, client: XsClient, token: trio.lowlevel.TrioToken) -> None:
-        self._client: XsClient | None = client
-        self._token = token
-
-    def close(self) -> None:
-        self._client = None
-
-    def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        return trio.from_thread.run(fn, *args, trio_token=self._token)
-
-    def read(self, path: str) -> str | None:
-        if self._client is None:
-            return None
-        try:
-            value: bytes = self._run(self._client.read, path)
-        except (XsError, XsDisconnected):
-            return None
-        return value.decode("utf-8", "surrogateescape")
-
-    def write(self, path: str, value: str) -> bool:
-        if self._client is None:
-            return False
-        try:
-            self._run(self._client.write, path, value)
-        except (XsError, XsDisconnected):
-            return False
-        return True
-
-    def directory(self, path: str) -> list[str] | None:
-        if self._client is None:
-            return None
-        try:
-            names: list[str] = self._run(self._client.directory, path)
-        except (XsError, XsDisconnected):
-            return None
-        return names
-
-
-class PrivcmdHypercalls:
-    """The machine's blocking hypercalls on the privcmd connection."""
-
-    def __init__(self, privcmd: Privcmd) -> None:
-        self._p = privcmd
-
-    def populate_physmap(self, domid: int, gfns: list[int]) -> int:
-        return int(self._p.call("populate_physmap", domid=domid, gfns=gfns))
-
-    def add_to_physmap(self, domid: int, space: str, idx: int, gpfn: int) -> None:
-        self._p.call("add_to_physmap", domid=domid, space=space, idx=idx, gpfn=gpfn)
-
-    def add_to_physmap_each(self, domid: int, space: str, moves: list[tuple[int, int]]) -> None:
-        """The per-page loop: one hypercall per page, sent in one round trip."""
-        self._p.sequence(
-            [
-                ("add_to_physmap", {"domid": domid, "space": space, "idx": i, "gpfn": g})
-                for i, g in moves
-            ]
-        )
-
-    def relocate_memory(self, domid: int, src_gfn: int, dst_gfn: int, nr: int) -> None:
-        self._p.call("relocate_memory", domid=domid, src_gfn=src_gfn, dst_gfn=dst_gfn, nr=nr)
-
-    def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
-        self._p.call("pin_memory_cacheattr", domid=domid, start=start, end=end, type=type)
-
-    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int) -> bytes:
-        result = self._p.call("track_dirty_vram", domid=domid, first_pfn=first_pfn, nr=nr)
-        return bytes(result["bitmap"])
-
-    def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
-        self._p.call("modified_memory", domid=domid, first_pfn=first_pfn, nr=nr)
-
-
-@contextlib.asynccontextmanager
-async def _open_hypervisor(path: Path) -> AsyncIterator[HypervisorClient]:
-    """``open_hypervisor``, with a failure to connect said in one line naming the socket."""
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            hv = await stack.enter_async_context(open_hypervisor(path))
-        except OSError as exc:
-            raise QemuExit(f"xen: cannot reach hypervisor-sim at {path}: {exc.strerror}") from None
-        yield hv
-
-
-class DeviceModelHandles:
-    """The handles ``xen_restrict`` can restrict, over this device model's connections.
-
-    Called from a worker thread; the trio client is reached with ``trio.from_thread``.
-    """
-
-    def __init__(self, privcmd: Privcmd, xc: Privcmd, hv: HypervisorClient) -> None:
-        self._privcmd, self._xc, self._hv = privcmd, xc, hv
-
-    def _run(self, *steps: Callable[[int], object], domid: int) -> int:
-        try:
-            for step in steps:
-                step(domid)
-        except (HypercallError, HypervisorDisconnected) as exc:
-            log.error("restrict: %s", exc)
-            return -errno.EPERM
-        return 0
-
-    def _devicemodel(self, domid: int) -> None:
-        trio.from_thread.run(self._hv.restrict, domid)
-
-    def restrict_devicemodel(self, domid: int) -> int:
-        return self._run(self._devicemodel, domid=domid)
-
-    def restrict_foreignmemory(self, domid: int) -> int:
-        return self._run(self._privcmd.restrict, domid=domid)
-
-    def restrict_all(self, domid: int) -> int:
-        """``xentoolcore_restrict_all``: every handle (xenstore is closed by the caller)."""
-        return self._run(self._privcmd.restrict, self._xc.restrict, self._devicemodel, domid=domid)
-
-
-class _QmpClient:
-    def __init__(self) -> None:
-        self.session = qmp.QmpSession()
-        self.send, self.recv = trio.open_memory_channel[bytes](QMP_EVENT_BUFFER)
-
-
 class DeviceModel:
     """One running device model; :meth:`run` is the whole life of the process."""
 
@@ -234,10 +111,9 @@ class DeviceModel:
         self._xc: Privcmd | None = None
         self._restricted_early: tuple[str, ...] = ()
         self._xs_bridge: XenStoreBridge | None = None
-        self._clients: set[_QmpClient] = set()
         self._quit = trio.Event()
+        self.monitor = QmpMonitor(cfg.qmp_path, self._execute, self._quit)
         self._fatal: BaseException | None = None
-        self._qmp_sock: OwnedSocket | None = None
         self._vnc: vnc.VncServer | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -246,7 +122,7 @@ class DeviceModel:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         try:
-            async with _open_hypervisor(cfg.hypervisor_path) as hv:
+            async with open_hypervisor_or_exit(cfg.hypervisor_path) as hv:
                 self._hv = hv
                 self.mode = resolve_mode(cfg.xen_mode, bool((await hv.version())["has_map2"]))
                 self._privcmd = await trio.to_thread.run_sync(Privcmd, cfg.hypervisor_path)
@@ -267,7 +143,7 @@ class DeviceModel:
                         await self._restrict()
                         await xs_stack.aclose()  # dm_restrict: no xenstore after setup_post
                     async with trio.open_nursery() as nursery:
-                        await nursery.start(self._serve_qmp)
+                        await nursery.start(self.monitor.serve)
                         if cfg.vnc is not None:
                             await nursery.start(self._serve_vnc, cfg.vnc)
                         nursery.start_soon(self._serve_ioreqs, hv)
@@ -353,8 +229,7 @@ class DeviceModel:
             await self._set_running()
 
     def _shutdown(self) -> None:
-        if self._qmp_sock is not None:
-            self._qmp_sock.remove()
+        self.monitor.remove()
         vnc.unlink_unix(self.cfg.vnc)
         if self.machine is not None:
             self.machine.close()
@@ -376,9 +251,9 @@ class DeviceModel:
         was_running = self.machine.runstate == "running"
         self.machine.runstate = state
         if was_running and state != "running":
-            self._broadcast(qmp.event("STOP"))
+            self.monitor.broadcast(qmp.event("STOP"))
         elif state == "running" and not was_running:
-            self._broadcast(qmp.event("RESUME"))
+            self.monitor.broadcast(qmp.event("RESUME"))
             await self._record_dm_state()
 
     async def _set_running(self) -> None:
@@ -432,92 +307,7 @@ class DeviceModel:
             raise QemuExit("xen: lost the connection to the hypervisor") from None
 
     # ----------------------------------------------------------------------------------------
-    # QMP
-
-    async def _serve_qmp(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        path = self.cfg.qmp_path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise QemuExit(f"cannot create {path.parent}: {exc.strerror}") from None
-        # Bound under a temporary name and renamed: whoever sees the path can connect at once.
-        # A live device model's socket is never replaced, and only our own is removed at exit.
-        try:
-            self._qmp_sock = listen_unix(str(path), backlog=16)
-        except OSError as exc:
-            raise QemuExit(f"QMP: {exc.strerror}") from None
-        sock = trio.socket.from_stdlib_socket(self._qmp_sock.sock)
-        listener = trio.SocketListener(sock)
-        task_status.started()
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(self._qmp_connection, stream)
-
-    async def _qmp_connection(self, stream: trio.SocketStream) -> None:
-        client = _QmpClient()
-        async with stream, trio.open_nursery() as nursery:
-            nursery.start_soon(self._qmp_writer, stream, client)
-            self._clients.add(client)
-            try:
-                client.send.send_nowait(qmp.encode(qmp.greeting()))
-                buf = bytearray()
-                while True:
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        break
-                    if not data:
-                        break
-                    buf += data
-                    while (nl := buf.find(b"\n")) >= 0:
-                        line = bytes(buf[:nl])
-                        del buf[: nl + 1]
-                        await self._qmp_line(client, line)
-                    if len(buf) > qmp.MAX_LINE:
-                        buf.clear()
-                        await client.send.send(qmp.encode(qmp.error_reply("QMP input too long")))
-            finally:
-                self._clients.discard(client)
-                client.send.close()
-
-    async def _qmp_writer(self, stream: trio.SocketStream, client: _QmpClient) -> None:
-        async for message in client.recv:
-            try:
-                await stream.send_all(message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-    async def _qmp_line(self, client: _QmpClient, line: bytes) -> None:
-        got = client.session.receive_line(line)
-        if got is None:
-            return
-        if isinstance(got, dict):
-            await client.send.send(qmp.encode(got))
-            return
-        try:
-            result = await self._execute(got)
-            reply = qmp.success_reply(got, result)
-        except qmp.QmpError as exc:
-            reply = qmp.error_reply(exc.desc, exc.error_class, cmd=got)
-        except (QemuAbort, QemuExit):
-            raise
-        except Exception as exc:  # a bug must not take the device model down with it
-            log.exception("QMP %s failed", got.name)
-            reply = qmp.error_reply(f"{got.name}: internal error: {exc}", cmd=got)
-        await client.send.send(qmp.encode(reply))
-        if got.name == "quit":
-            self._broadcast(qmp.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}))
-            self._quit.set()
-
-    def _broadcast(self, message: dict[str, Any]) -> None:
-        data = qmp.encode(message)
-        for client in list(self._clients):
-            if client.session.negotiated:
-                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                    client.send.send_nowait(data)
+    # QMP commands (the monitor itself is :mod:`.monitor`)
 
     async def _execute(self, cmd: qmp.Command) -> Any:
         """Run one QMP command through :attr:`QMP_COMMANDS` (cf. QEMU's qmp_dispatch())."""

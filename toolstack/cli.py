@@ -131,6 +131,22 @@ def _grant_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = OneLineParser(
+        prog=PROG, parents=[common], description="A toolstack for the simulated Xen host."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_create(sub, common)
+    _add_queries(sub, common)
+    _add_lifecycle(sub, common)
+    _add_save_restore(sub, common)
+    _add_migrate(sub, common)
+    _add_guest(sub, common)
+    return parser
+
+
+def _common_options() -> OneLineParser:
+    """The options every command takes, before or after its name."""
     common = OneLineParser(add_help=False)
     common.add_argument(
         "--rundir",
@@ -141,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object"
     )
 
-    parser = OneLineParser(
-        prog=PROG, parents=[common], description="A toolstack for the simulated Xen host."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return common
 
+
+def _add_create(sub: argparse._SubParsersAction[OneLineParser], common: OneLineParser) -> None:
+    """``create``: xl create, from an xl.cfg and the options that replace its settings."""
     p = sub.add_parser("create", parents=[common], help="create a domain")
     p.add_argument("config", nargs="?", help="an xl.cfg-style configuration file")
     p.add_argument("--name")
@@ -163,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _grant_arg(p)
     p.add_argument("--toolstack", choices=FLAVOURS)
 
+
+def _add_queries(sub: argparse._SubParsersAction[OneLineParser], common: OneLineParser) -> None:
+    """``list``, ``info``, ``domid``, ``domname`` and ``vncviewer``: they change nothing."""
     p = sub.add_parser("list", parents=[common], help="list domains, as xl list")
     p.add_argument("-l", "--long", action="store_true", help="each domain's configuration as JSON")
     p.add_argument("domains", nargs="*", metavar="DOMAIN", type=_domain)
@@ -173,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domid", type=_int)
     p = sub.add_parser("vncviewer", parents=[common], help="attach to a domain's VNC server")
     p.add_argument("domid", metavar="DOMAIN", type=_domain)
+
+
+def _add_lifecycle(sub: argparse._SubParsersAction[OneLineParser], common: OneLineParser) -> None:
+    """``pause``, ``unpause`` and ``destroy`` of one domain."""
     for name, text in (
         ("pause", "pause a domain"),
         ("unpause", "unpause a domain"),
@@ -181,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("domid", metavar="DOMAIN", type=_domain)
 
+
+def _add_save_restore(
+    sub: argparse._SubParsersAction[OneLineParser], common: OneLineParser
+) -> None:
+    """``save`` and ``restore``: the domain to a file and back (libxl stream v2)."""
     p = sub.add_parser("save", parents=[common], help="save a domain to a file")
     p.add_argument(
         "-c", "--checkpoint", action="store_true", help="leave the domain running after saving"
@@ -218,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _grant_arg(p)
     p.add_argument("--toolstack", choices=FLAVOURS)
 
+
+def _add_migrate(sub: argparse._SubParsersAction[OneLineParser], common: OneLineParser) -> None:
+    """``migrate`` and ``migrate-receive``: the stream live over TCP."""
     p = sub.add_parser("migrate", parents=[common], help="migrate a domain live to a receiver")
     p.add_argument("domid", metavar="DOMAIN", type=_domain)
     p.add_argument("host", type=_address, help="ADDRESS:PORT of an `xl-sim migrate-receive`")
@@ -232,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ADDRESS:PORT to listen on (port 0: any; the first line printed names it)",
     )
 
+
+def _add_guest(sub: argparse._SubParsersAction[OneLineParser], common: OneLineParser) -> None:
+    """``guest DOMAIN ACTION``: the guest's own driver, run on its vCPU."""
     p = sub.add_parser("guest", parents=[common], help="drive the guest's vCPU")
     p.add_argument("domid", metavar="DOMAIN", type=_domain)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -253,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("xs-write", help="write a xenstore node as the guest")
     a.add_argument("path")
     a.add_argument("value")
-    return parser
 
 
 # --------------------------------------------------------------------------------------------

@@ -146,6 +146,16 @@ class DomainConfig:
 
 def check(config: DomainConfig) -> DomainConfig:
     """Validate every field; returns ``config`` or raises :class:`ConfigError`."""
+    _check_guest(config)
+    _check_device_model(config)
+    config = _canonical_grants(config)
+    _check_vnc(config)
+    _check_build(config)
+    return config
+
+
+def _check_guest(config: DomainConfig) -> None:
+    """The name, RAM, card and video memory."""
     if config.name is not None and (
         not isinstance(config.name, str) or not _NAME_RE.match(config.name)
     ):
@@ -168,6 +178,10 @@ def check(config: DomainConfig) -> DomainConfig:
             raise ConfigError(
                 f"videoram for {config.vga} must be a power of two from {floor} to {top} (MiB)"
             )
+
+
+def _check_device_model(config: DomainConfig) -> None:
+    """The device model's mode, QEMU, restriction and stub domain."""
     if config.dm_mode not in DM_MODES:
         raise ConfigError(f"dm_mode must be one of {', '.join(DM_MODES)}, not {config.dm_mode!r}")
     if config.dm_qemu_version not in DM_QEMU_VERSIONS:
@@ -179,6 +193,10 @@ def check(config: DomainConfig) -> DomainConfig:
         raise ConfigError("dm_restrict must be 0 or 1")
     if not isinstance(config.dm_stubdom, bool):
         raise ConfigError("device_model_stubdomain_override must be 0 or 1")
+
+
+def _canonical_grants(config: DomainConfig) -> DomainConfig:
+    """The stub domain's grants, each parsed and written back in its canonical form."""
     if config.dm_stubdom_grants is not None:
         grants = config.dm_stubdom_grants
         if not isinstance(grants, (list, tuple)) or not all(isinstance(g, str) for g in grants):
@@ -188,8 +206,12 @@ def check(config: DomainConfig) -> DomainConfig:
         except GrantError as exc:
             raise ConfigError(str(exc)) from None
         if canonical != config.dm_stubdom_grants:
-            config = replace(config, dm_stubdom_grants=canonical)
-    _check_vnc(config)
+            return replace(config, dm_stubdom_grants=canonical)
+    return config
+
+
+def _check_build(config: DomainConfig) -> None:
+    """vCPUs, the on_poweroff/on_reboot/on_crash actions, the toolstack flavour and the uuid."""
     if not _is_int(config.vcpus) or not 1 <= config.vcpus <= MAX_VCPUS:
         raise ConfigError(f"vcpus must be an integer from 1 to {MAX_VCPUS}")
     for event in ("on_poweroff", "on_reboot", "on_crash"):
@@ -206,7 +228,6 @@ def check(config: DomainConfig) -> DomainConfig:
             uuidlib.UUID(config.uuid)
         except (ValueError, TypeError, AttributeError):
             raise ConfigError(f"uuid {config.uuid!r} is not a UUID") from None
-    return config
 
 
 def _check_vnc(config: DomainConfig) -> None:

@@ -13,7 +13,7 @@ import trio
 from rich.console import Console
 from rich.markup import escape
 
-from ..demo import StepError
+from ..demo import Case, StepError
 from ..progress import Ticker
 from .enforce import ENFORCED_DEVICES, EnforcedCell, as_json, plan
 from .privilege import Permission
@@ -46,8 +46,34 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
         args.dms or DMS,
         args.qemus or QEMUS,
     )
-    total = len(cases) * args.repeats
     t0 = time.monotonic()
+    ran = _run_matrix(args, cases, err)
+    if ran is None:
+        return 1
+    outcome, (derived, enforced, enforce_problems) = ran
+    _print_tables(args, outcome, derived, enforced)
+    if args.out:
+        command = "physmap-lab " + shlex.join(list(argv or ["audit"]))
+        written = write_out(
+            Path(args.out), outcome.scenarios, args.repeats, command, (derived, enforced)
+        )
+        for f in written:
+            err.print(f"wrote {f}", highlight=False)
+    wrong = _report_problems(err, outcome, enforced, enforce_problems)
+    err.print(
+        f"{len(outcome.scenarios)} cells in {outcome.seconds:.1f} s, "
+        f"{len(enforced)} enforced cells in {time.monotonic() - t0 - outcome.seconds:.1f} s",
+        highlight=False,
+    )
+    return 1 if wrong else 0
+
+
+def _run_matrix(
+    args: argparse.Namespace, cases: list[Case], err: Console
+) -> tuple[AuditOutcome, Enforced] | None:
+    """The matrix, then least privilege enforced, under one progress bar; None (said on
+    ``err``) if the stack could not run."""
+    total = len(cases) * args.repeats
     with Ticker(err, total, "audit") as progress:
 
         def step(message: str) -> None:
@@ -67,10 +93,19 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
             return outcome, (derived, cells, problems)
 
         try:
-            outcome, (derived, enforced, enforce_problems) = trio.run(both)
+            return trio.run(both)
         except StepError as exc:
             err.print(f"[red]physmap-lab audit: error:[/red] {escape(str(exc))}")
-            return 1
+            return None
+
+
+def _print_tables(
+    args: argparse.Namespace,
+    outcome: AuditOutcome,
+    derived: dict[str, list[Permission]],
+    enforced: list[EnforcedCell],
+) -> None:
+    """The matrix and the enforced cells on stdout: JSON, or tables."""
     if args.json:
         doc = {
             "scenarios": [s.as_json() for s in outcome.scenarios],
@@ -84,13 +119,12 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
         out.print(matrix_table(outcome.scenarios))
         if enforced:
             out.print(enforced_table(enforced))
-    if args.out:
-        command = "physmap-lab " + shlex.join(list(argv or ["audit"]))
-        written = write_out(
-            Path(args.out), outcome.scenarios, args.repeats, command, (derived, enforced)
-        )
-        for f in written:
-            err.print(f"wrote {f}", highlight=False)
+
+
+def _report_problems(
+    err: Console, outcome: AuditOutcome, enforced: list[EnforcedCell], enforce_problems: list[str]
+) -> bool:
+    """Say on ``err`` what went wrong and which cells are not as predicted; whether any."""
     problems = [*outcome.problems, *enforce_problems]
     for problem in problems:
         err.print(f"[red]{escape(problem)}[/red]", highlight=False)
@@ -103,9 +137,4 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
             f"[red]{c.variant.label}: {c.outcome}, not as the facts predict[/red]",
             highlight=False,
         )
-    err.print(
-        f"{len(outcome.scenarios)} cells in {outcome.seconds:.1f} s, "
-        f"{len(enforced)} enforced cells in {time.monotonic() - t0 - outcome.seconds:.1f} s",
-        highlight=False,
-    )
-    return 1 if problems or unexpected or off else 0
+    return bool(problems or unexpected or off)

@@ -24,8 +24,8 @@ from ..demo import (
     Observed,
     Reporter,
     StepError,
-    _end_processes,
     device_models,
+    end_processes,
     evaluate,
     leftover_files,
 )
@@ -120,7 +120,7 @@ async def _run_once(
     problems += [f"left behind: {f}" for f in leftover_files(root)]
     stray = device_models(root)
     if stray:
-        await _end_processes(stray)
+        await end_processes(stray)
         problems.append(f"device models left running: pids {stray}")
     xs = read_xenstored(RunDir(root).audit_log("xenstored"))
     hv = read_hypervisor(RunDir(root).audit_log("hypervisor"))
@@ -234,7 +234,7 @@ async def run_enforced(
         problems += [f"left behind: {f}" for f in leftover_files(root)]
         stray = device_models(root)
         if stray:
-            await _end_processes(stray)
+            await end_processes(stray)
             problems.append(f"device models left running: pids {stray}")
         xs = read_xenstored(RunDir(root).audit_log("xenstored"))
     finally:

@@ -179,6 +179,70 @@ def _path_class(r: XenstoreRequest) -> str:
     ).value
 
 
+_AccessKey = tuple[str, str, str, str, bool, bool]
+
+
+@dataclass
+class _Tally:
+    """What the audit records of one case add up to, by principal and by phase."""
+
+    clock: PhaseClock
+    stats: dict[str, PrincipalStats] = field(
+        default_factory=lambda: {p.value: PrincipalStats() for p in PRINCIPALS}
+    )
+    access: Counter[_AccessKey] = field(default_factory=Counter)
+    trips: Counter[str] = field(default_factory=Counter)
+    #: The restore phase as a sequence: (time, from, to, what).
+    events: list[tuple[float, str, str, str]] = field(default_factory=list)
+
+    def xenstore(self, r: XenstoreRequest) -> None:
+        if not r.is_request or r.principal not in PRINCIPALS:
+            return
+        phase = self.clock.phase_at(r.t) or "boot"
+        pc = _path_class(r)
+        _count(self.stats[r.principal.value], r, phase, pc)
+        key = (r.principal.value, phase, pc, r.op, r.rule == PRIVILEGED_RULE, r.denied)
+        self.access[key] += 1
+        if phase in ("save", "restore"):
+            self.trips[phase] += 1
+        if phase == "restore":
+            # The domain's own tree is one block in the picture; the device-model keys are
+            # what the experiment is about, so each of their ops shows.
+            what = f"{r.op} {pc}" if pc in _SHOWN else "domain tree"
+            what += "" if r.ok else f" → {r.result}"
+            self.events.append((r.t, r.principal.value, "xenstored", what))
+
+    def toolstack(self, a: ToolstackRecord) -> None:
+        if self.clock.phase_at(a.t) != "restore":
+            return
+        if a.action == "spawn":
+            self.events.append((a.t, "toolstack", "device-model", "spawn qemu-model"))
+        elif a.action == "qmp":
+            self.events.append((a.t, "toolstack", "device-model", f"QMP {a.call}"))
+
+    def hypercall(self, h: HypercallRecord) -> None:
+        if h.principal not in PRINCIPALS:
+            return
+        self.stats[h.principal.value].hypercalls += 1
+        if self.clock.phase_at(h.t) == "restore" and h.call != "guest_op":
+            what = h.call + ("" if h.result == "ok" else f" → {h.result}")
+            self.events.append((h.t, h.principal.value, "hypervisor", what))
+
+
+def _count(s: PrincipalStats, r: XenstoreRequest, phase: str, pc: str) -> None:
+    """One xenstore request in its principal's counts."""
+    s.xenstore_ops += 1
+    s.privileged_ops += r.rule == PRIVILEGED_RULE
+    s.denied_ops += r.denied
+    s.by_path_class[pc] = s.by_path_class.get(pc, 0) + 1
+    s.by_phase.setdefault(phase, {})
+    s.by_phase[phase][r.op] = s.by_phase[phase].get(r.op, 0) + 1
+    if r.touches(PathClass.PHYSMAP):
+        s.physmap_ops += 1
+        s.physmap_ops_ok += r.ok
+        s.physmap_requests.append(f"{phase}: {r.op} {r.paths[0] if r.paths else ''} -> {r.result}")
+
+
 def build(
     case: Case,
     seen: Observed,
@@ -188,57 +252,17 @@ def build(
     toolstack: Iterable[ToolstackRecord] = (),
 ) -> Scenario:
     """The scenario of one case from the audit records of its time window."""
-    clock = PhaseClock(seen.spans)
-    stats = {p.value: PrincipalStats() for p in PRINCIPALS}
-    access: Counter[tuple[str, str, str, str, bool, bool]] = Counter()
-    trips: Counter[str] = Counter()
-    events: list[tuple[float, str, str, str]] = []
+    tally = _Tally(PhaseClock(seen.spans))
     xenstore_list = list(xenstore)
     for r in xenstore_list:
-        if not r.is_request or r.principal not in PRINCIPALS:
-            continue
-        phase = clock.phase_at(r.t) or "boot"
-        s = stats[r.principal.value]
-        s.xenstore_ops += 1
-        s.privileged_ops += r.rule == PRIVILEGED_RULE
-        s.denied_ops += r.denied
-        pc = _path_class(r)
-        s.by_path_class[pc] = s.by_path_class.get(pc, 0) + 1
-        s.by_phase.setdefault(phase, {})
-        s.by_phase[phase][r.op] = s.by_phase[phase].get(r.op, 0) + 1
-        if r.touches(PathClass.PHYSMAP):
-            s.physmap_ops += 1
-            s.physmap_ops_ok += r.ok
-            s.physmap_requests.append(
-                f"{phase}: {r.op} {r.paths[0] if r.paths else ''} -> {r.result}"
-            )
-        access[(r.principal.value, phase, pc, r.op, r.rule == PRIVILEGED_RULE, r.denied)] += 1
-        if phase in ("save", "restore"):
-            trips[phase] += 1
-        if phase == "restore":
-            # The domain's own tree is one block in the picture; the device-model keys are
-            # what the experiment is about, so each of their ops shows.
-            what = f"{r.op} {pc}" if pc in _SHOWN else "domain tree"
-            what += "" if r.ok else f" → {r.result}"
-            events.append((r.t, r.principal.value, "xenstored", what))
+        tally.xenstore(r)
     for a in toolstack:
-        if clock.phase_at(a.t) != "restore":
-            continue
-        if a.action == "spawn":
-            events.append((a.t, "toolstack", "device-model", "spawn qemu-model"))
-        elif a.action == "qmp":
-            events.append((a.t, "toolstack", "device-model", f"QMP {a.call}"))
+        tally.toolstack(a)
     for h in hypercalls:
-        if h.principal not in PRINCIPALS:
-            continue
-        stats[h.principal.value].hypercalls += 1
-        if clock.phase_at(h.t) == "restore" and h.call != "guest_op":
-            what = h.call + ("" if h.result == "ok" else f" → {h.result}")
-            events.append((h.t, h.principal.value, "hypervisor", what))
-    events.sort()
+        tally.hypercall(h)
+    tally.events.sort()
     xs = [r for r in xenstore_list if r.principal in PRINCIPALS]
     perms = {p.value: sorted(needed(r for r in xs if r.principal is p)) for p in PRINCIPALS}
-    out = outcome(seen, result)
     dm_restored = result.fb_sha256_restored
     return Scenario(
         mode=case.mode,
@@ -246,20 +270,20 @@ def build(
         toolstack=case.toolstack,
         dm="restricted" if case.restrict else "privileged",
         qemu=case.qemu,
-        outcome=out,
+        outcome=outcome(seen, result),
         expected=expected_outcome(case),
         fb_hash_matches=dm_restored == result.fb_sha256_expected
         and result.fb_sha256_guest_restored == result.fb_sha256_expected,
         pointers_valid=result.derived_ptrs_valid,
         keys_carried=dict(seen.xenstore_keys_saved),
-        principals=stats,
-        access=[Access(*k, n) for k, n in sorted(access.items())],
-        round_trips={"save": trips["save"], "restore": trips["restore"]},
+        principals=tally.stats,
+        access=[Access(*k, n) for k, n in sorted(tally.access.items())],
+        round_trips={"save": tally.trips["save"], "restore": tally.trips["restore"]},
         save_s=_round(seen.steps.get("save")),
         restore_s=_round(seen.steps.get("restore")),
         error=result.error,
         domids=list(result.domids),
-        restore_events=events,
+        restore_events=tally.events,
         needed=perms,
     )
 

@@ -4,6 +4,7 @@ sequences.  Plain strings, no dependency."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from html import escape
 from typing import Final
 
@@ -97,6 +98,30 @@ def _bar(cells: Sequence[Scenario], who: str, physmap: bool) -> tuple[int, int, 
     return st.physmap_ops, st.physmap_ops_ok, sorted({e for e in errors if e != "OK"})
 
 
+_FAILED_PATTERN: Final = (
+    '<defs><pattern id="failed" width="6" height="6" patternUnits="userSpaceOnUse" '
+    'patternTransform="rotate(45)"><rect width="6" height="6" fill="white"/>'
+    '<line x1="0" y1="0" x2="0" y2="6" stroke="#c62828" stroke-width="3"/></pattern></defs>'
+)
+
+
+@dataclass(frozen=True)
+class _Plot:
+    """The bar chart's geometry: its left edge, plot area and bars, and the tallest bar."""
+
+    peak: int
+    left: int = 60
+    top: int = 80
+    height: int = 240
+    group_w: int = 180
+    bar_w: int = 44
+
+    @property
+    def base(self) -> int:
+        """The y of the axis, where every bar stands."""
+        return self.top + self.height
+
+
 def ops_chart_svg(scenarios: Sequence[Scenario], *, physmap: bool = False) -> str:
     """Xenstore (or physmap) requests per principal per mode: the median cell among
     :func:`chart_cells`.  The part of a bar that failed is hatched and its errors named."""
@@ -105,9 +130,8 @@ def ops_chart_svg(scenarios: Sequence[Scenario], *, physmap: bool = False) -> st
         m: {p.value: _bar(chart_cells(scenarios, m), p.value, physmap) for p in PRINCIPALS}
         for m in modes
     }
-    peak = max([v[0] for d in data.values() for v in d.values()] + [1])
-    left, top, plot_h, group_w, bar_w = 60, 80, 240, 180, 44
-    width, height = max(left + group_w * len(modes) + 40, 720), top + plot_h + 120
+    plot = _Plot(peak=max([v[0] for d in data.values() for v in d.values()] + [1]))
+    width, height = max(plot.left + plot.group_w * len(modes) + 40, 720), plot.base + 120
     what = "physmap requests" if physmap else "xenstore requests"
     body = [
         _text(
@@ -117,82 +141,83 @@ def ops_chart_svg(scenarios: Sequence[Scenario], *, physmap: bool = False) -> st
             font_size="16",
             font_weight="bold",
         ),
-        '<defs><pattern id="failed" width="6" height="6" patternUnits="userSpaceOnUse" '
-        'patternTransform="rotate(45)"><rect width="6" height="6" fill="white"/>'
-        '<line x1="0" y1="0" x2="0" y2="6" stroke="#c62828" stroke-width="3"/></pattern></defs>',
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 20}" y2="{top + plot_h}" stroke="#333"/>',
+        _FAILED_PATTERN,
+        f'<line x1="{plot.left}" y1="{plot.base}" x2="{width - 20}" y2="{plot.base}" stroke="#333"/>',
     ]
     for gi, m in enumerate(modes):
-        gx = left + 20 + gi * group_w
+        gx = plot.left + 20 + gi * plot.group_w
         for bi, p in enumerate(PRINCIPALS):
-            total, ok, errors = data[m][p.value]
-            x = gx + bi * (bar_w + 4)
-            h_ok, h_all = plot_h * ok / peak, plot_h * total / peak
-            body.append(
-                f'<rect x="{x}" y="{top + plot_h - h_ok:.1f}" width="{bar_w}" height="{h_ok:.1f}" '
-                f'fill="{PRINCIPAL_COLOURS[p.value]}"/>'
-            )
-            if total > ok:
-                body.append(
-                    f'<rect x="{x}" y="{top + plot_h - h_all:.1f}" width="{bar_w}" '
-                    f'height="{h_all - h_ok:.1f}" fill="url(#failed)" stroke="#c62828"/>'
-                )
-            label = f"{total}" if total == ok else f"{total} ({ok} ok)"
-            colour = "#333" if total == ok else "#c62828"
-            body.append(
-                _text(
-                    x + bar_w / 2,
-                    top + plot_h - h_all - 4,
-                    label,
-                    text_anchor="middle",
-                    fill=colour,
-                    font_size="11",
-                )
-            )
-            if errors:
-                body.append(
-                    _text(
-                        x + bar_w / 2,
-                        top + plot_h - h_all - 17,
-                        " ".join(errors),
-                        text_anchor="middle",
-                        fill=colour,
-                        font_size="10",
-                    )
-                )
-        n = len(chart_cells(scenarios, m))
-        body.append(
-            _text(gx + 1.5 * bar_w, top + plot_h + 20, m, text_anchor="middle", font_weight="bold")
+            x = gx + bi * (plot.bar_w + 4)
+            body += _chart_bar(plot, x, PRINCIPAL_COLOURS[p.value], *data[m][p.value])
+        body += _chart_group_label(plot, gx, m, len(chart_cells(scenarios, m)))
+    body += _chart_legend(plot.left, plot.base + 60)
+    return _svg(width, height, body)
+
+
+def _chart_bar(plot: _Plot, x: int, fill: str, total: int, ok: int, errors: list[str]) -> list[str]:
+    """One principal's bar: the requests that succeeded, the failed part hatched on top, the
+    count and the errors above it."""
+    base, bar_w = plot.base, plot.bar_w
+    h_ok, h_all = plot.height * ok / plot.peak, plot.height * total / plot.peak
+    out = [
+        f'<rect x="{x}" y="{base - h_ok:.1f}" width="{bar_w}" height="{h_ok:.1f}" fill="{fill}"/>'
+    ]
+    if total > ok:
+        out.append(
+            f'<rect x="{x}" y="{base - h_all:.1f}" width="{bar_w}" '
+            f'height="{h_all - h_ok:.1f}" fill="url(#failed)" stroke="#c62828"/>'
         )
-        body.append(
+    label = f"{total}" if total == ok else f"{total} ({ok} ok)"
+    colour = "#333" if total == ok else "#c62828"
+    mid = x + bar_w / 2
+    out.append(
+        _text(mid, base - h_all - 4, label, text_anchor="middle", fill=colour, font_size="11")
+    )
+    if errors:
+        out.append(
             _text(
-                gx + 1.5 * bar_w,
-                top + plot_h + 34,
-                f"median of {n} cells",
+                mid,
+                base - h_all - 17,
+                " ".join(errors),
                 text_anchor="middle",
+                fill=colour,
                 font_size="10",
             )
         )
-    y = top + plot_h + 60
+    return out
+
+
+def _chart_group_label(plot: _Plot, gx: int, mode: str, cells: int) -> list[str]:
+    """The mode under its group of bars, and how many cells the median is of."""
+    x = gx + 1.5 * plot.bar_w
+    return [
+        _text(x, plot.base + 20, mode, text_anchor="middle", font_weight="bold"),
+        _text(x, plot.base + 34, f"median of {cells} cells", text_anchor="middle", font_size="10"),
+    ]
+
+
+def _chart_legend(left: int, y: int) -> list[str]:
+    """The principals' colours, the hatching of failures, and what a bar is."""
+    out: list[str] = []
     for k, p in enumerate(PRINCIPALS):
         x = left + k * 130
-        body.append(
+        out.append(
             f'<rect x="{x}" y="{y - 11}" width="14" height="14" fill="{PRINCIPAL_COLOURS[p.value]}"/>'
         )
-        body.append(_text(x + 20, y, p.value))
+        out.append(_text(x + 20, y, p.value))
     x = left + len(PRINCIPALS) * 130
-    body.append(
+    out.append(
         f'<rect x="{x}" y="{y - 11}" width="14" height="14" fill="url(#failed)" stroke="#c62828"/>'
     )
-    body.append(_text(x + 20, y, "failed (error named above the bar)"))
+    out.append(_text(x + 20, y, "failed (error named above the bar)"))
     for k, line in enumerate(
         (
             "Each bar: the median, over one mode's libxl cells with a privileged device model",
             "(one cell per device), of one principal's requests in a create → save → restore cycle.",
         )
     ):
-        body.append(_text(10, y + 28 + 15 * k, line, font_size="11"))
-    return _svg(width, height, body)
+        out.append(_text(10, y + 28 + 15 * k, line, font_size="11"))
+    return out
 
 
 LANES: Final = ("toolstack", "xenstored", "hypervisor", "device-model", "guest")

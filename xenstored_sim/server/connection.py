@@ -121,7 +121,12 @@ class ClientConnection:
             self.close()
             return
         if not self._in_batch:
-            self._have_data.set()
+            # Output for a connection other than the one being served (a watch event) goes
+            # out now, as C's main loop writes every connection's out_list before it reads the
+            # next request (tools/xenstored/core.c: main(), handle_output()); left queued, it
+            # would make C's duplicate check drop a later identical event that C delivers.
+            if self._send_queued() >= 0 and queue:
+                self._have_data.set()
 
     def push_event(self, data: bytes) -> None:
         """Queue an encoded watch event, unless an identical non-special one is still

@@ -20,7 +20,8 @@ from .script import DEVICE, SCRATCH_DOMID, SECRET_GPA, SECRET_SEEDS, SEEDS, Host
 
 if TYPE_CHECKING:
     from .configs import HostileConfig
-    from .runner import ConfigRun, Victims
+    from .outcome import ConfigRun
+    from .victims import Victims
 
 #: The domain the toolstack introduces while the attacker watches ``@introduceDomain``.
 WATCHED_DOMID: Final = SCRATCH_DOMID + 1

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from ..svg import FONT
 from .configs import HostileConfig
+from .outcome import AttackCell, ConfigRun
 from .predict import Principal
-from .runner import AttackCell, ConfigRun
 
 HARM: Final = "#c62828"
 ALLOWED: Final = "#f9a825"

@@ -96,3 +96,18 @@ def test_events_wait_without_a_timeout_for_dom0_sockets(start_daemon) -> None:
     assert p.req(Op.WRITE, b"/x\0v") == b"OK\0"
     time.sleep(1.3)
     assert w.event() == b"/x\0t\0"
+
+
+def test_events_to_a_reading_watcher_are_never_taken_for_duplicates(start_daemon) -> None:
+    """C writes each connection's queue before it reads the next request, so a watcher whose
+    kernel buffer has room gets every event, even when one writer changes the same node
+    twice back to back: nothing is left unsent for the duplicate check to drop."""
+    d = start_daemon()
+    watcher, writer = d.conn(), d.conn()
+    assert watcher.req(Op.WATCH, b"/w\0tok\0") == b"OK\0"
+    assert watcher.event() == b"/w\0tok\0"
+    rounds = 50
+    for i in range(rounds):
+        assert writer.req(Op.WRITE, b"/w\0%d" % i) == b"OK\0"
+        assert writer.req(Op.RM, b"/w\0") == b"OK\0"
+    assert [watcher.event() for _ in range(2 * rounds)] == [b"/w\0tok\0"] * (2 * rounds)
