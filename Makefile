@@ -7,7 +7,7 @@ XEN_ROOT := $(CACHE)/xen-utils-4.17
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PHYSMAP_LAB_XEN_ROOT := $(abspath $(XEN_ROOT))
 
-.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored audit-hostile bytecode
+.PHONY: setup test unit demo bench lint fuzz soak clean image compose diff-c crash-states compiled test-pure bench-xenstored audit-hostile bytecode audit-migrate
 
 setup: $(VENV)/.installed debian $(XEN_ROOT)/.unpacked compiled bytecode
 
@@ -102,6 +102,11 @@ crash-states: setup
 # The attack matrix of a compromised device model, every configuration (a few minutes).
 audit-hostile: setup
 	$(VENV)/bin/physmap-lab audit --hostile --out docs/audit
+
+# Who touches the physmap keys on which host in a live migration, every mode x device, and the
+# compat cells without the keys beside their save/restore twins (a few minutes).
+audit-migrate: setup
+	$(VENV)/bin/physmap-lab audit --migrate --out docs/audit
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -23,7 +23,7 @@ import trio
 
 from hypervisor_sim.client import open_hypervisor
 from hypervisor_sim.protocol import HypercallError, HypervisorDisconnected
-from physmap_lab.migration import Host, start_receiver, two_hosts
+from physmap_lab.migration import Host, _finish, start_receiver, two_hosts
 from xenhost import RunDir
 
 from .daemons import scratch_dir
@@ -95,7 +95,7 @@ async def _one(src: Host, dst: Host, mode: str, rate: int, sz: Sizes) -> dict[st
         finally:
             stop.set()
         wall = time.perf_counter() - t0
-    await receiver.wait()
+    received = await _finish(receiver)
     for d in (await _xl(dst, "list"))["domains"]:
         await _xl(dst, "destroy", str(d["domid"]))
     return {
@@ -106,6 +106,9 @@ async def _one(src: Host, dst: Host, mode: str, rate: int, sz: Sizes) -> dict[st
         "pages_per_round": sent["pages_per_round"],
         "pages_sent": sent["pages_sent"],
         "bytes": sent["bytes"],
+        # The downtime by step, and the destination's restore (inside "destination") by phase.
+        "stop_copy_s": sent["stop_copy_s"],
+        "restore_phases_s": received.get("phases", {}),
     }
 
 
@@ -119,6 +122,18 @@ async def _measure(sz: Sizes) -> dict[str, Any]:
                     runs = [await _one(src, dst, mode, rate, sz) for _ in range(sz.repeats)]
                     out[f"{mode}@{rate}"] = {"mode": mode, "rate_pages_s": rate, "runs": runs}
     return out
+
+
+def _steps(runs: list[dict[str, Any]]) -> str:
+    """The downtime by step and the destination's restore by phase, medians in ms."""
+
+    def shown(key: str) -> str:
+        names = runs[0][key]
+        return ", ".join(
+            f"{n} {statistics.median(r[key].get(n, 0.0) for r in runs) * 1000:.0f}" for n in names
+        )
+
+    return f"downtime steps ms: {shown('stop_copy_s')}; restore ms: {shown('restore_phases_s')}"
 
 
 def measure(results: Results, sz: Sizes) -> dict[str, Any]:
@@ -141,7 +156,7 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
                     med(field) * 1000,
                     "ms",
                     "reported",
-                    note=note,
+                    note=note if field == "total_s" else f"{note}; {_steps(m['runs'])}",
                 )
             )
         results.add(

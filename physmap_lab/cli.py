@@ -227,6 +227,12 @@ def _add_audit(sub: argparse._SubParsersAction[OneLineParser]) -> None:
             help=f"{', '.join(choices)} (default: all)",
         )
     _add_qemu(p, f"default: {' and '.join(QEMUS)}; a privileged device model runs as the first")
+    p.add_argument(
+        "--migrate",
+        dest="migration_cells",
+        action="store_true",
+        help="instead: migrate each mode x device live between two hosts (migration.md)",
+    )
 
 
 def _cases(n: int) -> str:
@@ -391,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit":
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")
+        if args.hostile and args.migration_cells:
+            parser.error("--hostile and --migrate are separate runs")
         if args.hostile:
             from .audit.hostile.main import run as run_hostile_command
 

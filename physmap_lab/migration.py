@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,6 +117,8 @@ class MigrationCase:
     source_host: str = ""
     destination_host: str = ""
     network: str = "loopback"
+    #: The network namespaces of the two hosts (none on loopback), removed after the run.
+    namespaces: list[str] = field(default_factory=list)
     precopy_rounds: int = 0
     pages_sent: int = 0
     pages_per_round: list[int] = field(default_factory=list)
@@ -124,12 +128,32 @@ class MigrationCase:
     fb_sha256_expected: str | None = None
     fb_sha256_guest: str | None = None
     fb_sha256_dm: str | None = None
+    #: Whether the pointers the destination's card derived from its VRAM pointer (QXL's RAM
+    #: header and rings) still point into the VRAM (QMP ``x-physmap-info``).
+    derived_ptrs_valid: bool | None = None
     image_records: list[str] = field(default_factory=list)
     physmap_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     physmap_xenstore_ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    source_domid: int | None = None
+    destination_domid: int | None = None
+    #: Wall-clock (``time.time``) start and end of each step (create, map, migrate, verify,
+    #: destroy), to cut the hosts' audit logs by step; not part of the JSON.
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["spans"]
+        return out
+
+
+@contextmanager
+def _span(r: MigrationCase, step: str) -> Iterator[None]:
+    """Record the wall-clock span of ``step`` in ``r.spans``, whether it succeeds or not."""
+    w0 = time.time()
+    try:
+        yield
+    finally:
+        r.spans[step] = (w0, time.time())
 
 
 class Drawer:
@@ -192,30 +216,62 @@ async def run_case(case: Case, src: Host, dst: Host) -> MigrationCase:
     r = MigrationCase(case.mode, case.device, case.toolstack, source_host=src.name)
     r.destination_host = dst.name
     r.network = "netns" if src.ns is not None else "loopback"
+    r.namespaces = [h.ns.name for h in (src, dst) if h.ns is not None]
     try:
         await _migrate_case(case, src, dst, r)
     except (RuntimeError, OSError, trio.TooSlowError, ValueError, KeyError) as exc:
         r.error = str(exc) or type(exc).__name__
     r.ok = r.error is None and r.migrated and r.fb_sha256_guest == r.fb_sha256_expected
-    r.ok = r.ok and r.fb_sha256_dm == r.fb_sha256_expected
+    r.ok = r.ok and r.fb_sha256_dm == r.fb_sha256_expected and r.derived_ptrs_valid is not False
     return r
 
 
 async def _migrate_case(case: Case, src: Host, dst: Host, r: MigrationCase) -> None:
-    made = await _run(
-        src.xl("create", "--memory", str(GUEST_MEMORY_MIB), "--vga", case.device,
-               "--dm-mode", case.mode, "--toolstack", case.toolstack)
-    )  # fmt: skip
-    domid = int(made["domid"])
+    with _span(r, "create"):
+        made = await _run(
+            src.xl("create", "--memory", str(GUEST_MEMORY_MIB), "--vga", case.device,
+                   "--dm-mode", case.mode, "--toolstack", case.toolstack)
+        )  # fmt: skip
+    domid = r.source_domid = int(made["domid"])
     mode = ["--width", str(WIDTH), "--height", str(HEIGHT), "--bpp", str(BPP)]
-    await _run(src.xl("guest", str(domid), "map-bar"))
-    await _run(src.xl("guest", str(domid), "set-mode", *mode))
-    await _run(src.xl("guest", str(domid), "draw", *mode, "--seed", str(case.seed)))
-    receiver, where = await start_receiver(dst)
+    with _span(r, "map"):
+        await _run(src.xl("guest", str(domid), "map-bar"))
+        await _run(src.xl("guest", str(domid), "set-mode", *mode))
+        await _run(src.xl("guest", str(domid), "draw", *mode, "--seed", str(case.seed)))
     drawer = Drawer(src, domid, case.device, case.seed)
+    with _span(r, "migrate"):
+        failure, sent, received = await _migrate_drawing(src, dst, domid, drawer)
+    r.frames_drawn = drawer.frames
+    if failure is not None:
+        # The source domain ran on: it goes, so that the next case starts on a clean host.
+        with _span(r, "destroy"), suppress(RuntimeError):
+            await _run(src.xl("destroy", str(domid)))
+        raise failure
+    r.migrated = True
+    r.fb_sha256_expected = pattern_sha256(case.device, drawer.last_seed)
+    for k in ("precopy_rounds", "pages_sent", "pages_per_round", "downtime_s", "total_s"):
+        setattr(r, k, sent[k])
+    r.image_records = list(sent["records"])
+    new = r.destination_domid = int(received["domid"])
+    with _span(r, "verify"):
+        r.fb_sha256_guest = (await _run(dst.xl("guest", str(new), "fb-hash", *mode)))["sha256"]
+        r.fb_sha256_dm, r.derived_ptrs_valid = await _display(dst, new)
+        r.physmap_keys = {src.name: dict(sent["xenstore_keys"]), dst.name: await _keys(dst, new)}
+        r.physmap_xenstore_ops = {src.name: _ops(src, domid), dst.name: _ops(dst, new)}
+    with _span(r, "destroy"):
+        await _run(dst.xl("destroy", str(new)))
+
+
+async def _migrate_drawing(
+    src: Host, dst: Host, domid: int, drawer: Drawer
+) -> tuple[RuntimeError | None, dict[str, Any], dict[str, Any]]:
+    """``migrate-receive`` on ``dst``, ``migrate`` on ``src`` while ``drawer`` draws: the
+    failure (if any), and what the sender and the receiver reported."""
+    receiver, where = await start_receiver(dst)
     stop = trio.Event()
     failure: RuntimeError | None = None
     sent: dict[str, Any] = {}
+    received: dict[str, Any] = {}
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drawer.run, stop)
@@ -234,31 +290,19 @@ async def _migrate_case(case: Case, src: Host, dst: Host, r: MigrationCase) -> N
             receiver.kill()
             with trio.CancelScope(shield=True):
                 await receiver.wait()
-    r.frames_drawn = drawer.frames
-    if failure is not None:
-        # The source domain ran on: it goes, so that the next case starts on a clean host.
-        with suppress(RuntimeError):
-            await _run(src.xl("destroy", str(domid)))
-        raise failure
-    r.migrated = True
-    r.fb_sha256_expected = pattern_sha256(case.device, drawer.last_seed)
-    for k in ("precopy_rounds", "pages_sent", "pages_per_round", "downtime_s", "total_s"):
-        setattr(r, k, sent[k])
-    r.image_records = list(sent["records"])
-    new = int(received["domid"])
-    r.fb_sha256_guest = (await _run(dst.xl("guest", str(new), "fb-hash", *mode)))["sha256"]
-    r.fb_sha256_dm = await _display_sha256(dst, new)
-    r.physmap_keys = {src.name: dict(sent["xenstore_keys"]), dst.name: await _keys(dst, new)}
-    r.physmap_xenstore_ops = {src.name: _ops(src, domid), dst.name: _ops(dst, new)}
-    await _run(dst.xl("destroy", str(new)))
+    return failure, sent, received
 
 
-async def _display_sha256(h: Host, domid: int) -> str | None:
+async def _display(h: Host, domid: int) -> tuple[str | None, bool | None]:
+    """What the device model shows (its display's hash) and whether its derived pointers are
+    valid, from QMP ``x-physmap-info``."""
     with suppress(QmpError, QmpProtocolError, OSError), trio.fail_after(STEP_LIMIT_S):
         async with open_qmp(RunDir(h.rundir).qmp_socket(domid)) as q:
             info = await q.execute("x-physmap-info")
-            return str(info["display_sha256"]) if info.get("display_sha256") else None
-    return None
+            shown = str(info["display_sha256"]) if info.get("display_sha256") else None
+            valid = info.get("derived_ptrs_valid")
+            return shown, valid if isinstance(valid, bool) else None
+    return None, None
 
 
 async def _keys(h: Host, domid: int) -> dict[str, str]:
@@ -294,7 +338,8 @@ async def run_migrations(
     cases: Sequence[Case], base: Path, *, use_netns: bool = True
 ) -> list[MigrationCase]:
     """Every case, each a migration from ``src`` to ``dst`` (two hosts kept for all)."""
-    tag = f"{os.getpid() % 100000}"
+    # Unique among concurrent runs, and short: the veth names built from it fit IFNAMSIZ.
+    tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
     results = []
     async with two_hosts(base, tag=tag, use_netns=use_netns) as (src, dst):
         for case in cases:

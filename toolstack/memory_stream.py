@@ -54,16 +54,28 @@ TYPE_SHIFT: Final = 60
 
 
 class PageType(IntEnum):
-    """The XEN_DOMCTL_PFINFO_* value in bits 60-63 of a PAGE_DATA pfn."""
+    """The XEN_DOMCTL_PFINFO_* value in bits 60-63 of a PAGE_DATA pfn (xen/public/domctl.h);
+    a page table may carry LPINTAB (0x8, pinned) on top of its level."""
 
     NOTAB = 0x0
     L1TAB = 0x1
     L2TAB = 0x2
     L3TAB = 0x3
     L4TAB = 0x4
+    LPINTAB = 0x8
     BROKEN = 0xD
     XALLOC = 0xE
     XTAB = 0xF
+
+
+#: What libxc's restore does with each known type (xg_sr_common.h: is_known_page_type(),
+#: page_type_has_stream_data(), page_type_to_populate()).  Ordinary pages and page tables,
+#: pinned or not, carry a page of data and are populated; XALLOC is populated without data;
+#: XTAB (no page there) and BROKEN carry nothing and are not populated.  Types 0x5-0x8 are
+#: unknown.  An HVM restore ignores the table levels (xg_sr_restore_x86_hvm.c:
+#: x86_hvm_set_page_type() is a no-op), so here a page table is a page of data.
+_WITH_DATA: Final = frozenset({0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC})
+_NO_DATA: Final = frozenset({PageType.BROKEN, PageType.XALLOC, PageType.XTAB})
 
 
 class MemRecordType(IntEnum):
@@ -101,39 +113,45 @@ def write_headers(f: BinaryIO, xen_major: int = 4, xen_minor: int = 17) -> int:
     return n
 
 
-def write_page_data(f: BinaryIO, pfns: Sequence[int], contents: Iterable[Chunk]) -> int:
+def write_page_data(
+    f: BinaryIO, pfns: Sequence[int], contents: Iterable[Chunk], xtab: Sequence[int] = ()
+) -> int:
     """One ``PAGE_DATA`` record of ordinary pages: ``contents`` are the pages of ``pfns`` in
-    order, as any number of pieces (typically one memoryview per run of adjacent frames)."""
+    order, as any number of pieces (typically one memoryview per run of adjacent frames);
+    ``xtab`` are pfns sent as XTAB, pages that no longer exist, with no data."""
     pieces = [memoryview(c).cast("B") for c in contents]
     data_len = sum(len(p) for p in pieces)
     if data_len != len(pfns) * PAGE_SIZE:
         raise ValueError(
             f"{len(pfns)} pages need {len(pfns) * PAGE_SIZE} bytes of contents, got {data_len}"
         )
-    n = f.write(page_data_header(pfns))
+    n = f.write(page_data_header(pfns, xtab))
     for p in pieces:
         n += f.write(p)
     return n
 
 
-def page_data_header(pfns: Sequence[int]) -> bytes:
+def page_data_header(pfns: Sequence[int], xtab: Sequence[int] = ()) -> bytes:
     """Record header, ``PAGE_DATA`` header and pfn array of a record of ordinary pages whose
-    ``len(pfns)`` pages of contents follow."""
-    count = len(pfns)
+    ``len(pfns)`` pages of contents follow, then the ``xtab`` pfns, which carry none (as
+    libxc's write_batch() in xg_sr_save.c sends the pages it found no frame for)."""
+    count = len(pfns) + len(xtab)
     if count < 1:
         raise ValueError("a PAGE_DATA record needs at least one pfn")
     if count > BATCH_PAGES:
         raise ValueError(f"a PAGE_DATA record holds at most {BATCH_PAGES} pfns, not {count}")
-    lo, hi = min(pfns), max(pfns)
+    every = [*pfns, *xtab]
+    lo, hi = min(every), max(every)
     if lo < 0 or hi > PFN_MASK:
         bad = lo if lo < 0 else hi
         raise ValueError(f"pfn 0x{bad:x} does not fit in 52 bits")
-    length = PAGE_DATA_HEADER.size + (8 + PAGE_SIZE) * count
+    length = PAGE_DATA_HEADER.size + 8 * count + PAGE_SIZE * len(pfns)
     # NOTAB is 0, so a plain pfn already carries the "ordinary page" type.
+    words = [*pfns, *(p | PageType.XTAB << TYPE_SHIFT for p in xtab)]
     return (
         RECORD_HEADER.pack(MemRecordType.PAGE_DATA, length)
         + PAGE_DATA_HEADER.pack(count, 0)
-        + struct.pack(f"<{count}Q", *pfns)
+        + struct.pack(f"<{count}Q", *words)
     )
 
 
@@ -231,11 +249,13 @@ class DomainHeader:
 @dataclass(frozen=True, slots=True)
 class PageDataRecord:
     """A ``PAGE_DATA`` record as found in the file: ``data_pfns`` are the pages whose contents
-    start at ``data_offset``, in order; ``alloc_pfns`` are populated but carry no data."""
+    start at ``data_offset``, in order; ``alloc_pfns`` (XALLOC) are populated but carry no
+    data; ``absent_pfns`` (XTAB, BROKEN) carry nothing and are not populated."""
 
     data_pfns: tuple[int, ...]
     alloc_pfns: tuple[int, ...]
     data_offset: int
+    absent_pfns: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -246,7 +266,13 @@ class MemoryImage:
     records: list[PageDataRecord] = field(default_factory=list)
 
     def pfns(self) -> list[int]:
-        """Every pfn the restored domain needs populated, each once, ascending."""
+        """Every pfn the restored domain needs populated, each once, ascending.
+
+        As libxc's ``populate_pfns()`` (xg_sr_restore.c) does record by record: a pfn with data
+        or XALLOC in any record is populated; an XTAB or BROKEN pfn is not, unless another
+        record populates it (a frame once populated is never given back, so a page sent in
+        an early pre-copy round and XTAB in a later one keeps the data it was last sent with).
+        """
         seen: set[int] = set()
         for rec in self.records:
             seen.update(rec.data_pfns)
@@ -288,6 +314,7 @@ def _parse_page_data(r: ImageReader, length: int, start: int) -> PageDataRecord:
     raw = struct.unpack(f"<{count}Q", r.read(8 * count, "PAGE_DATA pfns"))
     data: list[int] = []
     alloc: list[int] = []
+    absent: list[int] = []
     if max(raw) <= PFN_MASK:
         # Every word is a plain pfn (type NOTAB, no reserved bits): all pages carry data.
         data = list(raw)
@@ -297,15 +324,14 @@ def _parse_page_data(r: ImageReader, length: int, start: int) -> PageDataRecord:
             raise StreamError(f"PAGE_DATA pfn[{i}] 0x{word:016x} has reserved bits set", start)
         ptype = word >> TYPE_SHIFT
         pfn = word & PFN_MASK
-        if ptype == PageType.NOTAB:
+        if ptype in _WITH_DATA:
             data.append(pfn)
         elif ptype == PageType.XALLOC:
             alloc.append(pfn)
-        elif ptype == PageType.XTAB:
-            continue
+        elif ptype in _NO_DATA:
+            absent.append(pfn)
         else:
-            # Page-table types belong to PV guests; BROKEN pages cannot be restored here.
-            raise StreamError(f"PAGE_DATA pfn[{i}] has type 0x{ptype:x}, invalid for HVM", start)
+            raise StreamError(f"PAGE_DATA pfn[{i}] has unknown page type 0x{ptype:x}", start)
     expected = PAGE_DATA_HEADER.size + 8 * count + PAGE_SIZE * len(data)
     if length != expected:
         raise StreamError(
@@ -315,7 +341,16 @@ def _parse_page_data(r: ImageReader, length: int, start: int) -> PageDataRecord:
         )
     data_offset = r.offset
     r.skip(PAGE_SIZE * len(data), "PAGE_DATA page contents")
-    return PageDataRecord(tuple(data), tuple(alloc), data_offset)
+    return PageDataRecord(tuple(data), tuple(alloc), data_offset, tuple(absent))
+
+
+def read_page_data(r: ImageReader) -> PageDataRecord:
+    """One whole ``PAGE_DATA`` record at the reader's offset, checked as
+    :func:`read_memory_stream` checks it; its contents are skipped, not read."""
+    rtype, length, start = _read_record_header(r)
+    if rtype != MemRecordType.PAGE_DATA:
+        raise StreamError(f"libxc {MemRecordType(rtype).name} record where PAGE_DATA was", start)
+    return _parse_page_data(r, length, start)
 
 
 def read_memory_stream(r: ImageReader) -> MemoryImage:

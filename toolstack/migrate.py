@@ -10,11 +10,13 @@ libxc END, ``EMULATOR_XENSTORE_DATA`` (the physmap keys, libxl flavour with keys
 ``EMULATOR_CONTEXT`` and END.  Around the rounds the device model's global dirty log is on
 (``xen-set-global-dirty-log``, as libxl_dom_save.c switches it).
 
-The receiver spools the stream to a file in its run directory, restores it paused as
-``xl restore`` does (the compat keys are planted in *its* xenstore before its device model
-starts), reports, and unpauses once the sender gives permission; the sender then destroys its
-copy.  On any failure before that permission the source domain resumes and the receiver
-removes what it built.
+The receiver spools the stream to a file in its run directory.  As ``xl migrate-receive``
+does, it builds the domain once the configuration is in and loads each PAGE_DATA record as it
+arrives (libxc's restore), so that the pre-copy rounds are in place when the sender suspends;
+at END it checks the whole stream and restores the rest paused as ``xl restore`` does (the
+compat keys are planted in *its* xenstore before its device model starts), reports, and
+unpauses once the sender gives permission; the sender then destroys its copy.  On any failure
+before that permission the source domain resumes and the receiver removes what it built.
 
 Log-dirty reports pages by content digest (hypervisor_sim/logdirty.py); each page sent is
 hashed and compared with the digest of its look, and one that differs goes again next round.
@@ -25,10 +27,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -42,6 +46,8 @@ from .config import DomainConfig
 from .emulator_xenstore import XenstoreDataError, encode
 from .flavours import flavour
 from .libxl import Libxl, ToolstackError
+from .libxl.results import Clock
+from .libxl.stream_read import Incoming
 from .memory_stream import BATCH_PAGES, PAGE_SIZE, coalesce
 from .migration_stream import (
     FINAL_REPORT,
@@ -52,11 +58,14 @@ from .migration_stream import (
 )
 from .qmp import QmpError, QmpProtocolError
 from .stream import RecordType
+from .streamio import ImageReader, StreamError
 
 #: libxc's defaults (xg_sr_save.c): at most 5 rounds, stop once 50 or fewer pages are dirty.
 MAX_ROUNDS: Final = 5
 DIRTY_THRESHOLD: Final = 50
 _RECV_CHUNK: Final = 1 << 20
+#: How long the receiver waits for its guard to go once told ``done``.
+_GUARD_EXIT_S: Final = 10.0
 
 
 def parse_host(text: str) -> tuple[str, int]:
@@ -79,6 +88,11 @@ class MigrateResult:
     bytes: int = 0
     downtime_s: float = 0.0
     total_s: float = 0.0
+    #: The downtime by step: ``suspend`` (pause, QMP stop, device state saved), ``final_look``
+    #: (log-dirty's last CLEAN), ``last_round`` (its pages sent, log-dirty off), ``tail`` (the keys in compat mode, the device
+    #: state and END sent), ``destination`` (until the receiver reports the domain restored)
+    #: and ``handover`` (permission to go until the receiver's final report).
+    stop_copy_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,16 +154,19 @@ class _Sender:
     async def _send_batch(self, gfns: list[int], digest: dict[int, bytes]) -> int:
         fm = await self.lx.hv_call("map_foreign", domid=self.domid, gfns=gfns)
         live = [(g, off) for g, off in zip(gfns, fm["offsets"], strict=True) if off >= 0]
-        if not live:
-            return 0
+        # A page with no frame any more goes as XTAB (xg_sr_save.c: write_batch()).
+        gone = [g for g, off in zip(gfns, fm["offsets"], strict=True) if off < 0]
         pfns = [g for g, _ in live]
-        data = await trio.to_thread.run_sync(_read_frames, fm["mem_path"], [o for _, o in live])
+        data = b""
+        if live:
+            offsets = [o for _, o in live]
+            data = await trio.to_thread.run_sync(_read_frames, fm["mem_path"], offsets)
         for i, gfn in enumerate(pfns):
             page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             if digest.get(gfn) != hashlib.sha1(page, usedforsecurity=False).digest():
                 self.resend.add(gfn)  # written since its look: it goes again next round
         buf = io.BytesIO()
-        memory_stream.write_page_data(buf, pfns, [data])
+        memory_stream.write_page_data(buf, pfns, [data], xtab=gone)
         await self.ch.send(buf.getbuffer())
         return len(pfns)
 
@@ -195,13 +212,20 @@ async def migrate(
         await _send_head(ch, config.with_overrides(uuid=uuid), result)
         await _precopy(lx, domid, sender, max_rounds, dirty_threshold)
         suspended_at = time.monotonic()
+        clock = Clock()
         state = await _suspend(lx, domid)
-        await sender.send_pages(await sender.shadow("clean"))
+        clock.mark("suspend")
+        final = await sender.shadow("clean")
+        clock.mark("final_look")
+        await sender.send_pages(final)
         await sender.shadow("off")
         await _global_dirty_log(lx, domid, False)
+        clock.mark("last_round")
         await _send_tail(lx, domid, ch, config.toolstack, state, result)
+        clock.mark("tail")
         if await ch.expect(RECEIVER_REPORT, "the receiver's report"):
             raise ToolstackError("the receiver could not restore the domain")
+        clock.mark("destination")
         await ch.send(PERMISSION_TO_GO)
     except BaseException as exc:
         with trio.CancelScope(shield=True):
@@ -220,6 +244,8 @@ async def migrate(
     # The receiver owns the domain now: a lost final report does not bring ours back.
     with suppress(ToolstackError, trio.BrokenResourceError, trio.ClosedResourceError):
         await ch.expect(FINAL_REPORT, "the receiver's final report")
+    clock.mark("handover")
+    result.stop_copy_s = {k: round(v, 4) for k, v in clock.phases.items()}
     result.downtime_s = time.monotonic() - (suspended_at or t0)
     await lx.destroy(domid)
     result.bytes = ch.sent
@@ -242,17 +268,20 @@ async def _precopy(
     lx: Libxl, domid: int, sender: _Sender, max_rounds: int, dirty_threshold: int
 ) -> None:
     """Log-dirty rounds until few pages are left dirty or the rounds run out (cf. libxc's
-    xc_sr_save.c: send_memory_live())."""
+    xg_sr_save.c: send_memory_live()).  The look that finds few pages left is still sent live,
+    as libxc sends the pages of its last CLEAN before it stops: the clean took them out of the
+    log, so the look after the suspend would not name them again."""
     result = sender.result
     look = await sender.shadow("enable_logdirty")
     await _global_dirty_log(lx, domid, True)
+    last = False
     while True:
         await sender.send_pages(look)
         result.precopy_rounds += 1
+        if last or result.precopy_rounds >= max_rounds:
+            return
         look = await sender.shadow("clean")
-        left = len(set(look["pages"]) | sender.resend)
-        if left <= dirty_threshold or result.precopy_rounds >= max_rounds:
-            break
+        last = len(set(look["pages"]) | sender.resend) <= dirty_threshold
 
 
 async def _global_dirty_log(lx: Libxl, domid: int, enable: bool) -> None:
@@ -328,49 +357,114 @@ async def _resume(lx: Libxl, domid: int, suspended: bool) -> None:
 
 
 async def migrate_receive(lx: Libxl, s: trio.abc.Stream) -> dict[str, Any]:
-    """Receive one domain over ``s``: spool, restore paused, report, unpause on permission.
+    """Receive one domain over ``s``: build it and load its pages while the stream arrives,
+    check the whole stream once it is in, restore the rest paused, report, unpause on
+    permission.
 
-    The spool is an unnamed file in ``RUNDIR/migrate`` (``O_TMPFILE``), so a receiver that is
-    killed leaves nothing behind; the restore reads it through ``/proc/self/fd``."""
+    The stream is spooled to an unnamed file in ``RUNDIR/migrate`` (``O_TMPFILE``), so a
+    receiver that is killed leaves no file behind, and its guard (:mod:`.migrate_guard`)
+    destroys the domain it had begun; the restore reads the spool through ``/proc/self/fd``."""
     ch = _Channel(s)
     t0 = time.monotonic()
     spool_dir = lx.run.root / "migrate"
     spool_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+    async with _guarded(lx) as guard, _spooled(spool_dir) as spool:
         await ch.send(RECEIVER_BANNER)
-        follower = await _spool(ch, spool)
+        rx = _Receiving(StreamFollower(), spool, guard)
         try:
-            restored = await lx.restore(f"/proc/self/fd/{spool.fileno()}", paused=True)
+            await _receive(lx, ch, rx)
+        except BaseException:
+            if rx.incoming is not None:
+                with trio.CancelScope(shield=True):
+                    await lx.incoming_abort(rx.incoming)
+            raise
+        assert rx.incoming is not None
+        image = Path(f"/proc/self/fd/{spool.fileno()}")
+        try:
+            restored = await lx.incoming_finish(rx.incoming, image, paused=True)
         except ToolstackError:
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await ch.send(RECEIVER_REPORT + b"\x01")
             raise
-    try:
-        await ch.send(RECEIVER_REPORT + b"\x00")
-        await ch.expect(PERMISSION_TO_GO, "permission to go")
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await lx.destroy(restored.domid)
-        raise
-    await lx.unpause(restored.domid)
+        try:
+            await ch.send(RECEIVER_REPORT + b"\x00")
+            await ch.expect(PERMISSION_TO_GO, "permission to go")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await lx.destroy(restored.domid)
+            raise
+        await lx.unpause(restored.domid)
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await ch.send(FINAL_REPORT + b"\x00")
     out = restored.as_dict()
-    out.update(stream_records=follower.records, stream_bytes=follower.offset)
+    out.update(stream_records=rx.follower.records, stream_bytes=rx.follower.offset)
     out["total_s"] = time.monotonic() - t0
     return out
 
 
-async def _spool(ch: _Channel, f: IO[bytes]) -> StreamFollower:
-    follower = StreamFollower()
-    while not follower.done:
-        data = await ch.receive_some(min(follower.wants(), _RECV_CHUNK))
-        if not data:
-            raise ToolstackError(
-                f"the sender closed the connection after {follower.offset} bytes, "
-                "before the END record"
-            )
-        follower.feed(data)
-        await trio.to_thread.run_sync(f.write, data)
-    await trio.to_thread.run_sync(f.flush)
-    return follower
+@dataclass
+class _Receiving:
+    follower: StreamFollower
+    spool: IO[bytes]
+    #: The guard's stdin (:mod:`toolstack.migrate_guard`): told the domid once there is one.
+    guard: trio.abc.SendStream
+    #: The domain under construction, once the stream's configuration is in.
+    incoming: Incoming | None = None
+
+
+@asynccontextmanager
+async def _spooled(spool_dir: Path) -> AsyncIterator[IO[bytes]]:
+    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+        yield spool
+
+
+@asynccontextmanager
+async def _guarded(lx: Libxl) -> AsyncIterator[trio.abc.SendStream]:
+    """The guard process that destroys the half-received domain should this receiver die; on
+    the way out (the domain settled, or removed by the receiver itself) it is told ``done``."""
+    argv = [sys.executable, "-m", "toolstack.migrate_guard", str(lx.run.root)]
+    proc = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    assert proc.stdin is not None
+    try:
+        yield proc.stdin
+    finally:
+        with trio.CancelScope(shield=True):
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await proc.stdin.send_all(b"done\n")
+            await proc.stdin.aclose()
+            with trio.move_on_after(_GUARD_EXIT_S):
+                await proc.wait()
+
+
+async def _receive(lx: Libxl, ch: _Channel, rx: _Receiving) -> None:
+    """Spool the stream until its END; build the domain when the configuration is in and load
+    each PAGE_DATA record as it completes."""
+    follower, spool = rx.follower, rx.spool
+    # A second open file description of the spool: reads there leave the writes' offset be.
+    with open(f"/proc/self/fd/{spool.fileno()}", "rb") as back:
+        while not follower.done:
+            data = await ch.receive_some(min(follower.wants(), _RECV_CHUNK))
+            if not data:
+                raise ToolstackError(
+                    f"the sender closed the connection after {follower.offset} bytes, "
+                    "before the END record"
+                )
+            follower.feed(data)
+            await trio.to_thread.run_sync(spool.write, data)
+            events = follower.take_events()
+            if events:
+                await trio.to_thread.run_sync(spool.flush)
+            for kind, start, _end in events:
+                back.seek(start)
+                if kind == "config":
+                    config = savefile.read_header(ImageReader(back)).config
+                    if config is None:
+                        raise StreamError("the stream carries no domain configuration", 0)
+                    rx.incoming = await lx.incoming_begin(config)
+                    await rx.guard.send_all(f"domid {rx.incoming.built.domid}\n".encode())
+                elif rx.incoming is not None:
+                    rec = memory_stream.read_page_data(ImageReader(back))
+                    await lx.incoming_pages(rx.incoming, spool.fileno(), rec)
+    await trio.to_thread.run_sync(spool.flush)

@@ -31,7 +31,12 @@ _LIBXC_HEADERS: Final = memory_stream.IMAGE_HEADER.size + memory_stream.DOMAIN_H
 
 
 class StreamFollower:
-    """Feed it at most :meth:`wants` bytes at a time; :attr:`done` once the libxl END is in."""
+    """Feed it at most :meth:`wants` bytes at a time; :attr:`done` once the libxl END is in.
+
+    :meth:`take_events` hands out what has arrived whole since the last call, each as
+    ``(kind, start, end)`` offsets into the stream: ``config`` (the xl header with the domain's
+    configuration) and ``page_data`` (one libxc PAGE_DATA record, header included), so that a
+    receiver can build the domain and load its pages while the rest still arrives."""
 
     def __init__(self) -> None:
         self.done = False
@@ -41,6 +46,12 @@ class StreamFollower:
         self._want = _XL_FIXED
         self._buf = bytearray()
         self._skip = False  # a body: counted, not kept
+        self._events: list[tuple[str, int, int]] = []
+        self._record = (0, 0)  # the libxc record under way: its type and start
+
+    def take_events(self) -> list[tuple[str, int, int]]:
+        events, self._events = self._events, []
+        return events
 
     def wants(self) -> int:
         """Bytes the next step needs (0 when done)."""
@@ -72,6 +83,7 @@ class StreamFollower:
                 raise StreamError(f"xl optional data of {optlen} bytes is implausible", 0)
             self._expect("xl-optional", optlen, skip=True)
         elif s == "xl-optional":
+            self._events.append(("config", 0, self.offset))
             self._expect("libxl-header", stream.HEADER.size)
         elif s in ("libxl-header", "libxl-body"):
             self._expect("libxl-record", stream.RECORD_HEADER.size)
@@ -83,11 +95,15 @@ class StreamFollower:
             rtype, length = memory_stream.RECORD_HEADER.unpack(head)
             if length > memory_stream.RECORD_LENGTH_MAX:
                 raise StreamError(f"libxc record of {length} bytes", self.offset - 8)
+            self._record = (rtype, self.offset - memory_stream.RECORD_HEADER.size)
             if rtype == memory_stream.MemRecordType.END:
                 self._expect("libxl-body", 0)
             else:
                 self._expect("libxc-body", length + stream.padding(length), skip=True)
         elif s == "libxc-body":
+            rtype, start = self._record
+            if rtype == memory_stream.MemRecordType.PAGE_DATA:
+                self._events.append(("page_data", start, self.offset))
             self._expect("libxc-record", memory_stream.RECORD_HEADER.size)
 
     def _libxl_record(self, head: bytes) -> None:

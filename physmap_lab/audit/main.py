@@ -35,6 +35,10 @@ Enforced = tuple[dict[str, list[Permission]], list[EnforcedCell], list[str]]
 
 
 def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> int:
+    if getattr(args, "migration_cells", False):
+        from .migrate_main import run as run_migration_cells
+
+        return run_migration_cells(args, err, argv)
     cases = matrix(
         args.toolstacks or TOOLSTACKS,
         args.modes or MODES,

@@ -109,6 +109,11 @@ def test_quick_run_without_oracle_covers_every_section(tmp_path: Path) -> None:
             run["pages_per_round"][0] >= 16 * 256
             and sum(run["pages_per_round"]) == run["pages_sent"]
         )
+        assert set(run["stop_copy_s"]) == {"suspend", "final_look", "last_round", "tail"} | {
+            "destination",
+            "handover",
+        }
+        assert {"loaded_before_end", "index", "device_model"} <= set(run["restore_phases_s"])
     assert len(by_section["migration"]) == 6
     assert "physmap-lab targets" in log
 

@@ -84,7 +84,9 @@ def _stream_with(record: bytes) -> bytes:
     [
         (_page_data_record(2, [1, 2], 1), "should be 8216"),
         (_page_data_record(1, [1 | (1 << 55)], 1), "reserved bits"),
-        (_page_data_record(1, [1 | (1 << 60)], 1), "invalid for HVM"),
+        (_page_data_record(1, [1 | (0x5 << 60)], 1), "unknown page type 0x5"),
+        (_page_data_record(1, [1 | (0x8 << 60)], 1), "unknown page type 0x8"),
+        (_page_data_record(2, [1 | (0xD << 60), 2], 2), "should be 4120"),
         (_page_data_record(3, [1], 0), "too short for 3 pfns"),
         (_page_data_record(0, [], 0), "holds no pfn"),
         (struct.pack("<II", 9, 0), "HVM_CONTEXT records are not supported"),
@@ -101,7 +103,64 @@ def test_xalloc_and_xtab_pages_carry_no_data() -> None:
     image = read(_stream_with(_page_data_record(3, words, 1)))
     assert image.records[0].data_pfns == (5,)
     assert image.records[0].alloc_pfns == (3,)
+    assert image.records[0].absent_pfns == (4,)
     assert image.pfns() == [3, 5]
+
+
+def test_broken_pages_carry_no_data_and_are_not_populated() -> None:
+    """libxc's restore takes BROKEN like XTAB (xg_sr_common.h: page_type_has_stream_data(),
+    page_type_to_populate()): a known type, no page of data, nothing populated."""
+    words = [7 | (0xD << 60), 8 | (0xF << 60), 9]
+    image = read(_stream_with(_page_data_record(3, words, 1)))
+    assert image.records[0].data_pfns == (9,)
+    assert image.records[0].absent_pfns == (7, 8)
+    assert image.pfns() == [9]
+
+
+@pytest.mark.parametrize("ptype", [0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC])
+def test_page_tables_are_pages_of_data_to_an_hvm_restore(ptype: int) -> None:
+    """Page tables, pinned (LPINTAB) or not, are known types with data; an HVM restore sets
+    no type on them (xg_sr_restore_x86_hvm.c: x86_hvm_set_page_type())."""
+    image = read(_stream_with(_page_data_record(2, [1 | (ptype << 60), 2], 2)))
+    assert image.records[0].data_pfns == (1, 2)
+    assert image.pfns() == [1, 2]
+
+
+def test_a_page_sent_then_xtab_keeps_its_last_data() -> None:
+    """Pre-copy sends pfn 6 in round one; in a later round it no longer exists (XTAB).  libxc's
+    populate_pfns() never gives a frame back, so pfn 6 stays populated with what round one
+    sent, while pfn 10, XTAB only, is never populated."""
+    first = _page_data_record(2, [5, 6], 2)
+    later = _page_data_record(3, [6 | (0xF << 60), 10 | (0xF << 60), 11], 1)
+    head = build([])[:-8]
+    image = read(head + first + later + struct.pack("<II", 0, 0))
+    assert [r.data_pfns for r in image.records] == [(5, 6), (11,)]
+    assert [r.absent_pfns for r in image.records] == [(), (6, 10)]
+    assert image.pfns() == [5, 6, 11]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 60), st.sampled_from([0x0, 0x1, 0x9, 0xD, 0xE, 0xF])),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(1, 8),
+)
+def test_pfns_are_what_libxc_would_populate(words: list[tuple[int, int]], size: int) -> None:
+    """Against a model of libxc's restore: records in order, each pfn populated the first time
+    a record gives it a type to populate; the page count is the pages of data."""
+    batches = [words[i : i + size] for i in range(0, len(words), size)]
+    records = b""
+    for batch in batches:
+        with_data = sum(t not in (0xD, 0xE, 0xF) for _, t in batch)
+        records += _page_data_record(len(batch), [p | (t << 60) for p, t in batch], with_data)
+    image = read(build([])[:-8] + records + struct.pack("<II", 0, 0))
+    populated: set[int] = set()
+    for batch in batches:
+        populated |= {p for p, t in batch if t not in (0xD, 0xF)}
+    assert image.pfns() == sorted(populated)
+    assert image.page_count == sum(t not in (0xD, 0xE, 0xF) for _, t in words)
 
 
 def test_truncated_libxc_stream_is_rejected() -> None:

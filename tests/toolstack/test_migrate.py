@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from hypervisor_sim.client import open_hypervisor
+from hypervisor_sim.protocol import HypercallError
+from physmap_lab.migration import Host, _finish, start_receiver, two_hosts
 from physmap_lab.stack import Stack, executable
 from toolstack.config import DomainConfig
-from toolstack.image import write_image
+from toolstack.image import read_image, write_image
+from toolstack.memory_stream import read_page_data
 from toolstack.migrate import parse_host
+from toolstack.migrate_guard import undo
 from toolstack.migration_stream import RECEIVER_BANNER, StreamFollower
-from toolstack.streamio import StreamError
+from toolstack.savefile import read_header
+from toolstack.streamio import ImageReader, StreamError
+from xenhost import RunDir
 
 XL_SIM = executable("xl-sim")
 CONFIG = DomainConfig(name="vm", memory_mib=1, vga="stdvga", dm_mode="compat")
@@ -52,10 +61,53 @@ def test_the_follower_finds_the_end_in_any_chunking(seed: int) -> None:
         f.feed(b"x")
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_the_follower_names_the_configuration_and_each_page_record(seed: int) -> None:
+    """The receiver builds the domain on ``config`` and loads each ``page_data`` record as it
+    completes: every event spans whole bytes that have arrived, in stream order."""
+    rng = random.Random(seed)
+    data = image_bytes(rng)
+    f = StreamFollower()
+    events: list[tuple[str, int, int]] = []
+    at = 0
+    while not f.done:
+        n = rng.randrange(1, f.wants() + 1)
+        f.feed(data[at : at + n])
+        at += n
+        for event in f.take_events():
+            assert event[2] <= at
+            events.append(event)
+    assert events[0][0] == "config"
+    assert read_header(ImageReader(io.BytesIO(data[: events[0][2]]))).config == CONFIG
+    index = read_image(io.BytesIO(data))
+    assert index.memory is not None
+    pages = [e for e in events if e[0] == "page_data"]
+    assert len(pages) == len(index.memory.records) == len(events) - 1
+    for (_kind, start, end), want in zip(pages, index.memory.records, strict=True):
+        f2 = io.BytesIO(data[:end])
+        f2.seek(start)
+        assert read_page_data(ImageReader(f2)).data_pfns == want.data_pfns
+
+
 def test_the_follower_refuses_what_is_not_a_stream() -> None:
     f = StreamFollower()
     with pytest.raises(StreamError, match="bad magic"):
         f.feed(b"\0" * f.wants())
+
+
+@pytest.mark.parametrize(
+    ("lines", "want"),
+    [
+        ([], None),
+        (["domid 4"], 4),
+        (["domid 4", "done"], None),
+        (["domid 4", "domid 7"], 7),
+        (["domid x", "garbage"], None),
+        (["done", "domid 9"], 9),
+    ],
+)
+def test_the_guard_undoes_the_last_domain_not_done(lines: list[str], want: int | None) -> None:
+    assert undo(lines) == want
 
 
 def test_parse_host() -> None:
@@ -120,3 +172,75 @@ async def test_a_broken_sender_leaves_the_receiver_clean(
     assert "Traceback" not in (await proc.stderr.receive_some(65536)).decode()
     assert (await xl("list"))["domains"] == []
     assert list((stack.rundir / "migrate").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [["--max-rounds", "2"], ["--dirty-threshold", "100000"]],
+    ids=["rounds-used-up", "few-pages-left"],
+)
+async def test_every_page_written_before_the_suspend_arrives(
+    tmp_path: Path, limit: list[str]
+) -> None:
+    """The guest writes random pages throughout the pre-copy; after the migration the
+    destination holds the last bytes written to each.  The pages of the look that ends the
+    pre-copy (few enough dirty, or the rounds used up) go out before the suspend, as libxc's
+    send_memory_live() sends them; dropped, they would arrive with older contents."""
+    pages = 16 * 256
+    async with two_hosts(tmp_path, tag=f"w{os.getpid() % 10000}", use_netns=False) as hosts:
+        src, dst = hosts
+        made = await _host_xl(src, "create", "--memory", "16", "--vga", "stdvga")
+        domid = int(made["domid"])
+        receiver, where = await start_receiver(dst)
+        written: dict[int, bytes] = {}
+        stop = trio.Event()
+
+        async def write() -> None:
+            rng = random.Random(11)
+            async with open_hypervisor(RunDir(src.rundir).hypervisor_socket) as hv:
+                while not stop.is_set():
+                    ops = [
+                        {"op": "mem_write", "gpa": rng.randrange(pages) << 12,
+                         "data": rng.randbytes(8)}
+                        for _ in range(16)
+                    ]  # fmt: skip
+                    try:
+                        await hv.guest(domid, ops)
+                    except HypercallError as exc:
+                        if exc.errno_name != "EBUSY":  # paused for the suspend, or gone
+                            return
+                    else:
+                        written.update((op["gpa"], op["data"]) for op in ops)
+                    await trio.sleep(0.002)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            # Either way the pre-copy ends after its second round, whose look holds many pages.
+            sent = await _host_xl(src, "migrate", str(domid), where, *limit)
+            stop.set()
+        received = await _finish(receiver)
+        assert sent["precopy_rounds"] == 2 and len(written) > 100
+        steps = sent["stop_copy_s"]
+        assert list(steps) == [
+            "suspend",
+            "final_look",
+            "last_round",
+            "tail",
+            "destination",
+            "handover",
+        ]
+        assert 0 < sum(steps.values()) <= sent["downtime_s"] + 0.01
+        new = int(received["domid"])
+        gpas = sorted(written)
+        async with open_hypervisor(RunDir(dst.rundir).hypervisor_socket) as hv:
+            got = await hv.guest(new, [{"op": "mem_read", "gpa": g, "len": 8} for g in gpas])
+        stale = [hex(g) for g, data in zip(gpas, got, strict=True) if data != written[g]]
+        assert stale == [], f"{len(stale)} of {len(gpas)} pages arrived stale"
+        await _host_xl(dst, "destroy", str(new))
+
+
+async def _host_xl(h: Host, *args: str) -> dict[str, Any]:
+    proc = await trio.run_process(h.xl(*args), capture_stdout=True, check=False)
+    out: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert proc.returncode == 0, out
+    return out

@@ -8,6 +8,8 @@ import os
 import time
 from collections.abc import Mapping
 from contextlib import suppress
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ from ..config import DomainConfig
 from ..emulator_xenstore import dm_root
 from ..flavours import flavour
 from ..image import ImageIndex, copy_emulator_context, read_image, restore_pages
+from ..memory_stream import PageDataRecord, coalesce
 from ..session import ToolstackError
-from ..streamio import StreamError
+from ..streamio import StreamError, copy_range
 from .create import Create
 from .results import Clock, Made, RestoreResult
 
@@ -44,8 +47,100 @@ def _read_index(image: Path) -> ImageIndex:
         return read_image(f)
 
 
+def _copy_record(spool: int, rec: PageDataRecord, frames: Mapping[int, int], mem_path: str) -> int:
+    """Copy the pages of ``rec`` from the stream file ``spool`` into their frames."""
+    offsets = [frames[p] for p in rec.data_pfns]
+    fd = os.open(mem_path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        at = rec.data_offset
+        for ext in coalesce(offsets):
+            copy_range(spool, at, fd, ext.offset, ext.length)
+            at += ext.length
+    finally:
+        os.close(fd)
+    return len(offsets)
+
+
+@dataclass(slots=True)
+class Built:
+    """A domain a restore has built, and what the rest of the restore needs of it."""
+
+    config: DomainConfig
+    name: str
+    domid: int
+    made: Made
+    t0: float
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A domain restored from a stream that is still arriving (``xl migrate-receive``): built
+    once the stream's configuration is in, then loaded one PAGE_DATA record at a time as
+    libxc's restore does (xg_sr_restore.c: process_page_data()), so that the pre-copy rounds
+    are in place before the sender suspends and only its last round is left for the downtime."""
+
+    built: Built
+    #: Every pfn populated so far, and the offset of its frame in the memory file.
+    frames: dict[int, int] = field(default_factory=dict)
+    mem_path: str = ""
+    pages: int = 0
+    #: Seconds spent populating and loading while the stream arrived.
+    loading_s: float = 0.0
+
+
 class Restore(Create):
     """``libxl_domain_create_restore``: the restore half of the stream."""
+
+    async def incoming_begin(self, config: DomainConfig) -> Incoming:
+        """Build the domain of a stream whose configuration is in (libxl builds it before
+        ``xc_domain_restore`` reads the memory)."""
+        t0 = time.monotonic()
+        name = await self._pick_name(config)
+        made = Made()
+        try:
+            domid, _ = await self._start_domain(config, name, made, restore=True)
+        except BaseException:
+            await self._rollback(made)
+            raise
+        return Incoming(Built(config, name, domid, made, t0))
+
+    async def incoming_pages(self, inc: Incoming, spool: int, rec: PageDataRecord) -> None:
+        """One PAGE_DATA record arrived: populate its new pfns and copy its pages in.  A pfn
+        populated once stays populated (libxc's populate_pfns())."""
+        t0 = time.monotonic()
+        domid = inc.built.domid
+        new = [p for p in dict.fromkeys((*rec.data_pfns, *rec.alloc_pfns)) if p not in inc.frames]
+        if new:
+            await self._populate(domid, new)
+            inc.mem_path, offsets = await self._map_foreign(domid, new)
+            inc.frames.update(zip(new, offsets, strict=True))
+        if rec.data_pfns:
+            copy = partial(_copy_record, spool, rec, inc.frames, inc.mem_path)
+            inc.pages += await trio.to_thread.run_sync(copy)
+        inc.loading_s += time.monotonic() - t0
+
+    async def incoming_finish(self, inc: Incoming, image: Path, *, paused: bool) -> RestoreResult:
+        """The whole stream is in ``image``: check it as a restore does, then plant the
+        emulator's keys, start the device model and unpause unless ``paused``."""
+        clock = Clock()
+        built = inc.built
+        try:
+            index, _ = await _check_image(image, None)
+            assert index.memory is not None
+            missing = [p for p in index.memory.pfns() if p not in inc.frames]
+            if missing:
+                raise ToolstackError(f"{image}: pfn 0x{missing[0]:x} arrived but was not loaded")
+        except BaseException:
+            await self._rollback(built.made)
+            raise
+        clock.phases["loaded_before_end"] = inc.loading_s
+        clock.mark("index")
+        self.audit.record("memory_restore", call=str(image), domid=built.domid, pages=inc.pages)
+        return await self._restore_rest(built, image, index, clock, inc.pages, paused=paused)
+
+    async def incoming_abort(self, inc: Incoming) -> None:
+        """Remove what :meth:`incoming_begin` built (the stream broke off)."""
+        await self._rollback(inc.built.made)
 
     async def restore(
         self,
@@ -69,6 +164,27 @@ class Restore(Create):
             domid, _ = await self._start_domain(config, name, made, restore=True)
             clock.mark("domain")
             pages = await self._load_memory(domid, image, index, clock)
+        except BaseException:
+            await self._rollback(made)
+            raise
+        return await self._restore_rest(
+            Built(config, name, domid, made, t0), image, index, clock, pages, paused=paused
+        )
+
+    async def _restore_rest(
+        self,
+        built: Built,
+        image: Path,
+        index: ImageIndex,
+        clock: Clock,
+        pages: int,
+        *,
+        paused: bool,
+    ) -> RestoreResult:
+        """What follows the memory: the emulator's xenstore data, the device model on the
+        saved state, the guest unpaused unless ``paused``; rolled back on any failure."""
+        config, domid, made = built.config, built.domid, built.made
+        try:
             planted, ignored = await self._restore_xenstore_data(domid, config, index)
             resume = self.run.resume_state(domid)
             resume.parent.mkdir(parents=True, exist_ok=True)
@@ -92,14 +208,14 @@ class Restore(Create):
                         f.unlink()
         return RestoreResult(
             domid=domid,
-            name=name,
+            name=built.name,
             records=index.records,
             bytes=index.size,
             pages=pages,
             xenstore_keys=planted,
             xenstore_keys_ignored=ignored,
             dm_pid=pid,
-            seconds=time.monotonic() - t0,
+            seconds=time.monotonic() - built.t0,
             phases=clock.phases,
         )
 
