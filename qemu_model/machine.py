@@ -12,6 +12,7 @@ listeners → ``xen_read_physmap`` → devices.  A restore is an incoming load i
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 from collections.abc import Callable
 from typing import Any, Final, Literal
@@ -24,7 +25,7 @@ from .mapcache import MapCache, RecordingNotifier
 from .memory import RamBlock, RamList
 from .pci import VGA_SBDF
 from .version import QemuVersion
-from .vga import MachineOps, StdVGA, VGAPCIDevice
+from .vga import VGAPCIDevice
 from .vmstate import DeviceState, decode, encode
 from .xen_hvm import Hypercalls, Mode, XenHvm, XenStore
 from .xen_native import CompatForeignMemory, RestrictableHandles, xen_restrict
@@ -33,23 +34,21 @@ from .xenforeignmemory import ForeignMemoryLike
 log = logging.getLogger(__name__)
 
 
-def _cirrus(ops: MachineOps, vram_size: int) -> VGAPCIDevice:
-    from .cirrus import Cirrus  # each optional device's code loads only when it is built
-
-    return Cirrus(ops, vram_size)
-
-
-def _qxl(ops: MachineOps, vram_size: int) -> VGAPCIDevice:
-    from .qxl import QXL
-
-    return QXL(ops, vram_size)
-
-
-DEVICES: Final[dict[str, Callable[[MachineOps, int], VGAPCIDevice]]] = {
-    "stdvga": StdVGA,
-    "cirrus": _cirrus,
-    "qxl": _qxl,
+#: Each display device's class, as ``module:Class``: an optional device's code loads only
+#: when the machine builds it (cf. QEMU's per-device modules).
+DEVICES: Final[dict[str, str]] = {
+    "stdvga": "qemu_model.vga:StdVGA",
+    "cirrus": "qemu_model.cirrus:Cirrus",
+    "qxl": "qemu_model.qxl:QXL",
 }
+
+
+def device_class(name: str) -> type[VGAPCIDevice]:
+    """The class of the registered display device ``name``."""
+    module, _, cls = DEVICES[name].partition(":")
+    found: type[VGAPCIDevice] = getattr(importlib.import_module(module), cls)
+    return found
+
 
 RunState = Literal[
     "prelaunch",
@@ -113,7 +112,7 @@ class Machine:
         self.dirty_vram = DirtyVram(domid, dirty)
         self.ram = RamList(ram_size)
         self.xen.read_physmap()
-        self.device: VGAPCIDevice = DEVICES[device](self, vram_size)
+        self.device: VGAPCIDevice = device_class(device)(self, vram_size)
 
     def in_migrate(self) -> bool:
         return self.runstate == "inmigrate"

@@ -112,7 +112,9 @@ async def open_hypervisor_or_exit(path: Path) -> AsyncIterator[HypervisorClient]
         try:
             hv = await stack.enter_async_context(open_hypervisor(path))
         except OSError as exc:
-            raise QemuExit(f"xen: cannot reach hypervisor-sim at {path}: {exc.strerror or exc}") from None
+            raise QemuExit(
+                f"xen: cannot reach hypervisor-sim at {path}: {exc.strerror or exc}"
+            ) from None
         yield hv
 
 

@@ -9,6 +9,7 @@ from typing import get_args
 
 from hypervisor_sim import guest_drivers
 from qemu_model.machine import DEVICES as DEVICE_MODEL_CLASSES
+from qemu_model.machine import device_class
 from toolstack.config import VGA_CHOICES, VIDEORAM_DEFAULT_MIB, Vga
 from xenhost.devices import DEFAULT_DEVICE, DEVICE_NAMES, DISPLAY_DEVICES
 
@@ -28,7 +29,8 @@ def test_every_per_device_table_is_keyed_by_the_registry() -> None:
 
 
 def test_the_device_model_shows_the_registered_ids() -> None:
-    for name, cls in DEVICE_MODEL_CLASSES.items():
+    for name in DEVICE_MODEL_CLASSES:
+        cls = device_class(name)
         d = DISPLAY_DEVICES[name]
         assert (d.vendor_id, d.device_id) == (cls.VENDOR_ID, cls.DEVICE_ID)
         assert VIDEORAM_DEFAULT_MIB[name] == d.videoram_default_mib

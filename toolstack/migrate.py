@@ -212,34 +212,11 @@ async def migrate(
         await _send_head(ch, config.with_overrides(uuid=uuid), result)
         await _precopy(lx, domid, sender, max_rounds, dirty_threshold)
         suspended_at = time.monotonic()
-        clock = Clock()
-        state = await _suspend(lx, domid)
-        clock.mark("suspend")
-        final = await sender.shadow("clean")
-        clock.mark("final_look")
-        await sender.send_pages(final)
-        await sender.shadow("off")
-        await _global_dirty_log(lx, domid, False)
-        clock.mark("last_round")
-        await _send_tail(lx, domid, ch, config.toolstack, state, result)
-        clock.mark("tail")
-        if await ch.expect(RECEIVER_REPORT, "the receiver's report"):
-            raise ToolstackError("the receiver could not restore the domain")
-        clock.mark("destination")
-        await ch.send(PERMISSION_TO_GO)
+        clock = await _stop_and_copy(lx, domid, sender, ch, config.toolstack, result)
     except BaseException as exc:
         with trio.CancelScope(shield=True):
             await _resume(lx, domid, suspended_at is not None)
-        if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-            raise ToolstackError(
-                f"migration of domain {domid} to {destination} failed: the connection broke "
-                f"({exc or type(exc).__name__}); the domain runs on here"
-            ) from None
-        if isinstance(exc, ToolstackError):
-            raise ToolstackError(
-                f"migration of domain {domid} to {destination} failed: {exc}; "
-                "the domain runs on here"
-            ) from None
+        _explain_failure(exc, domid, destination)
         raise
     # The receiver owns the domain now: a lost final report does not bring ours back.
     with suppress(ToolstackError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -251,6 +228,43 @@ async def migrate(
     result.bytes = ch.sent
     result.total_s = time.monotonic() - t0
     return result
+
+
+async def _stop_and_copy(
+    lx: Libxl, domid: int, sender: _Sender, ch: _Channel, toolstack: str, result: MigrateResult
+) -> Clock:
+    """Suspend, send the pages written since the last look, the tail, and wait for the
+    receiver's go-ahead (libxl's stop-and-copy); the clock of its steps."""
+    clock = Clock()
+    state = await _suspend(lx, domid)
+    clock.mark("suspend")
+    final = await sender.shadow("clean")
+    clock.mark("final_look")
+    await sender.send_pages(final)
+    await sender.shadow("off")
+    await _global_dirty_log(lx, domid, False)
+    clock.mark("last_round")
+    await _send_tail(lx, domid, ch, toolstack, state, result)
+    clock.mark("tail")
+    if await ch.expect(RECEIVER_REPORT, "the receiver's report"):
+        raise ToolstackError("the receiver could not restore the domain")
+    clock.mark("destination")
+    await ch.send(PERMISSION_TO_GO)
+    return clock
+
+
+def _explain_failure(exc: BaseException, domid: int, destination: str) -> None:
+    """Raise the one-line error for a migration that failed with ``exc`` (the domain was
+    resumed here); return for anything else, which the caller re-raises."""
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+        raise ToolstackError(
+            f"migration of domain {domid} to {destination} failed: the connection broke "
+            f"({exc or type(exc).__name__}); the domain runs on here"
+        ) from None
+    if isinstance(exc, ToolstackError):
+        raise ToolstackError(
+            f"migration of domain {domid} to {destination} failed: {exc}; the domain runs on here"
+        ) from None
 
 
 async def _send_head(ch: _Channel, config: DomainConfig, result: MigrateResult) -> None:

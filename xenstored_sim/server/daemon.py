@@ -311,6 +311,15 @@ class XenstoredServer:
     def _deliver(self, out: Outbox) -> None:
         clients = self._clients
         trace = self._trace
+        # A domain's socket exists (or is gone) before the reply that says so is sent: output
+        # may leave at once (Connection.push), as C creates the connection inside
+        # do_introduce() before send_ack().
+        for domid in out.introduced:
+            self._open_guest(domid)
+        for domid in out.released:
+            self._close_guest(domid)
+        if self._audit is not None:  # written before the reply can reach the client
+            self._audit.write(self.engine.take_audit())
         for target, message in out:
             client = clients.get(target)
             if client is not None:
@@ -324,12 +333,6 @@ class XenstoredServer:
             client = clients.get(cid)
             if client is not None:
                 client.close()
-        for domid in out.introduced:
-            self._open_guest(domid)
-        for domid in out.released:
-            self._close_guest(domid)
-        if self._audit is not None:
-            self._audit.write(self.engine.take_audit())
 
     def _unsent(self, conn_id: int) -> int:
         client = self._clients.get(conn_id)
