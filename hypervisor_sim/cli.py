@@ -16,7 +16,7 @@ import sys
 import trio
 
 from xenhost import RunDir
-from xenstored_sim.client.paths import parse_principal_sockets
+from xenstored_sim.client.paths import add_principal_socket_argument, parse_principal_sockets
 from xenstored_sim.ready import add_ready_fd_argument, notify_ready
 from xenstored_sim.startup import OneLineParser, os_errors
 
@@ -37,14 +37,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per hypercall")
     add_ready_fd_argument(p)
-    p.add_argument(
-        "--principal-socket",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="a further hypercall socket for one principal (toolstack, device-model, ...); "
-        "the audit log names NAME for its connections (repeatable)",
-    )
+    add_principal_socket_argument(p, "hypercall socket")
     args = p.parse_args(argv)
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?", args.xen_libs):
         p.error(f"--xen-libs {args.xen_libs!r}: expected a version such as 4.17")

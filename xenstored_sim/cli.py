@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import trio
 
-from .client.paths import DEFAULT_RUNDIR, parse_principal_sockets
+from .client.paths import DEFAULT_RUNDIR, add_principal_socket_argument, parse_principal_sockets
 from .core import Quotas
 from .core.errors import XsErrno
 from .ready import add_ready_fd_argument, notify_ready, ready_fd_from
@@ -59,14 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="privileged socket (default: $XENSTORED_PATH or RUNDIR/socket)")
     _durable_options(p)
     add_ready_fd_argument(p)
-    p.add_argument(
-        "--principal-socket",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="a further privileged socket for one principal (toolstack, device-model, ...); "
-        "the audit log names NAME for its connections (repeatable)",
-    )
+    add_principal_socket_argument(p, "privileged socket")
     # Set by a live update on the re-executed daemon (server/live_update.py).
     p.add_argument("--live-update-state", type=int, help=argparse.SUPPRESS)
     _quota_options(p)
@@ -243,7 +236,9 @@ def _prepare(config: DaemonConfig) -> None:
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot create directory {d}: {exc.strerror or exc}") from None
+            raise OSError(
+                exc.errno, f"cannot create directory {d}: {exc.strerror or exc}"
+            ) from None
     if config.live_update_state is None:
         # Before the state directory is opened: a second daemon must not touch the journal
         # of a live first one.

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-__all__ = ["DEFAULT_RUNDIR", "default_socket_path", "parse_principal_sockets"]
+__all__ = [
+    "DEFAULT_RUNDIR",
+    "add_principal_socket_argument",
+    "default_socket_path",
+    "parse_principal_sockets",
+]
 
 #: ``XEN_RUN_STORED`` of a default Xen build.
 DEFAULT_RUNDIR: Final = "/var/run/xenstored"
@@ -28,6 +34,19 @@ def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
 
 
 _PRINCIPAL: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+def add_principal_socket_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """The ``--principal-socket NAME=PATH`` option both daemons take; ``what`` names the
+    socket ("privileged socket", "hypercall socket")."""
+    parser.add_argument(
+        "--principal-socket",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help=f"a further {what} for one principal (toolstack, device-model, ...); "
+        "the audit log names NAME for its connections (repeatable)",
+    )
 
 
 def parse_principal_sockets(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
