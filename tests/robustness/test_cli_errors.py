@@ -105,6 +105,14 @@ CASES: list[tuple[str, int, str]] = [
     ("physmap-lab audit --repeats 0", 2, "--repeats"),
     ("physmap-lab audit --repeats x", 2, "--repeats"),
     ("physmap-lab audit --mode old", 2, "--mode"),
+    ("physmap-lab host up", 2, "name"),
+    ("physmap-lab host up a/b --rundir {d}/h", 2, "a/b"),
+    ("physmap-lab host down .x", 2, ".x"),
+    ("physmap-lab host up x --rundir {f}", 1, "{f}: not a directory"),
+    ("physmap-lab host down x --rundir {f}", 1, "not running"),
+    ("physmap-lab host down x --rundir {d}/none", 1, "not running"),
+    ("physmap-lab host up x --rundir {d}/" + "a" * 110, 1, "sun_path"),
+    ("physmap-lab demo --migrate --rundir {f}", 1, "not a directory"),
 ]
 
 
@@ -146,3 +154,13 @@ def test_bad_input_is_one_line(tmp_path: Path, command: str, status: int, names:
     assert len(lines) == 1, stderr
     assert returncode == status, stderr
     assert names.format(**values) in lines[0]
+
+
+def test_refused_host_commands_create_nothing(tmp_path: Path) -> None:
+    """``host down`` of a host never started, and a bad host name, leave no directory."""
+    for action, name in (("down", "x"), ("up", "a/b"), ("down", "a/b")):
+        rundir = tmp_path / f"{action}-{len(name)}"
+        argv = [str(BIN / "physmap-lab"), "host", action, name, "--rundir", str(rundir)]
+        returncode, stderr = run_in_own_group(argv)
+        assert returncode != 0, stderr
+        assert not rundir.exists(), argv
