@@ -146,7 +146,9 @@ class HypervisorServer:
         try:
             os.makedirs(self.mem_dir, exist_ok=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot create {self.mem_dir}: {exc.strerror or exc}") from None
+            raise OSError(
+                exc.errno, f"cannot create {self.mem_dir}: {exc.strerror or exc}"
+            ) from None
         # Unless another hypervisor answers here (then this one must not start), frame files
         # left by a killed one belong to domains that no longer exist: removed before the
         # socket appears, so none of them can be a new domain's.

@@ -243,7 +243,9 @@ def _prepare(config: DaemonConfig) -> None:
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot create directory {d}: {exc.strerror or exc}") from None
+            raise OSError(
+                exc.errno, f"cannot create directory {d}: {exc.strerror or exc}"
+            ) from None
     if config.live_update_state is None:
         # Before the state directory is opened: a second daemon must not touch the journal
         # of a live first one.
