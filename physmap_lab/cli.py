@@ -182,6 +182,8 @@ def _host(args: argparse.Namespace) -> int:
             Path(args.rundir) if args.rundir else host.default_rundir(host.check_name(args.name))
         )
         if args.action == "up":
+            if problem := _unusable_dir(str(rundir)):
+                raise host.HostError(f"{rundir}: {problem}")
             print(host.up(args.name, rundir))
         elif not host.down(args.name, rundir):
             print(f"{PROG}: host {args.name} is not running on {rundir}", file=sys.stderr)

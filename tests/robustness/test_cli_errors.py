@@ -91,6 +91,14 @@ CASES: list[tuple[str, int, str]] = [
     ("xl-sim --rundir {d} guest 1 map-bar --addr x", 2, "--addr"),
     ("xl-sim --rundir {d} --json list", 1, "hypervisor.sock"),
     ("xl-sim --rundir {d} frobnicate", 2, "frobnicate"),
+    ("xl-sim --rundir {d} migrate 0 127.0.0.1:1", 2, "domid"),
+    ("xl-sim --rundir {d} migrate 1 nohost", 2, "ADDRESS:PORT"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:99999", 2, "127.0.0.1:99999"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:1 --max-rounds 0", 2, "--max-rounds"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:1 --dirty-threshold -1", 2, "--dirty-threshold"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:1", 1, "hypervisor.sock"),
+    ("xl-sim --rundir {d} migrate-receive --listen x", 2, "--listen"),
+    ("xl-sim --rundir {d} migrate-receive --bogus", 2, "--bogus"),
     # physmap-lab
     ("physmap-lab", 2, "COMMAND"),
     ("physmap-lab demo --rundir /proc/nope", 1, "/proc/nope"),
@@ -164,3 +172,31 @@ def test_refused_host_commands_create_nothing(tmp_path: Path) -> None:
         returncode, stderr = run_in_own_group(argv)
         assert returncode != 0, stderr
         assert not rundir.exists(), argv
+
+
+def test_host_default_rundir_under_a_file(tmp_path: Path) -> None:
+    """``$PHYSMAP_LAB_HOSTS`` naming a file: one line naming the directory, no errno."""
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "PHYSMAP_LAB_HOSTS": str(tmp_path / "file")}
+    proc = subprocess.run(
+        [str(BIN / "physmap-lab"), "host", "up", "z"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"physmap-lab: error: {tmp_path}/file/z: Not a directory\n"
+
+
+def test_demo_migrate_host_that_does_not_start(tmp_path: Path) -> None:
+    """A host of ``demo --migrate`` that will not start: its reason, after one error prefix."""
+    rundir = tmp_path / ("r" * 110)
+    argv = [str(BIN / "physmap-lab"), "demo", "--migrate", "--rundir", str(rundir)]
+    returncode, stderr = run_in_own_group([*argv, "--mode", "new", "--device", "stdvga"])
+    assert "Traceback" not in stderr, stderr
+    assert returncode == 1, stderr
+    last = stderr.splitlines()[-1]
+    assert last.startswith("physmap-lab: error: host src did not start:"), stderr
+    assert last.count("error:") == 1 and "sun_path" in last, stderr
