@@ -200,3 +200,15 @@ def test_demo_migrate_host_that_does_not_start(tmp_path: Path) -> None:
     last = stderr.splitlines()[-1]
     assert last.startswith("physmap-lab: error: host src did not start:"), stderr
     assert last.count("error:") == 1 and "sun_path" in last, stderr
+
+
+async def test_vnc_unix_socket_that_cannot_be_bound_is_named() -> None:
+    """``-vnc unix:PATH`` whose directory is missing: the message names the address, as the
+    TCP case does (qemu-model prints it as "Failed to start VNC server: ...")."""
+    from qemu_model.ui.vnc import open_vnc_listener
+    from qemu_model.ui.vnc_display import parse_vnc
+
+    addr = parse_vnc("unix:/proc/nope/vnc")
+    assert addr is not None
+    with pytest.raises(OSError, match="unix:/proc/nope/vnc: No such file or directory"):
+        await open_vnc_listener(addr)
