@@ -12,6 +12,7 @@ host, its device models and its ``xl-sim migrate-receive`` are in that namespace
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -80,9 +81,19 @@ def host_pid(rundir: Path) -> int | None:
 def up(name: str, rundir: Path) -> Path:
     """Start the host's supervisor and return once both daemons accept."""
     check_name(name)
+    rundir.mkdir(parents=True, exist_ok=True)
+    # Two ``host up`` at once: the second waits here and then finds the first's record.
+    lock = os.open(rundir / "host.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _start(name, rundir)
+    finally:
+        os.close(lock)
+
+
+def _start(name: str, rundir: Path) -> Path:
     if host_pid(rundir) is not None:
         raise HostError(f"host {name} already runs on {rundir} (pid {host_pid(rundir)})")
-    rundir.mkdir(parents=True, exist_ok=True)
     (rundir / "host.json").unlink(missing_ok=True)
     log = rundir / "logs" / "host.log"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -212,3 +212,37 @@ async def test_vnc_unix_socket_that_cannot_be_bound_is_named() -> None:
     assert addr is not None
     with pytest.raises(OSError, match="unix:/proc/nope/vnc: No such file or directory"):
         await open_vnc_listener(addr)
+
+
+def _processes_on(rundir: Path) -> list[int]:
+    """Pids whose command line names ``rundir`` (a fresh temporary path: ours alone)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(rundir).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_two_host_ups_at_once_start_one_host(tmp_path: Path) -> None:
+    """The second ``host up`` of one run directory refuses; ``host down`` then leaves nothing
+    (before, both supervisors came up and ``host down`` stopped only the recorded one)."""
+    rundir = tmp_path / "h"
+    argv = [str(BIN / "physmap-lab"), "host", "up", "h", "--rundir", str(rundir)]
+    ups = [
+        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=60)[1] for p in ups]
+        results = sorted(zip([p.returncode for p in ups], errs, strict=True))
+        assert [rc for rc, _ in results] == [0, 1], results
+        assert "already runs" in results[1][1], results
+    finally:
+        down = [str(BIN / "physmap-lab"), "host", "down", "h", "--rundir", str(rundir)]
+        subprocess.run(down, stdin=subprocess.DEVNULL, capture_output=True, timeout=90)
+        left = _processes_on(rundir)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert left == []
