@@ -156,13 +156,22 @@ def _add_host(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         "background and print its run directory; down: destroy its domains and stop it.",
     )
     p.add_argument("action", choices=("up", "down"))
-    p.add_argument("name")
+    p.add_argument("name", type=_host_name)
     p.add_argument(
         "--rundir",
         metavar="DIR",
         help="the host's run directory (default: $PHYSMAP_LAB_HOSTS/NAME or "
         "<tmp>/physmap-lab-hosts/NAME)",
     )
+
+
+def _host_name(name: str) -> str:
+    from .host import HostError, check_name
+
+    try:
+        return check_name(name)
+    except HostError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _host(args: argparse.Namespace) -> int:
@@ -173,6 +182,8 @@ def _host(args: argparse.Namespace) -> int:
             Path(args.rundir) if args.rundir else host.default_rundir(host.check_name(args.name))
         )
         if args.action == "up":
+            if problem := _unusable_dir(str(rundir)):
+                raise host.HostError(f"{rundir}: {problem}")
             print(host.up(args.name, rundir))
         elif not host.down(args.name, rundir):
             print(f"{PROG}: host {args.name} is not running on {rundir}", file=sys.stderr)
@@ -370,6 +381,8 @@ def _print_outcome(outcome: DemoOutcome, args: argparse.Namespace, err: Console)
 
 def _unusable_dir(path: str) -> str | None:
     """Why ``path`` cannot serve as a directory to write into (created if missing)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "not a directory"
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -386,8 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--attach needs --rundir: the directory the daemons run on")
     if getattr(args, "migrate", False) and (args.attach or args.screenshots):
         parser.error("--migrate starts its own two hosts and takes no --attach or --screenshots")
+    # host down only looks for a running host: it creates nothing
+    stopping = getattr(args, "action", None) == "down"
     for flag, path in ((f, getattr(args, f[2:], None)) for f in ("--rundir", "--out")):
-        if path and (problem := _unusable_dir(path)):
+        if path and not stopping and (problem := _unusable_dir(path)):
             print(f"{PROG}: error: {flag} {path}: {problem}", file=sys.stderr)
             return 1
     if args.command == "demo":

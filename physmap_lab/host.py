@@ -12,6 +12,7 @@ host, its device models and its ``xl-sim migrate-receive`` are in that namespace
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ def default_rundir(name: str) -> Path:
 
 def check_name(name: str) -> str:
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise HostError(f"host name {name!r}: use letters, digits, '-', '_' and '.'")
+        raise HostError(f"host name {name!r}: use letters, digits, '-', '_' and '.' (not first)")
     return name
 
 
@@ -80,9 +81,19 @@ def host_pid(rundir: Path) -> int | None:
 def up(name: str, rundir: Path) -> Path:
     """Start the host's supervisor and return once both daemons accept."""
     check_name(name)
+    rundir.mkdir(parents=True, exist_ok=True)
+    # Two ``host up`` at once: the second waits here and then finds the first's record.
+    lock = os.open(rundir / "host.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _start(name, rundir)
+    finally:
+        os.close(lock)
+
+
+def _start(name: str, rundir: Path) -> Path:
     if host_pid(rundir) is not None:
         raise HostError(f"host {name} already runs on {rundir} (pid {host_pid(rundir)})")
-    rundir.mkdir(parents=True, exist_ok=True)
     (rundir / "host.json").unlink(missing_ok=True)
     log = rundir / "logs" / "host.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -90,10 +101,10 @@ def up(name: str, rundir: Path) -> Path:
     pid = spawn_detached(sys.executable, argv, log)
     deadline = time.monotonic() + START_LIMIT_S
     while _record(rundir) is None or not accepts(str(RunDir(rundir).hypervisor_socket)):
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, _ = os.waitpid(pid, os.WNOHANG)
         if done:
-            tail = log.read_text(errors="replace")[-1500:]
-            raise HostError(f"host {name} exited with status {status}:\n{tail}")
+            lines = log.read_text(errors="replace").strip().splitlines() or ["no output"]
+            raise HostError(f"host {name} did not start: {lines[-1]}")
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGTERM)
             raise HostError(f"host {name} did not come up in {START_LIMIT_S:.0f} s; see {log}")
@@ -154,5 +165,16 @@ async def _destroy_all(rundir: Path) -> None:
         print(f"host down: {exc}", flush=True)
 
 
+def _main(name: str, rundir: Path) -> int:
+    """The supervisor's process: a daemon that will not start ends it with its own line."""
+    try:
+        trio.run(supervise, name, rundir)
+    except (RuntimeError, OSError) as exc:
+        # open_stack's message ends with the daemon's own one-line refusal
+        print((str(exc).strip().splitlines() or [repr(exc)])[-1], flush=True)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    trio.run(supervise, check_name(sys.argv[1]), Path(sys.argv[2]))
+    sys.exit(_main(check_name(sys.argv[1]), Path(sys.argv[2])))

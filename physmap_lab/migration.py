@@ -99,7 +99,9 @@ async def _run(argv: Sequence[str]) -> dict[str, Any]:
         )
     if proc.returncode:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(err[-1] if err else f"{argv[0]} exited with {proc.returncode}")
+        # the caller adds its own "physmap-lab: error:" in front
+        line = err[-1].removeprefix("physmap-lab: error: ") if err else ""
+        raise RuntimeError(line or f"{argv[0]} exited with {proc.returncode}")
     text = proc.stdout.decode(errors="replace").strip()
     return json.loads(text.splitlines()[-1]) if text.startswith("{") else {}
 

@@ -79,6 +79,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return value
+
+
 def _address(text: str) -> tuple[str, int]:
     try:
         return migrate.parse_host(text)
@@ -253,7 +260,7 @@ def _add_migrate(sub: argparse._SubParsersAction[OneLineParser], common: OneLine
     p.add_argument("domid", metavar="DOMAIN", type=_domain)
     p.add_argument("host", type=_address, help="ADDRESS:PORT of an `xl-sim migrate-receive`")
     p.add_argument("--max-rounds", type=_positive, default=migrate.MAX_ROUNDS)
-    p.add_argument("--dirty-threshold", type=_int, default=migrate.DIRTY_THRESHOLD)
+    p.add_argument("--dirty-threshold", type=_count, default=migrate.DIRTY_THRESHOLD)
 
     p = sub.add_parser("migrate-receive", parents=[common], help="receive one migrating domain")
     p.add_argument(

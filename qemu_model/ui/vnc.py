@@ -52,9 +52,11 @@ async def open_vnc_listener(addr: VncAddress) -> tuple[trio.SocketListener, VncA
         try:
             await sock.bind(str(path))
             sock.listen(16)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(
+                exc.errno, f"Failed to bind socket for {addr}: {exc.strerror or exc}"
+            ) from None
         return trio.SocketListener(sock), addr
     last = addr.display if addr.to is None else addr.to
     err: OSError | None = None

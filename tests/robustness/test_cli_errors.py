@@ -91,6 +91,14 @@ CASES: list[tuple[str, int, str]] = [
     ("xl-sim --rundir {d} guest 1 map-bar --addr x", 2, "--addr"),
     ("xl-sim --rundir {d} --json list", 1, "hypervisor.sock"),
     ("xl-sim --rundir {d} frobnicate", 2, "frobnicate"),
+    ("xl-sim --rundir {d} migrate 0 127.0.0.1:1", 2, "domid"),
+    ("xl-sim --rundir {d} migrate 1 nohost", 2, "ADDRESS:PORT"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:99999", 2, "127.0.0.1:99999"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:1 --max-rounds 0", 2, "--max-rounds"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:1 --dirty-threshold -1", 2, "--dirty-threshold"),
+    ("xl-sim --rundir {d} migrate 1 127.0.0.1:1", 1, "hypervisor.sock"),
+    ("xl-sim --rundir {d} migrate-receive --listen x", 2, "--listen"),
+    ("xl-sim --rundir {d} migrate-receive --bogus", 2, "--bogus"),
     # physmap-lab
     ("physmap-lab", 2, "COMMAND"),
     ("physmap-lab demo --rundir /proc/nope", 1, "/proc/nope"),
@@ -105,6 +113,14 @@ CASES: list[tuple[str, int, str]] = [
     ("physmap-lab audit --repeats 0", 2, "--repeats"),
     ("physmap-lab audit --repeats x", 2, "--repeats"),
     ("physmap-lab audit --mode old", 2, "--mode"),
+    ("physmap-lab host up", 2, "name"),
+    ("physmap-lab host up a/b --rundir {d}/h", 2, "a/b"),
+    ("physmap-lab host down .x", 2, ".x"),
+    ("physmap-lab host up x --rundir {f}", 1, "{f}: not a directory"),
+    ("physmap-lab host down x --rundir {f}", 1, "not running"),
+    ("physmap-lab host down x --rundir {d}/none", 1, "not running"),
+    ("physmap-lab host up x --rundir {d}/" + "a" * 110, 1, "sun_path"),
+    ("physmap-lab demo --migrate --rundir {f}", 1, "not a directory"),
 ]
 
 
@@ -146,3 +162,87 @@ def test_bad_input_is_one_line(tmp_path: Path, command: str, status: int, names:
     assert len(lines) == 1, stderr
     assert returncode == status, stderr
     assert names.format(**values) in lines[0]
+
+
+def test_refused_host_commands_create_nothing(tmp_path: Path) -> None:
+    """``host down`` of a host never started, and a bad host name, leave no directory."""
+    for action, name in (("down", "x"), ("up", "a/b"), ("down", "a/b")):
+        rundir = tmp_path / f"{action}-{len(name)}"
+        argv = [str(BIN / "physmap-lab"), "host", action, name, "--rundir", str(rundir)]
+        returncode, stderr = run_in_own_group(argv)
+        assert returncode != 0, stderr
+        assert not rundir.exists(), argv
+
+
+def test_host_default_rundir_under_a_file(tmp_path: Path) -> None:
+    """``$PHYSMAP_LAB_HOSTS`` naming a file: one line naming the directory, no errno."""
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "PHYSMAP_LAB_HOSTS": str(tmp_path / "file")}
+    proc = subprocess.run(
+        [str(BIN / "physmap-lab"), "host", "up", "z"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"physmap-lab: error: {tmp_path}/file/z: Not a directory\n"
+
+
+def test_demo_migrate_host_that_does_not_start(tmp_path: Path) -> None:
+    """A host of ``demo --migrate`` that will not start: its reason, after one error prefix."""
+    rundir = tmp_path / ("r" * 110)
+    argv = [str(BIN / "physmap-lab"), "demo", "--migrate", "--rundir", str(rundir)]
+    returncode, stderr = run_in_own_group([*argv, "--mode", "new", "--device", "stdvga"])
+    assert "Traceback" not in stderr, stderr
+    assert returncode == 1, stderr
+    last = stderr.splitlines()[-1]
+    assert last.startswith("physmap-lab: error: host src did not start:"), stderr
+    assert last.count("error:") == 1 and "sun_path" in last, stderr
+
+
+async def test_vnc_unix_socket_that_cannot_be_bound_is_named() -> None:
+    """``-vnc unix:PATH`` whose directory is missing: the message names the address, as the
+    TCP case does (qemu-model prints it as "Failed to start VNC server: ...")."""
+    from qemu_model.ui.vnc import open_vnc_listener
+    from qemu_model.ui.vnc_display import parse_vnc
+
+    addr = parse_vnc("unix:/proc/nope/vnc")
+    assert addr is not None
+    with pytest.raises(OSError, match="unix:/proc/nope/vnc: No such file or directory"):
+        await open_vnc_listener(addr)
+
+
+def _processes_on(rundir: Path) -> list[int]:
+    """Pids whose command line names ``rundir`` (a fresh temporary path: ours alone)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(rundir).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_two_host_ups_at_once_start_one_host(tmp_path: Path) -> None:
+    """The second ``host up`` of one run directory refuses; ``host down`` then leaves nothing
+    (before, both supervisors came up and ``host down`` stopped only the recorded one)."""
+    rundir = tmp_path / "h"
+    argv = [str(BIN / "physmap-lab"), "host", "up", "h", "--rundir", str(rundir)]
+    ups = [
+        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=60)[1] for p in ups]
+        results = sorted(zip([p.returncode for p in ups], errs, strict=True))
+        assert [rc for rc, _ in results] == [0, 1], results
+        assert "already runs" in results[1][1], results
+    finally:
+        down = [str(BIN / "physmap-lab"), "host", "down", "h", "--rundir", str(rundir)]
+        subprocess.run(down, stdin=subprocess.DEVNULL, capture_output=True, timeout=90)
+        left = _processes_on(rundir)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert left == []
