@@ -92,7 +92,7 @@ class ClientConnection:
         if not self._out.push(data):
             self.close()
         elif not self._in_batch:
-            self._send_now()
+            self._have_data.set()
 
     def push_event(self, data: bytes) -> None:
         """Queue an encoded watch event, unless the queue's rules drop it (C ``send_event``)."""
@@ -107,14 +107,16 @@ class ClientConnection:
         if not accepted:
             self.close()
         elif not self._in_batch:
-            self._send_now()
+            self._have_data.set()
 
-    def _send_now(self) -> None:
-        """Output for a connection other than the one being served (a watch event) goes out
-        at once, as C's main loop writes every connection's out_list before its clients can
-        send the next request (tools/xenstored/core.c: main(), handle_output()).  Left
-        queued, it would make C's duplicate check drop a later identical event C delivers."""
-        if self._send_queued() >= 0 and len(self._out):
+    def flush(self) -> None:
+        """Send what one request queued here, unless this connection is the one being served
+        (its reader sends after the batch).  Called once the request's whole outbox is queued:
+        C queues every event of a request (and drops identical unsent ones) before its main
+        loop writes any connection's out_list, and writes them all before the requester can
+        send again (tools/xenstored/core.c: main(), handle_output()).  Left queued longer, a
+        later request's identical event would be dropped where C delivers it."""
+        if not self._in_batch and len(self._out) and self._send_queued() >= 0 and len(self._out):
             self._have_data.set()
 
     @property

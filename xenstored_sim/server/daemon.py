@@ -320,6 +320,7 @@ class XenstoredServer:
             self._close_guest(domid)
         if self._audit is not None:  # written before the reply can reach the client
             self._audit.write(self.engine.take_audit())
+        touched: dict[int, ClientConnection] = {}
         for target, message in out:
             client = clients.get(target)
             if client is not None:
@@ -329,6 +330,9 @@ class XenstoredServer:
                     client.push_event(encode(message))
                 else:
                     client.push(encode(message))
+                touched[target] = client
+        for client in touched.values():
+            client.flush()
         for cid in out.closed:
             client = clients.get(cid)
             if client is not None:

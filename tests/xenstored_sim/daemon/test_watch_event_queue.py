@@ -111,3 +111,18 @@ def test_events_to_a_reading_watcher_are_never_taken_for_duplicates(start_daemon
         assert writer.req(Op.WRITE, b"/w\0%d" % i) == b"OK\0"
         assert writer.req(Op.RM, b"/w\0") == b"OK\0"
     assert [watcher.event() for _ in range(2 * rounds)] == [b"/w\0tok\0"] * (2 * rounds)
+
+
+def test_identical_events_of_one_request_are_sent_once(start_daemon) -> None:
+    """Two watches with one token, on a node and its parent: one WRITE fires both with the
+    same path and token.  C queues every event of a request before writing any, so its
+    duplicate check sends the pair once (core.c: send_event())."""
+    d = start_daemon()
+    watcher, writer = d.conn(), d.conn()
+    assert watcher.req(Op.WATCH, b"/s\0t\0") == b"OK\0"
+    assert watcher.req(Op.WATCH, b"/s/b/x\0t\0") == b"OK\0"
+    assert [watcher.event(), watcher.event()] == [b"/s\0t\0", b"/s/b/x\0t\0"]
+    assert writer.req(Op.WRITE, b"/s/b/x\0v") == b"OK\0"
+    # The reply to a request sent after the write comes after every event of the write.
+    assert watcher.req(Op.GET_DOMAIN_PATH, b"0\0") == b"/local/domain/0\0"
+    assert watcher.events == [b"/s/b/x\0t\0"]
