@@ -143,8 +143,11 @@ async def _receiver(stack: Stack) -> tuple[trio.Process, int]:
     )  # fmt: skip
     assert proc.stdout is not None
     line = b""
-    while not line.endswith(b"\n"):
-        line += await proc.stdout.receive_some(1)
+    with trio.fail_after(30):
+        while not line.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(1)
+            assert chunk, f"the receiver exited before saying where it listens: {line!r}"
+            line += chunk
     return proc, int(line.split(b":")[-1])
 
 
@@ -158,8 +161,11 @@ async def test_a_broken_sender_leaves_the_receiver_clean(
     proc, port = await _receiver(stack)
     s = await trio.open_tcp_stream("127.0.0.1", port)
     got = b""
-    while len(got) < len(RECEIVER_BANNER):
-        got += await s.receive_some(100)
+    with trio.fail_after(30):
+        while len(got) < len(RECEIVER_BANNER):
+            chunk = await s.receive_some(100)
+            assert chunk, f"the receiver hung up after {got!r}"
+            got += chunk
     assert got == RECEIVER_BANNER
     await s.send_all(send)
     await s.aclose()
