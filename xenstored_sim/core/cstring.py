@@ -35,6 +35,14 @@ def c_strings(payload: bytes) -> list[bytes]:
     return payload.split(b"\0")[: payload.count(b"\0")]
 
 
+def c_args(payload: bytes, least: int) -> list[bytes]:
+    """C get_strings() into a handler that needs at least ``least`` strings, else EINVAL."""
+    args = c_strings(payload)
+    if len(args) < least:
+        raise XsErrno("EINVAL")
+    return args
+
+
 def two_strings(payload: bytes) -> tuple[bytes, bytes]:
     """Exactly two NUL-terminated strings (C do_watch(), do_unwatch()), else EINVAL."""
     args = c_strings(payload)
@@ -47,3 +55,8 @@ def atoi(raw: bytes) -> int:
     """C ``atoi``: leading blanks, a sign, digits; anything else stops it (0 if none)."""
     m = _ATOI.match(raw)
     return int(m.group(1)) if m else 0
+
+
+def atou(raw: bytes) -> int:
+    """C ``atoi`` stored into an ``unsigned int`` (domain ids, ports, offsets)."""
+    return atoi(raw) & 0xFFFFFFFF

@@ -12,7 +12,7 @@ from typing import Final
 
 from ..wire import DOMID_SELF, Packet
 from .access import put
-from .cstring import atoi, c_strings, onearg
+from .cstring import atou, c_args, onearg
 from .domains import Connection, Domain
 from .errors import XsErrno
 from .node_ops import delete_tree
@@ -34,7 +34,7 @@ def do_get_domain_path(
     txn: Transaction | None,
     out: Outbox,
 ) -> bytes:
-    domid = atoi(onearg(p.payload)) & 0xFFFFFFFF  # 4.17 uses atoi (docs/xenstore.md, 'Domains')
+    domid = atou(onearg(p.payload))  # 4.17 uses atoi (docs/xenstore.md, 'Domains')
     return b"/local/domain/%d\0" % domid
 
 
@@ -46,7 +46,7 @@ def do_is_domain_introduced(
     txn: Transaction | None,
     out: Outbox,
 ) -> bytes:
-    domid = atoi(onearg(p.payload)) & 0xFFFFFFFF  # C: an unsigned int
+    domid = atou(onearg(p.payload))  # C: an unsigned int
     known = domid == 0 or domid == DOMID_SELF or domid in st.domains
     return b"T\0" if known else b"F\0"
 
@@ -59,11 +59,9 @@ def do_introduce(
     txn: Transaction | None,
     out: Outbox,
 ) -> bytes:
-    args = c_strings(p.payload)
-    if len(args) < 3:
-        raise XsErrno("EINVAL")
-    domid = atoi(args[0]) & 0xFFFFFFFF
-    port = atoi(args[2]) & 0xFFFFFFFF  # C do_introduce(): an unsigned evtchn_port_t
+    args = c_args(p.payload, 3)
+    domid = atou(args[0])
+    port = atou(args[2])  # C do_introduce(): an unsigned evtchn_port_t
     if port == 0:
         raise XsErrno("EINVAL")
     req.rule = "privileged"
@@ -86,7 +84,7 @@ def do_introduce(
 
 def _domain_arg(st: XenstoreState, req: Request, p: Packet) -> Domain:
     """RELEASE/RESUME argument: EINVAL for dom0, ENOENT if not introduced."""
-    domid = atoi(onearg(p.payload)) & 0xFFFFFFFF  # C onearg_domain(): unsigned
+    domid = atou(onearg(p.payload))  # C onearg_domain(): unsigned
     if domid == 0:
         raise XsErrno("EINVAL")
     req.rule = "privileged"
@@ -217,11 +215,9 @@ def do_set_target(
     txn: Transaction | None,
     out: Outbox,
 ) -> bytes:
-    args = c_strings(p.payload)
-    if len(args) < 2:
-        raise XsErrno("EINVAL")
-    domid = atoi(args[0]) & 0xFFFFFFFF
-    target = atoi(args[1]) & 0xFFFFFFFF
+    args = c_args(p.payload, 2)
+    domid = atou(args[0])
+    target = atou(args[1])
     req.rule = "privileged"
     dom = st.domains.get(domid)
     # C do_set_target(): both must be connected domains; dom0 always is, and its own

@@ -22,7 +22,7 @@ from .access import (
     put,
     refused_write,
 )
-from .cstring import atoi, c_strings, onearg
+from .cstring import atou, c_strings, onearg
 from .domains import DOMID_FIRST_RESERVED, Connection
 from .errors import XsErrno
 from .paths import basename, child_path, parent_of
@@ -353,7 +353,7 @@ def do_directory_part(
     args = c_strings(p.payload)
     path = canon(st, req, conn, args[0])
     node = get_chk(st, req, conn, txn, path, PERM_READ)
-    offset = atoi(args[1]) & 0xFFFFFFFF
+    offset = atou(args[1])
     head = b"%d\0" % node.generation
     blob = node.children_blob()
     if offset >= len(blob):
