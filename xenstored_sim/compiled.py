@@ -36,7 +36,7 @@ from typing import Final
 #: Modules to compile, as globs relative to the package directory; ``__init__.py`` files
 #: and the names in :data:`NOT_COMPILED` stay pure.  A module added under these
 #: directories is compiled too.
-COMPILED: Final = ("wire/*.py", "core/*.py")
+COMPILED: Final = ("wire/*.py", "core/*.py", "server/conn_io.py")
 #: Modules under :data:`COMPILED` that stay pure: the durable-state codecs, which are not on
 #: the request path.
 NOT_COMPILED: Final = ("core/journal.py", "core/migration.py")

@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from ..wire import HEADER, PAYLOAD_MAX, Op, Packet
+from ..wire import HEADER, PAYLOAD_MAX, NeedData, Op, Packet, PacketDecoder
 from .cstring import errno_payload
 from .domains import Connection
 from .errors import XsErrno
 from .optable import FAST_OPS, OPS
+from .outqueue import OutQueue
 from .quotas import Quotas
 from .request import Outbox, Request
 from .state import XenstoreState
@@ -155,3 +156,37 @@ class XenstoreEngine(XenstoreState):
             out.append((conn_id, Packet(op, packet.req_id, 0, payload)))
             return out
         return HEADER.pack(op, packet.req_id, 0, len(payload)) + payload
+
+    def answer_fast(
+        self, conn_id: int, decoder: PacketDecoder, out: OutQueue
+    ) -> Packet | Outbox | NeedData | None:
+        """Answer the requests waiting in ``decoder`` straight into ``out``, for as long as
+        :meth:`handle_fast` answers them with a reply alone: the shell's work per request
+        then stays in compiled code.
+
+        Returns what the shell must do next:
+
+        * NEED_DATA: no whole request is left.
+        * a :class:`Packet`: a request this lane leaves alone (not a fast one, or ``out`` is
+          full and the shell must hold it), for :meth:`handle`.
+        * an :class:`Outbox`: the last request also caused watch events; route it.
+        * None: ``out`` went over its bounds; the shell closes the connection.
+
+        A malformed header raises :class:`~xenstored_sim.wire.RemoteProtocolError` as
+        :meth:`PacketDecoder.next_packet` does.
+        """
+        if conn_id not in self.conns:
+            return decoder.next_packet()
+        while True:
+            packet = decoder.next_packet()
+            if not isinstance(packet, Packet):
+                return packet
+            if out.full():
+                return packet
+            reply = self.handle_fast(conn_id, packet)
+            if reply is None:
+                return packet
+            if not isinstance(reply, bytes):
+                return reply
+            if not out.push(reply):
+                return None

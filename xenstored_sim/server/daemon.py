@@ -31,10 +31,12 @@ from ..core.outqueue import PRIVILEGED_OUTSTANDING
 from ..startup import OwnedSocket, listen_unix
 from ..wire import Op, Packet, encode
 from .audit import AuditLog
+from .conn_io import FastLane, Reactor
 from .connection import ClientConnection
 from .durable import DEFAULT_JOURNAL_MAX, DurableStore, SyncPolicy
 from .live_update import LiveUpdater
 from .peer import peer_of
+from .poller import run_main_loop
 from .trace import Tracer
 
 log = logging.getLogger("xenstored_sim.server")
@@ -100,6 +102,7 @@ class XenstoredServer:
         self._trace = Tracer(config.trace_file) if config.trace_file else None
         self._nursery = nursery
         self._clients: dict[int, ClientConnection] = {}
+        self._reactor = Reactor()
         self._guest_scopes: dict[int, trio.CancelScope] = {}
         #: path -> the socket file bound (or adopted) here, removed at exit if still ours
         self._owned: dict[str, OwnedSocket | None] = {}
@@ -125,6 +128,7 @@ class XenstoredServer:
     def start(self) -> None:
         """Bind the privileged socket and start accepting."""
         os.makedirs(os.path.join(self.config.rundir, "domains"), exist_ok=True)
+        self._nursery.start_soon(run_main_loop, self._reactor)
         if self.config.live_update_state is not None:
             self.live_update.restore(self.config.live_update_state)
         else:
@@ -254,6 +258,9 @@ class XenstoredServer:
         client = ClientConnection(
             conn_id,
             sock,
+            self._reactor,
+            self._fast_lane(),
+            self._deliver,
             self.dispatch,
             limit,
             event_timeout=timeout if kind is ConnKind.GUEST and timeout > 0 else None,
@@ -276,6 +283,13 @@ class XenstoredServer:
             self._flush_audit()
             if self._trace is not None:
                 self._trace.connection(conn_id, False)
+
+    def _fast_lane(self) -> FastLane | None:
+        """The engine's fast lane, unless a state directory or a trace file must see every
+        reply (then each request takes :meth:`dispatch`)."""
+        if self._durable is not None or self._trace is not None:
+            return None
+        return self.engine.answer_fast
 
     def dispatch(self, conn_id: int, packet: Packet) -> None:
         """Run one request and deliver everything it causes."""

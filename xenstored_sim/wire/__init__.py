@@ -4,6 +4,7 @@ from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, XsEr
 from .framing import (
     HEADER,
     NEED_DATA,
+    NeedData,
     Packet,
     PacketDecoder,
     encode,
@@ -31,6 +32,7 @@ __all__ = [
     "REL_PATH_MAX",
     "XSD_ERRORS",
     "LocalProtocolError",
+    "NeedData",
     "Op",
     "Packet",
     "PacketDecoder",

@@ -17,7 +17,9 @@ from .ops import HEADER_SIZE, PAYLOAD_MAX, Op
 HEADER: Final = struct.Struct("=IIII")
 
 
-class _NeedData:
+class NeedData:
+    """The type of :data:`NEED_DATA`."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -25,7 +27,7 @@ class _NeedData:
 
 
 #: Returned by :meth:`PacketDecoder.next_packet` when no whole packet is buffered.
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +116,7 @@ class PacketDecoder:
         """The buffered bytes no packet has been returned for (a live update carries them)."""
         return bytes(self._buf[self._pos :])
 
-    def next_packet(self) -> Packet | _NeedData:
+    def next_packet(self) -> Packet | NeedData:
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < HEADER_SIZE:
