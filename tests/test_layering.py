@@ -22,6 +22,7 @@ NO_TRIO_MODULES = [
     "xenstored_sim.wire",
     "xenstored_sim.core",
     "xenstored_sim.startup",
+    "xenstored_sim.server.conn_io",
     "hypervisor_sim.vma",
     "hypervisor_sim.guest_drivers",
     "qemu_model.mapcache",

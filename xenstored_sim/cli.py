@@ -24,7 +24,7 @@ from .client.paths import DEFAULT_RUNDIR, add_principal_socket_argument, parse_p
 from .core import Quotas
 from .core.errors import XsErrno
 from .ready import add_ready_fd_argument, notify_ready, ready_fd_from
-from .server import DaemonConfig, serve_xenstored
+from .server.daemon import DaemonConfig, serve_xenstored
 from .server.durable import DEFAULT_JOURNAL_MAX, SyncPolicy
 from .startup import OneLineParser, answering_pid, os_errors
 

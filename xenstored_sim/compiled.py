@@ -10,7 +10,8 @@ changes, the old build no longer matches and the pure modules are imported until
 first on ``sys.meta_path`` that loads the compiled modules of the matching build, if there
 is one.  ``XENSTORED_SIM_PURE=1`` in the environment forces the pure-Python modules.
 
-The compiled modules import no trio (they are the sans-IO core) and avoid what mypyc cannot
+The compiled modules import no trio (the sans-IO core, and the socket work every request
+takes, ``server/conn_io.py``) and avoid what mypyc cannot
 compile (monkeypatching, undeclared attributes, subclassing builtins in native classes).  One
 trap: after ``self.x = None`` mypy narrows ``self.x`` to None for the rest of the function,
 even across calls that set it, and the compiled code then checks for None; read such an

@@ -1,8 +1,9 @@
 """The trio shell of xenstored-sim: sockets in, engine, outbox out.
 
 Theory of operation.  One nursery owns everything: the privileged listener, one listener per
-introduced domain (``RUNDIR/domains/<domid>.sock``, standing in for the domain's ring), and
-one task per client connection.  Requests are handled synchronously by the pure
+introduced domain (``RUNDIR/domains/<domid>.sock``, standing in for the domain's ring), the
+main loop that serves every client socket (:mod:`.poller`), and a task holding each client
+connection open (:mod:`.connection`).  Requests are handled synchronously by the pure
 :class:`~xenstored_sim.core.XenstoreEngine`; the shell routes the resulting messages to the
 connections' queues and opens or closes guest sockets as domains come and go.
 
@@ -401,6 +402,9 @@ class XenstoredServer:
         if self._trace is not None:
             self._trace.close()
 
+    def close_reactor(self) -> None:
+        self._reactor.close()
+
     def _flush_audit(self) -> None:
         if self._audit is not None:
             self._audit.write(self.engine.take_audit())
@@ -462,6 +466,8 @@ async def serve_xenstored(
             finally:
                 server.remove_sockets()
     finally:
-        # After the nursery: no group-commit fsync can still be using the journal.
+        # After the nursery: no group-commit fsync can still be using the journal, and no
+        # connection is left in the main loop's epoll set.
         if server is not None:
             server.close_state()
+            server.close_reactor()

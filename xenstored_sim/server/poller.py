@@ -29,12 +29,10 @@ _MAX_EVENTS: Final = 256
 
 
 async def run_main_loop(reactor: Reactor) -> None:
-    """Serve ready connections until cancelled; closes the reactor on the way out."""
-    try:
-        while True:
-            if reactor.serve_rounds(_SPINS, _MAX_EVENTS):
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.wait_readable(reactor.epoll.fileno())
-    finally:
-        reactor.close()
+    """Serve ready connections until cancelled.  The reactor's owner closes it once every
+    connection's task has ended."""
+    while True:
+        if reactor.serve_rounds(_SPINS, _MAX_EVENTS):
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.wait_readable(reactor.epoll.fileno())
