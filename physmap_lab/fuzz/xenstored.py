@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -197,6 +198,15 @@ async def _check_invariants(socket_path: Path, report: FuzzReport) -> None:
                         )
 
 
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside nested exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
 async def fuzz_daemon(
     rundir: Path,
     frames: int,
@@ -225,10 +235,11 @@ async def fuzz_daemon(
                         _worker, seed * 1000 + w, rundir, socket_path, budget, report
                     )
             done.set()
-    except trio.TooSlowError:
+    except* trio.TooSlowError:
         report.problems.append(f"a well-behaved request took over {PROGRESS_LIMIT} s")
-    except (XsError, AssertionError, ConnectionError) as exc:  # XsDisconnected
-        report.problems.append(f"a well-behaved client failed: {exc!r}")
+    except* (XsError, AssertionError, ConnectionError) as group:  # XsDisconnected
+        for exc in _leaves(group):
+            report.problems.append(f"a well-behaved client failed: {exc!r}")
     report.seconds = time.monotonic() - start
     if not report.problems:
         await _check_invariants(socket_path, report)
