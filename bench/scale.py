@@ -1,8 +1,11 @@
 """A tree of a million nodes.
 
 The tree is written over the privileged socket as ``/local/domain/<d>/n<k>`` with many
-requests in flight on several connections.  Latencies are taken one request at a time with
-the daemon and this process on CPU 0 (see ``throughput``), at 1k nodes and again at full size.
+requests in flight on several connections.  Three daemons run side by side: one with the 1k-node
+tree, one with the full tree, and one with the full tree and the watches.  Latencies are taken one
+request at a time, with the daemons and this process on CPU 0 (see ``throughput``), in rounds
+that visit the three daemons in turn, so that a slow moment of the machine weighs on every
+figure of a ratio alike.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import random
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 from xenstored_sim.wire import Op
 
-from .daemons import BenchError, mem_total_bytes, pinned, rss_bytes, xenstored_sim
+from .daemons import BenchError, Xenstored, mem_total_bytes, pinned, rss_bytes, xenstored_sim
 from .results import Results, Target, ratio
 from .wireclient import WireConn, pipeline, timed_calls
 
@@ -37,7 +41,7 @@ class Sizes:
     window: int = 256
 
 
-FULL = Sizes(domains=10_000, per_domain=100, small_domains=10, ops=2000, repeats=3, watches=10_000)
+FULL = Sizes(domains=10_000, per_domain=100, small_domains=10, ops=2000, repeats=5, watches=10_000)
 QUICK = Sizes(domains=100, per_domain=100, small_domains=10, ops=200, repeats=1, watches=1000)
 
 
@@ -55,17 +59,27 @@ def _median_of(samples: list[list[int]]) -> float:
     return statistics.median(statistics.median(s) for s in samples)
 
 
-def _latencies(conn: WireConn, domains: int, sz: Sizes, rng: random.Random) -> dict[str, float]:
-    """Median ns of READ, WRITE and a 3-node transaction, over nodes spread across the tree."""
-    reads: list[list[int]] = []
-    writes: list[list[int]] = []
-    txs: list[list[int]] = []
-    for _ in range(sz.repeats):
+@dataclass
+class _Samples:
+    """Per-round samples of one daemon: READ, WRITE, 3-node transaction, unrelated WRITE."""
+
+    reads: list[list[int]] = field(default_factory=list)
+    writes: list[list[int]] = field(default_factory=list)
+    txs: list[list[int]] = field(default_factory=list)
+
+    def round(self, conn: WireConn, domains: int, sz: Sizes, rng: random.Random) -> None:
+        """One round over nodes spread across the tree."""
         picks = [_node(rng.randrange(domains), rng.randrange(sz.per_domain)) for _ in range(sz.ops)]
-        reads.append(timed_calls(conn, ((Op.READ, p + b"\0") for p in picks)))
-        writes.append(timed_calls(conn, ((Op.WRITE, p + b"\0" + VALUE) for p in picks)))
-        txs.append([_transaction(conn, rng.randrange(domains)) for _ in range(sz.ops // 4)])
-    return {"read_ns": _median_of(reads), "write_ns": _median_of(writes), "tx3_ns": _median_of(txs)}
+        self.reads.append(timed_calls(conn, ((Op.READ, p + b"\0") for p in picks)))
+        self.writes.append(timed_calls(conn, ((Op.WRITE, p + b"\0" + VALUE) for p in picks)))
+        self.txs.append([_transaction(conn, rng.randrange(domains)) for _ in range(sz.ops // 4)])
+
+    def medians(self) -> dict[str, float]:
+        return {
+            "read_ns": _median_of(self.reads),
+            "write_ns": _median_of(self.writes),
+            "tx3_ns": _median_of(self.txs),
+        }
 
 
 def _transaction(conn: WireConn, d: int) -> int:
@@ -78,32 +92,46 @@ def _transaction(conn: WireConn, d: int) -> int:
     return time.perf_counter_ns() - t0
 
 
-def _unrelated_writes(conn: WireConn, domains: int, sz: Sizes, rng: random.Random) -> float:
-    samples = []
-    for _ in range(sz.repeats):
-        picks = [_node(rng.randrange(domains), rng.randrange(sz.per_domain)) for _ in range(sz.ops)]
-        samples.append(timed_calls(conn, ((Op.WRITE, p + b"\0" + VALUE) for p in picks)))
-    return _median_of(samples)
+@dataclass
+class _Daemon:
+    """A daemon of the side-by-side run, its main connection and its bulk writers."""
+
+    d: Xenstored
+    main: WireConn
+    conns: list[WireConn]
+
+    @classmethod
+    def start(cls, stack: ExitStack, sz: Sizes) -> _Daemon:
+        d = stack.enter_context(xenstored_sim())
+        daemon = cls(d, WireConn(d.socket), [WireConn(d.socket) for _ in range(sz.connections)])
+        stack.callback(daemon.close)
+        daemon.main.call(Op.WRITE, b"/bench/warm\0x")
+        pipeline(daemon.conns, _writes(0, sz.small_domains, sz.per_domain), sz.window)
+        return daemon
+
+    def close(self) -> None:
+        for c in [self.main, *self.conns]:
+            c.close()
 
 
 def measure(results: Results, sz: Sizes) -> dict[str, Any]:
     rng = random.Random(7)
     section: dict[str, Any] = {"sizes": sz.__dict__}
-    with xenstored_sim() as d:
-        main = WireConn(d.socket)
-        conns = [WireConn(d.socket) for _ in range(sz.connections)]
-        main.call(Op.WRITE, b"/bench/warm\0x")
-        rss0 = rss_bytes(d.pid)
-
-        pipeline(conns, _writes(0, sz.small_domains, sz.per_domain), sz.window)
-        small_nodes = sz.small_domains * (sz.per_domain + 1) + 2
-        with pinned([d.pid, 0], CPU0):
-            small = _latencies(main, sz.small_domains, sz, rng)
-
-        grown = _grow(d.pid, conns, sz)
-        rss1 = rss_bytes(d.pid)
+    with ExitStack() as stack:
+        small = _Daemon.start(stack, sz)
+        big = _Daemon.start(stack, sz)
+        watched = _Daemon.start(stack, sz)
+        rss0 = rss_bytes(big.d.pid)
+        grown = _grow(big.d.pid, big.conns, sz)
+        rss1 = rss_bytes(big.d.pid)
+        if grown.stopped_early:
+            raise BenchError(f"stopped at {grown.nodes} nodes: daemon RSS over half of memory")
+        _grow(watched.d.pid, watched.conns, sz)
+        watchers, fan_s = _fan_out(watched.d.socket, watched.main, sz)
+        for w in watchers:
+            stack.callback(w.close)
         section.update(
-            small_nodes=small_nodes,
+            small_nodes=sz.small_domains * (sz.per_domain + 1) + 2,
             nodes=grown.nodes,
             stopped_early_for_memory=grown.stopped_early,
             populate_seconds=grown.seconds,
@@ -111,28 +139,23 @@ def measure(results: Results, sz: Sizes) -> dict[str, Any]:
             rss_before=rss0,
             rss_after=rss1,
             rss_bytes_per_node=(rss1 - rss0) / grown.nodes,
-            small=small,
         )
-        if grown.stopped_early:
-            raise BenchError(f"stopped at {grown.nodes} nodes: daemon RSS over half of memory")
-
-        with pinned([d.pid, 0], CPU0):
-            section["big"] = _latencies(main, grown.done, sz, rng)
-
-            # Watches: fan-out on one node, then writes elsewhere must not slow down.
-            before = _unrelated_writes(main, grown.done, sz, rng)
-        watchers, fan_s = _fan_out(d.socket, main, sz)
-        with pinned([d.pid, 0], CPU0):
-            after = _unrelated_writes(main, grown.done, sz, rng)
-        section["watches"] = {
-            "count": sz.watches,
-            "fanout_seconds": fan_s,
-            "fanout_events_per_s": sz.watches / fan_s,
-            "unrelated_write_ns_without": before,
-            "unrelated_write_ns_with": after,
-        }
-        for c in [main, *conns, *watchers]:
-            c.close()
+        samples = [_Samples(), _Samples(), _Samples()]
+        pids = [small.d.pid, big.d.pid, watched.d.pid]
+        with pinned([*pids, 0], CPU0):
+            for _ in range(sz.repeats):
+                samples[0].round(small.main, sz.small_domains, sz, rng)
+                samples[1].round(big.main, grown.done, sz, rng)
+                samples[2].round(watched.main, grown.done, sz, rng)
+    section["small"] = samples[0].medians()
+    section["big"] = samples[1].medians()
+    section["watches"] = {
+        "count": sz.watches,
+        "fanout_seconds": fan_s,
+        "fanout_events_per_s": sz.watches / fan_s,
+        "unrelated_write_ns_without": section["big"]["write_ns"],
+        "unrelated_write_ns_with": _median_of(samples[2].writes),
+    }
     _add_targets(results, section)
     return section
 
