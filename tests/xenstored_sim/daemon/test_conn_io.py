@@ -65,8 +65,17 @@ class Loop:
         self.deliver(self.engine.handle(conn_id, packet))
 
     def spin(self) -> None:
-        while self.reactor.serve_rounds(8, 256):
-            pass
+        for _ in range(1000):
+            if not self.reactor.serve_rounds(8, 256):
+                return
+        raise AssertionError("the socket stays ready: the loop would never wait")
+
+    def feed(self, data: bytes) -> bytes:
+        """Send what the kernel takes now; the rest."""
+        try:
+            return data[self.client.send(data) :]
+        except BlockingIOError:
+            return data
 
     def take(self) -> bytes:
         got = bytearray()
@@ -115,6 +124,64 @@ def test_the_fast_lane_answers_as_handle_does(stream: bytes, chunk: int) -> None
     assert replies[0] == replies[1]
 
 
+@given(requests(), st.lists(st.integers(0, 3), min_size=1, max_size=60), st.integers(1, 6))
+def test_a_slow_reader_gets_what_a_prompt_one_gets(
+    stream: bytes, steps: list[int], limit: int
+) -> None:
+    """Sends cut anywhere, reads skipped at random, a small queue: the same replies, in order.
+    Watch events may differ: an event identical to one still unsent is dropped (C
+    send_event()), and what is unsent depends on how fast the client reads."""
+    prompt = Loop(fast=False)
+    with prompt:
+        prompt.client.sendall(stream)
+        prompt.spin()
+        expected = prompt.take()
+    with Loop(fast=True, limit=limit) as loop:
+        got = b""
+        unsent = b""
+        pos = 0
+        for step in steps:
+            if step == 0 and pos < len(stream):  # send a piece
+                cut = min(len(stream), pos + 1 + len(stream) // len(steps))
+                unsent += stream[pos:cut]
+                pos = cut
+            unsent = loop.feed(unsent)
+            loop.spin()
+            if step in (1, 2):  # read what is there, or not
+                got += loop.take()
+        unsent += stream[pos:]
+        idle = 0
+        while unsent or replies(got) != replies(expected):
+            unsent = loop.feed(unsent)
+            loop.spin()
+            chunk = loop.take()
+            got += chunk
+            idle = 0 if chunk else idle + 1
+            assert idle < 100, f"replies stopped: {replies(got)} of {replies(expected)}"
+        loop.spin()
+        got += loop.take()
+        assert replies(got) == replies(expected)
+        assert set(events(got)) == set(events(expected))
+
+
+def messages(data: bytes) -> list[tuple[int, int, bytes]]:
+    found = []
+    pos = 0
+    while pos < len(data):
+        op, req_id, _, length = HEADER.unpack_from(data, pos)
+        found.append((op, req_id, data[pos + 16 : pos + 16 + length]))
+        pos += 16 + length
+    return found
+
+
+def replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    return [m for m in messages(data) if m[0] != Op.WATCH_EVENT]
+
+
+def events(data: bytes) -> list[bytes]:
+    return [m[2] for m in messages(data) if m[0] == Op.WATCH_EVENT]
+
+
 def test_a_client_that_does_not_read_is_held_then_served_in_order() -> None:
     value = b"v" * 4000
     with Loop(fast=True, limit=4) as loop:
@@ -127,9 +194,13 @@ def test_a_client_that_does_not_read_is_held_then_served_in_order() -> None:
         assert loop.io.held, "the queue never filled"
         assert len(loop.io.out) == 4
         got = bytearray()
+        idle = 0
         while len(got) < 200 * (16 + 4000):
-            got += loop.take()
+            chunk = loop.take()
+            got += chunk
             loop.spin()
+            idle = 0 if chunk else idle + 1
+            assert idle < 100, f"replies stopped after {len(got)} bytes"
         ids = []
         pos = 0
         while pos < len(got):
