@@ -192,6 +192,9 @@ def _strip_acls(st: XenstoreState, domid: int, stripped: list[str]) -> None:
             put(st, None, path, node)
         else:
             node.perms = (perms[0], *acl)
+            # No new generation, as in C; assigned again so that a durable store's journal
+            # records the ignored entries (core/journal.py: NodeTracker).
+            nodes[path] = node
 
 
 def _adopt_orphans(st: XenstoreState, domid: int) -> None:
