@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from ..wire import HEADER, PAYLOAD_MAX, NeedData, Op, Packet, PacketDecoder
+from ..wire import HEADER, PAYLOAD_MAX, NeedData, Op, Packet, PacketDecoder, encode
 from .cstring import errno_payload
 from .domains import Connection
 from .errors import XsErrno
@@ -41,6 +41,8 @@ __all__ = ["Outbox", "XenstoreEngine"]
 
 _ERROR: Final = int(Op.ERROR)
 _TRANSACTION_END: Final = int(Op.TRANSACTION_END)
+_CONTROL: Final = int(Op.CONTROL)
+_WATCH_EVENT: Final = int(Op.WATCH_EVENT)
 # Errors that fail the enclosing transaction, whose commit then answers ENOMEM (docs/xenstore.md, 'Transactions'); EIO is
 # a node write over the memory quota (C ``write_node`` fails the transaction).
 _TX_FAILING: Final = frozenset({"ENOSPC", "ENOMEM", "EIO"})
@@ -161,15 +163,18 @@ class XenstoreEngine(XenstoreState):
         self, conn_id: int, decoder: PacketDecoder, out: OutQueue
     ) -> Packet | Outbox | NeedData | None:
         """Answer the requests waiting in ``decoder`` straight into ``out``, for as long as
-        :meth:`handle_fast` answers them with a reply alone: the shell's work per request
-        then stays in compiled code.
+        each causes nothing but replies to this connection: the shell's work per request then
+        stays in compiled code.  Privileged READ, WRITE and DIRECTORY take
+        :meth:`handle_fast`, the others :meth:`handle`.
 
         Returns what the shell must do next:
 
         * NEED_DATA: no whole request is left.
-        * a :class:`Packet`: a request this lane leaves alone (not a fast one, or ``out`` is
-          full and the shell must hold it), for :meth:`handle`.
-        * an :class:`Outbox`: the last request also caused watch events; route it.
+        * a :class:`Packet`: a request this lane leaves alone (CONTROL, any request while
+          auditing, or any once ``out`` is full and the shell must hold it), for
+          :meth:`handle`.
+        * an :class:`Outbox`: the last request's messages, which go beyond replies to this
+          connection (watch events, other connections, domains opened or closed); route it.
         * None: ``out`` went over its bounds; the shell closes the connection.
 
         A malformed header raises :class:`~xenstored_sim.wire.RemoteProtocolError` as
@@ -185,8 +190,22 @@ class XenstoreEngine(XenstoreState):
                 return packet
             reply = self.handle_fast(conn_id, packet)
             if reply is None:
-                return packet
-            if not isinstance(reply, bytes):
+                if packet.op == _CONTROL or self.audit is not None:
+                    return packet  # live update is the shell's; audit records are flushed there
+                replies = self.handle(conn_id, packet)
+                if not _own_replies(conn_id, replies):
+                    return replies
+                for _, message in replies:
+                    if not out.push(encode(message)):
+                        return None
+            elif not isinstance(reply, bytes):
                 return reply
-            if not out.push(reply):
+            elif not out.push(reply):
                 return None
+
+
+def _own_replies(conn_id: int, out: Outbox) -> bool:
+    """``out`` holds replies to ``conn_id`` and nothing else for the shell to do."""
+    if out.introduced or out.released or out.closed:
+        return False
+    return all(target == conn_id and message.op != _WATCH_EVENT for target, message in out)

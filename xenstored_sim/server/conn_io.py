@@ -4,11 +4,11 @@
 Theory of operation.  :class:`Reactor` is the epoll set of the client sockets
 (level-triggered) and what each is waiting for; :meth:`Reactor.serve` hands every ready socket
 to its :class:`ConnIO`.  When its socket is readable, a :class:`ConnIO` takes what one
-``recv`` returns (often several requests) and answers them: the requests the engine's fast
-lane takes are answered straight into the connection's queue
-(:meth:`~xenstored_sim.core.XenstoreEngine.answer_fast`), the others go to the daemon's
-``dispatch``, which runs the engine and pushes every resulting message to the queue of the
-connection it is for.  Then it sends its queue with one non-blocking ``send``: one read and one
+``recv`` returns (often several requests) and answers them: a request that causes only
+replies to this connection is answered straight into its queue by the engine's fast lane
+(:meth:`~xenstored_sim.core.XenstoreEngine.answer_fast`); the outbox of any other is routed by
+the daemon (``deliver``: each message to the queue of the connection it is for), and CONTROL
+goes to the daemon's ``dispatch``.  Then it sends its queue with one non-blocking ``send``: one read and one
 send per batch, the way C answers everything it has read before it polls again.  Messages
 queued by *other* connections' requests (watch events) are sent once that request's whole
 outbox is queued (:meth:`ConnIO.flush`).  Whatever the kernel does not take at once waits in
