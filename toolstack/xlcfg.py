@@ -256,8 +256,21 @@ class _Parser:
         if tok.kind == "string":
             return tok.text[1:-1]
         if tok.kind == "number":
-            return int(tok.text, 0)
+            return self.number(tok)
         raise self.fail(tok, "a quoted string or a number")
+
+    def number(self, tok: _Tok) -> int:
+        """C ``strtol(..., 0)`` (tools/libs/util/libxlu_cfg.c: xlu_cfg_get_bounded_long):
+        a leading 0 is octal, and a digit 8 or 9 after it is not a valid number."""
+        text = tok.text
+        try:
+            if len(text) > 1 and text[0] == "0" and text[1] not in "xX":
+                return int(text, 8)
+            return int(text, 0)
+        except ValueError:
+            raise XlCfgSyntaxError(
+                f"{self.source}:{tok.lineno}: {text!r} is not a valid number"
+            ) from None
 
     def value(self) -> Value:
         if self.peek().text != "[":

@@ -82,11 +82,19 @@ def test_hash_inside_a_string_is_not_a_comment() -> None:
         ('on_crash = "explode"', "on_crash must be one of destroy, restart"),
         ('device_model_version = "qemu-xen-traditional"', "only the qemu-xen device model"),
         ("memory = 64 64", "x.cfg:1: expected end of line or ';', got '64'"),
+        ("memory = 08", "x.cfg:1: '08' is not a valid number"),
     ],
 )
 def test_bad_configs_give_clear_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(text, "x.cfg")
+
+
+def test_numbers_are_read_as_c_strtol_reads_them() -> None:
+    # libxlu_cfg.c: xlu_cfg_get_bounded_long() takes strtol(..., 0): a leading 0 is octal
+    assert parse_config("memory = 0100").memory_mib == 64
+    assert parse_config("memory = 0x40").memory_mib == 64
+    assert parse_config("memory = 64").memory_mib == 64
 
 
 configs = st.builds(
