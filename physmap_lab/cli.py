@@ -43,7 +43,7 @@ from .demo import (
     run_demo,
     worked_unexpectedly,
 )
-from .progress import Ticker
+from .progress import Ticker, table_console
 from .table import results_table
 
 PROG: Final = "physmap-lab"
@@ -349,10 +349,7 @@ def _print_outcome(outcome: DemoOutcome, args: argparse.Namespace, err: Console)
     if args.json:
         print(json.dumps({"runs": [r.as_json() for r in outcome.results]}, indent=2))
     else:
-        out = Console()
-        if not out.is_terminal:
-            # A file or a pipe: the table at its natural width, never cut.
-            out = Console(width=400 if args.wide else 100)
+        out = table_console(400 if args.wide else 100)
         out.print(results_table(outcome.results, wide=args.wide))
     for r in outcome.results:
         if r.error:

@@ -1,4 +1,5 @@
-"""Progress on stderr: a rich progress bar on a terminal, plain lines otherwise.
+"""Progress on stderr: a rich progress bar on a terminal, plain lines otherwise; and the
+console tables go to on stdout.
 
 On a terminal the bar stays at the bottom with the current step as its description, and notes
 scroll above it; into a file or a pipe every note and step is one plain line, so that a log of
@@ -19,6 +20,13 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+
+def table_console(width: int = 400) -> Console:
+    """Standard output for a table: the terminal's width, or ``width`` into a file or a pipe,
+    so that a table written there is never cut."""
+    out = Console()
+    return out if out.is_terminal else Console(width=width)
 
 
 class Ticker:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..demo import Case, StepError
-from ..progress import Ticker
+from ..progress import Ticker, table_console
 from .enforce import ENFORCED_DEVICES, EnforcedCell, as_json, plan
 from .privilege import Permission
 from .report import SCREENS_DIR, enforced_table, matrix_table, write_out
@@ -113,9 +113,7 @@ def _print_tables(
         }
         print(json.dumps(doc, indent=2))
     else:
-        out = Console()
-        if not out.is_terminal:
-            out = Console(width=400)
+        out = table_console()
         out.print(matrix_table(outcome.scenarios))
         if enforced:
             out.print(enforced_table(enforced))

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..demo import StepError
-from ..progress import Ticker
+from ..progress import Ticker, table_console
 from .migrate import migration_matrix
 from .migrate_report import migration_table, write_out
 from .migrate_runner import MigrationOutcome, run_migration_audit
@@ -54,9 +54,7 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
         }
         print(json.dumps(doc, indent=2))
     else:
-        out = Console()
-        if not out.is_terminal:
-            out = Console(width=400)
+        out = table_console()
         out.print(migration_table(outcome.cells))
     if args.out:
         command = "physmap-lab " + shlex.join(list(argv or ["audit", "--migrate"]))

@@ -27,11 +27,10 @@ from physmap_lab.auditlog import (
     HypercallRecord,
     Peer,
     ToolstackRecord,
-    XenstoreRequest,
-    parse_xenstored,
 )
 from physmap_lab.demo import Case, Observed, evaluate, pattern_sha256
 from physmap_lab.migration import MigrationCase
+from tests.physmap_lab.test_audit import rec
 
 SRC_DOMID, DST_DOMID = 1, 4
 SRC_DM = ["qemu-model", "--domid", str(SRC_DOMID)]
@@ -41,22 +40,7 @@ AUDIT = ["physmap-lab", "audit"]
 ASSERTION = "xenforeignmemory_map2: Assertion `addr == NULL && flags == 0' failed."
 
 
-def xs(t: float, op: str, path: str, cmd: list[str], result: str = "OK") -> XenstoreRequest:
-    return parse_xenstored(
-        {
-            "t": t,
-            "conn": 1,
-            "domid": 0,
-            "priv": True,
-            "op": op,
-            "path": path,
-            "tx": 0,
-            "result": result,
-            "rule": "privileged",
-            "pid": 1,
-            "cmdline": cmd,
-        }
-    )
+xs = rec  # an audit record of xenstored-sim
 
 
 def call(t: float, name: str, domid: int) -> HypercallRecord:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ...demo import StepError
+from ...progress import table_console
 from ..report import SCREENS_DIR
 from .configs import BY_NAME, CONFIGS
 from .report import markdown, svg, table
@@ -47,9 +48,7 @@ def run(args: argparse.Namespace, err: Console, argv: Sequence[str] | None) -> i
         }
         print(json.dumps(doc, indent=2))
     else:
-        out = Console()
-        if not out.is_terminal:
-            out = Console(width=400)
+        out = table_console()
         out.print(table(runs))
     if args.out:
         d = Path(args.out)
